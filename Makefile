@@ -1,0 +1,39 @@
+# ckapipe: everything runs inside its own virtual environment (.venv).
+#   make extract analyze     run the default study (pipelines/default.yaml)
+#   make test                the test suite (what CI runs)
+#   make bench               benchmarks; ratios measured in one run
+# Another study:   make extract analyze PIPELINE=pipelines/examples/resnets-cifar10.yaml
+
+PYTHON   ?= python3.11
+VENV     ?= .venv
+PIPELINE ?= pipelines/default.yaml
+EXTRAS   ?= demo,cluster,test
+PY       := $(VENV)/bin/python
+CKAPIPE  := $(VENV)/bin/ckapipe
+
+.PHONY: install extract analyze test bench clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 first: pip takes the CPU wheel that lies on disk, and the
+# dependencies below then find torch satisfied instead of pulling a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	touch $@
+
+extract: install
+	$(CKAPIPE) run $(PIPELINE) --stage extract
+
+analyze: install
+	$(CKAPIPE) run $(PIPELINE) --stage analyze
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) -m tests.bench
+
+clean:
+	rm -rf cache results bench-results

@@ -1,0 +1,132 @@
+"""Gram, U-centering, HSIC and CKA kernels: arrays in, arrays out.
+
+Every function works on NumPy and CuPy arrays alike: the array module is taken
+from the input (``array_module``), never imported by the caller. Everything is
+computed in float64.
+
+References
+----------
+- Song, Smola, Gretton, Bedo, Borgwardt (2012), "Feature selection via
+  dependence maximization", JMLR 13: the unbiased estimator HSIC_1.
+- Székely & Rizzo (2014), "Partial distance correlation with methods for
+  dissimilarities", Ann. Statist. 42: U-centering, with which
+  HSIC_1(K, L) = <U(K), U(L)> / (m (m - 3)).
+- Kornblith, Norouzi, Lee, Hinton (2019), "Similarity of neural network
+  representations revisited", ICML: linear CKA.
+- Nguyen, Raghu, Kornblith (2021), "Do wide and deep networks learn the same
+  things?", ICLR: minibatch CKA, the ratio of HSIC_1 sums over minibatches.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+
+def array_module(x):
+    """``cupy`` for CuPy arrays, ``numpy`` for everything else."""
+    try:
+        import cupy
+    except ImportError:
+        return np
+    return cupy.get_array_module(x)
+
+
+def center_features(x):
+    """X - 1 meanᵀ in float64 (m × D).
+
+    U-centering is invariant to a constant added to the features, so removing
+    the column means first changes no HSIC and removes the cancellation that
+    makes float32 Grams of offset features wrong.
+    """
+    xp = array_module(x)
+    x = xp.asarray(x, dtype=xp.float64)
+    return x - x.mean(axis=0, keepdims=True)
+
+
+def gram_linear(x):
+    """Linear-kernel Gram matrix K = X Xᵀ (m × m)."""
+    return x @ x.T
+
+
+def center_gram(gram):
+    """U-centred Gram matrix U(K) (Székely & Rizzo 2014, eq. 3.1):
+
+    U_ij = K_ij - r_i/(m-2) - r_j/(m-2) + t/((m-1)(m-2)) for i != j, U_ii = 0,
+
+    with the diagonal of K zeroed first, r_i its row sums and t its total.
+    Needs m >= 4.
+    """
+    xp = array_module(gram)
+    m = gram.shape[0]
+    if m < 4:
+        raise ValueError(f"U-centering needs a minibatch of at least 4 samples, got {m}")
+    u = xp.array(gram, dtype=xp.float64, copy=True)
+    xp.fill_diagonal(u, 0)
+    means = u.sum(axis=0) / (m - 2)
+    means -= means.sum() / (2 * (m - 1))
+    u -= means[:, None]
+    u -= means[None, :]
+    xp.fill_diagonal(u, 0)
+    return u
+
+
+def upper_triangle(u):
+    """The strict upper triangle of a symmetric zero-diagonal matrix, flattened.
+
+    <U, V> = 2 <triu(U), triu(V)>, so the Gram cache and the HSIC product carry
+    m(m-1)/2 numbers per minibatch instead of m².
+    """
+    xp = array_module(u)
+    i, j = xp.triu_indices(u.shape[0], k=1)
+    return u[i, j]
+
+
+def ucentered_gram(x):
+    """Features (m × D) -> strict upper triangle of U(X Xᵀ), float64, length m(m-1)/2."""
+    return upper_triangle(center_gram(gram_linear(center_features(x))))
+
+
+def minibatch_size(n_triangle: int) -> int:
+    """m from the length m(m-1)/2 of an upper triangle."""
+    m = int(round((1 + np.sqrt(1 + 8 * n_triangle)) / 2))
+    if m * (m - 1) // 2 != n_triangle:
+        raise ValueError(f"{n_triangle} is not the length of an upper triangle")
+    return m
+
+
+def hsic1_matrix(triangles):
+    """HSIC_1 of every pair of rows: 2 T Tᵀ / (m (m - 3)).
+
+    ``triangles`` stacks ucentered_gram of every layer (of every run) of one
+    minibatch (L × m(m-1)/2); one matrix product gives the L × L unbiased HSIC
+    matrix (Song et al. 2012, eq. 5), each layer with itself on the diagonal.
+    """
+    m = minibatch_size(triangles.shape[1])
+    return 2.0 * (triangles @ triangles.T) / (m * (m - 3))
+
+
+def cka(hsic_ab, hsic_aa, hsic_bb, names_a=None, names_b=None):
+    """Minibatch CKA = S_ab / sqrt(S_aa S_bb) from HSIC sums (Nguyen et al. 2021, eq. 2).
+
+    ``hsic_ab`` is (La × Lb), ``hsic_aa`` (La,) and ``hsic_bb`` (Lb,). A layer with
+    S = 0 (constant activations) makes its row or column NaN, with a warning
+    naming the layer when names are given.
+    """
+    xp = array_module(hsic_ab)
+    hsic_aa = xp.asarray(hsic_aa, dtype=xp.float64)
+    hsic_bb = xp.asarray(hsic_bb, dtype=xp.float64)
+    for diag, names in ((hsic_aa, names_a), (hsic_bb, names_b)):
+        dead = np.flatnonzero(np.asarray(_to_host(diag)) <= 0)
+        if dead.size:
+            which = ", ".join(str(names[i]) if names is not None else str(i) for i in dead)
+            warnings.warn(f"CKA is undefined for layers with constant activations (HSIC(K, K) = 0): {which}", stacklevel=2)
+    denom = xp.sqrt(xp.clip(hsic_aa, 0, None))[:, None] * xp.sqrt(xp.clip(hsic_bb, 0, None))[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = xp.asarray(hsic_ab, dtype=xp.float64) / denom
+    return xp.where(denom > 0, out, xp.nan)
+
+
+def _to_host(x):
+    return x.get() if hasattr(x, "get") else x

@@ -1,0 +1,1 @@
+"""Declarative studies (YAML), the ``ckapipe`` command line, and cluster jobs."""
