@@ -38,10 +38,13 @@ def center_features(x):
 
     U-centering is invariant to a constant added to the features, so removing
     the column means first changes no HSIC and removes the cancellation that
-    makes float32 Grams of offset features wrong.
+    makes float32 Grams of offset features wrong. The first row is subtracted
+    before the mean so that a constant column becomes exactly zero (a constant
+    layer then has HSIC(K, K) = 0 exactly, not a rounding residue).
     """
     xp = array_module(x)
     x = xp.asarray(x, dtype=xp.float64)
+    x = x - x[:1]
     return x - x.mean(axis=0, keepdims=True)
 
 
@@ -86,6 +89,34 @@ def upper_triangle(u):
 def ucentered_gram(x):
     """Features (m × D) -> strict upper triangle of U(X Xᵀ), float64, length m(m-1)/2."""
     return upper_triangle(center_gram(gram_linear(center_features(x))))
+
+
+def square_from_triangle(t):
+    """The symmetric zero-diagonal m × m matrix whose strict upper triangle is t."""
+    xp = array_module(t)
+    m = minibatch_size(t.shape[-1])
+    i, j = xp.triu_indices(m, k=1)
+    u = xp.zeros((m, m), dtype=xp.float64)
+    u[i, j] = t
+    return u + u.T
+
+
+def sub_triangles(t, m_sub: int):
+    """U-centred Grams of the m/m_sub consecutive sub-minibatches of one minibatch.
+
+    U-centering removes every term of the form a_i + a_j (Székely & Rizzo 2014,
+    Sec. 3), and U(K)_ij = K_ij - a_i - a_j + c, so a diagonal block of U(K),
+    U-centred again, equals U of the same block of K: a Gram cached at m serves
+    every analysis minibatch size that divides m, without the activations.
+    Returns (m // m_sub) × m_sub(m_sub-1)/2.
+    """
+    xp = array_module(t)
+    u = square_from_triangle(t)
+    m = u.shape[0]
+    if m % m_sub:
+        raise ValueError(f"{m_sub} does not divide {m}")
+    blocks = [u[s:s + m_sub, s:s + m_sub] for s in range(0, m, m_sub)]
+    return xp.stack([upper_triangle(center_gram(b)) for b in blocks])
 
 
 def minibatch_size(n_triangle: int) -> int:

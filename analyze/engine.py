@@ -1,0 +1,234 @@
+"""The analysis engine: minibatch CKA of every pair of layers of a set of runs, with Dask.
+
+For every analysis minibatch k (DESIGN.md, "The analysis algorithm"):
+
+    T_k = [ triu U(X_k^l X_k^lᵀ) for every layer l of every run ]     (L × m(m-1)/2)
+    H_k = 2 T_k T_kᵀ / (m (m - 3))                                    (L × L, HSIC_1)
+
+and CKA = Σ_k H_k[a, b] / sqrt(Σ_k H_k[a, a] Σ_k H_k[b, b]) (Nguyen, Raghu &
+Kornblith 2021). One Dask task handles a group of consecutive minibatches
+aligned to the stored chunks of every run, so each chunk of each layer is read
+once; it returns its small H_k matrices, and only those are gathered: memory
+is bounded by a few tasks' activations, whatever N is.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from analyze.grams import RunSource, plan_source, run_triangles
+from analyze.kernels import hsic1_matrix
+from analyze.pairing import Pairing, analysis_batch_size, plan_pairing
+from analyze.results import Results, RunEntry, check_out, recorded_inputs, write_results
+from extract.errors import CkapipeError
+from extract.store import Run, find_runs
+
+MINIBATCHES_PER_TASK = 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything an analysis will do, decided before any activation is read."""
+
+    runs: tuple[Run, ...]
+    pairing: Pairing
+    sources: tuple[RunSource, ...]
+    tasks: tuple[tuple[int, ...], ...]  # minibatch indices per task
+
+    @property
+    def inputs(self) -> dict:
+        """What determines the numbers; recorded in the results to tell whether they are up to date."""
+        return {
+            "runs": [{"name": r.name, "key": r.key} for r in self.runs],
+            "m": self.pairing.m,
+            "pairing": self.pairing.mode,
+            "minibatches": list(self.pairing.minibatches),
+        }
+
+
+def plan_analysis(
+    cache, runs: Sequence[str | Run], *, pair_by_position=False, batch_size=None,
+    completed_only=False, use_gram_cache=True,
+) -> Plan:
+    """Resolve the runs, check that they pair, choose m and cut the work into tasks."""
+    resolved = resolve_runs(cache, runs)
+    m = analysis_batch_size(resolved, batch_size)
+    pairing = plan_pairing(resolved, m, pair_by_position, completed_only)
+    sources = tuple(plan_source(run, m, use_gram_cache) for run in resolved)
+    return Plan(tuple(resolved), pairing, sources, task_groups(pairing.minibatches, m, [r.batch_size for r in resolved]))
+
+
+def resolve_runs(cache, runs: Sequence[str | Run]) -> list[Run]:
+    if not runs:
+        raise CkapipeError("name at least one run to analyse")
+    if all(isinstance(r, Run) for r in runs):
+        return list(runs)
+    return find_runs(cache, [r.name if isinstance(r, Run) else r for r in runs])
+
+
+def task_groups(minibatches: Sequence[int], m: int, chunk_sizes: Sequence[int], per_task: int = MINIBATCHES_PER_TASK):
+    """Consecutive minibatches grouped into tasks that never split a stored chunk.
+
+    A unit of lcm(m, every chunk size) rows is read whole by one task; a task
+    takes as many units as make about ``per_task`` minibatches.
+    """
+    unit = math.lcm(m, *chunk_sizes) // m  # minibatches per unit
+    units_per_task = max(1, round(per_task / unit))
+    groups: dict[int, list[int]] = {}
+    for k in minibatches:
+        groups.setdefault(k // (unit * units_per_task), []).append(k)
+    return tuple(tuple(ks) for ks in groups.values())
+
+
+def minibatch_hsic(sources: Sequence[RunSource], ks: Sequence[int], m: int, device: str = "cpu") -> np.ndarray:
+    """(len(ks), L, L) HSIC_1 of every pair of layers of every run, per minibatch: one Dask task."""
+    xp = array_namespace(device)
+    triangles = xp.concatenate([run_triangles(s, ks, m, xp) for s in sources], axis=1)
+    hsic = xp.stack([hsic1_matrix(t) for t in triangles])
+    return hsic.get() if hasattr(hsic, "get") else hsic
+
+
+def compute(plan: Plan, device: str = "cpu", scheduler=None, scheduler_file=None, progress=True) -> np.ndarray:
+    """Run the plan's tasks on Dask; (n_minibatches, L, L) in minibatch order."""
+    import dask
+
+    m = plan.pairing.m
+    tasks = [
+        dask.delayed(minibatch_hsic, pure=True)(plan.sources, ks, m, device, dask_key_name=f"minibatch-hsic-{i}")
+        for i, ks in enumerate(plan.tasks)
+    ]
+    if scheduler is None and scheduler_file is None:
+        parts = _compute_threaded(tasks, progress)
+    else:
+        parts = _compute_distributed(tasks, scheduler, scheduler_file, progress)
+    return np.concatenate(parts, axis=0)
+
+
+def _compute_threaded(tasks, progress):
+    import dask
+    from dask.callbacks import Callback
+
+    bar = _bar(len(tasks), progress)
+
+    class Tick(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if isinstance(key, str) and key.startswith("minibatch-hsic-"):
+                bar.update(1)
+
+    try:
+        with Tick():
+            return list(dask.compute(*tasks, scheduler="threads"))
+    finally:
+        bar.close()
+
+
+def _compute_distributed(tasks, scheduler, scheduler_file, progress):
+    try:
+        from distributed import Client, as_completed
+    except ImportError:
+        raise CkapipeError("a Dask cluster needs the distributed package: pip install 'ckapipe[cluster]'") from None
+    if hasattr(scheduler, "compute"):  # a Client given by the caller
+        client, own = scheduler, False
+    else:
+        try:
+            client = Client(scheduler_file=scheduler_file) if scheduler_file else Client(scheduler, timeout="30s")
+        except (OSError, TimeoutError, ValueError) as err:
+            where = scheduler_file or scheduler
+            raise CkapipeError(f"cannot connect to the Dask scheduler {where}: {err}") from None
+        own = True
+    bar = _bar(len(tasks), progress)
+    try:
+        futures = client.compute(tasks)
+        for _ in as_completed(futures):
+            bar.update(1)
+        return client.gather(futures)
+    finally:
+        bar.close()
+        if own:
+            client.close()
+
+
+def _bar(total, progress):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="analyze", unit="task", disable=not progress or total < 2, file=sys.stderr)
+
+
+def array_namespace(device: str):
+    """numpy for "cpu", cupy for "cuda"."""
+    if device == "cuda":
+        import cupy
+
+        return cupy
+    return np
+
+
+def resolve_device(device: str = "auto") -> str:
+    """"cuda" when asked or (for "auto") when CuPy sees a GPU, else "cpu"."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise CkapipeError(f"device {device!r} is not one of auto, cpu, cuda")
+    if device == "cpu":
+        return "cpu"
+    try:
+        import cupy
+
+        has_gpu = cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no cupy, no driver, no device
+        has_gpu = False
+    if device == "cuda" and not has_gpu:
+        raise CkapipeError("--device cuda needs CuPy and a CUDA GPU: install ckapipe[gpu] or use --device cpu")
+    return "cuda" if has_gpu else "cpu"
+
+
+# --------------------------------------------------------------------------- the API
+
+
+def analyze(
+    cache, runs, *, out=None, pair_by_position=False, batch_size=None, device="auto", scheduler=None,
+    scheduler_file=None, completed_only=False, overwrite=False, use_gram_cache=True, progress=True,
+) -> Results:
+    """Minibatch CKA of every pair of layers of the named runs (each run with itself too).
+
+    ``runs`` are names or globs resolved in ``cache`` (see ``extract.store.find_runs``).
+    Writes the results store to ``out`` when given (refusing an existing one unless
+    ``overwrite``) and returns the results.
+    """
+    if out is not None:
+        check_out(out, overwrite)
+    plan = plan_analysis(
+        cache, runs, pair_by_position=pair_by_position, batch_size=batch_size,
+        completed_only=completed_only, use_gram_cache=use_gram_cache,
+    )
+    if progress:
+        for note in plan.pairing.notes:
+            print(f"ckapipe: note: {note}", file=sys.stderr)
+    hsic = compute(plan, resolve_device(device), scheduler, scheduler_file, progress)
+    entries = [RunEntry(r.name, r.slug, r.key, tuple(r.layer_names), str(r.path)) for r in plan.runs]
+    results = Results(entries, hsic, np.asarray(plan.pairing.minibatches), plan.inputs, list(plan.pairing.notes))
+    if out is not None:
+        write_results(results, out, overwrite=overwrite)
+    return results
+
+
+def is_up_to_date(out, cache, runs, **options) -> bool:
+    """True when ``out`` holds results computed from exactly what ``analyze(cache, runs, **options)``
+    would use now (same run keys, m, pairing and minibatches)."""
+    if not Path(out).is_dir():
+        return False
+    recorded = recorded_inputs(out)
+    if recorded is None:
+        return False
+    planning = {k: options[k] for k in ("pair_by_position", "batch_size", "completed_only") if k in options}
+    try:
+        plan = plan_analysis(cache, runs, **planning, use_gram_cache=False)
+    except CkapipeError:
+        return False
+    return recorded == plan.inputs
+
+

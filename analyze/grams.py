@@ -1,0 +1,190 @@
+"""U-centred Grams of one run for a list of minibatches: from the Gram cache or
+from the activations, filling the cache on the way.
+
+The cache is the run's ``grams/m<m>`` group (``extract.store.Run.grams``): per
+layer a float64 array (N // m, m(m-1)/2) holding the strict upper triangle of
+U(X_k X_kᵀ) for every full minibatch k, and a ``done`` marker per minibatch,
+written after every layer of that minibatch. It lives inside the run's store,
+whose name carries the run's key, and records that key in its attributes: a
+changed run never gets another run's Grams.
+
+Activations are read with ``Run.read_chunk`` only, each stored chunk once per
+call (consecutive analysis minibatches inside one chunk share the read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from analyze.kernels import sub_triangles, ucentered_gram
+from extract.store import Run, StoreError, open_run
+
+KEY_ATTR = "run_key"
+
+
+@dataclass(frozen=True)
+class RunSource:
+    """Where the Grams of one run come from, in plain (picklable) data."""
+
+    path: str
+    name: str
+    layers: tuple[str, ...]
+    chunk: int  # stored chunk size c
+    read_cache: bool  # use cached Grams at m when marked done
+    write_cache: bool  # store the Grams computed from activations
+    coarser: int | None = None  # grams-only run: cached size m' that m divides
+
+
+def gram_cache(run: Run, m: int, create: bool) -> object | None:
+    """The run's Gram cache group at m, created (and stamped with its key) if asked;
+    None when absent, not writable, or stamped with another run's key."""
+    try:
+        group = run.grams(m, create=create)
+    except (PermissionError, OSError):
+        return None
+    if group is None:
+        return None
+    key = group.attrs.get(KEY_ATTR)
+    if key is None and create:
+        group.attrs[KEY_ATTR] = run.key
+        key = run.key
+    return group if key == run.key else None
+
+
+def cached_sizes(run: Run) -> list[int]:
+    """Minibatch sizes m with a Gram cache in the run's store."""
+    if "grams" not in run.group:
+        return []
+    return sorted(int(name[1:]) for name in run.group["grams"].group_keys() if name.startswith("m"))
+
+
+def plan_source(run: Run, m: int, use_gram_cache: bool) -> RunSource:
+    """How to get the run's Grams at m; a grams-only run must have them cached at m
+    or at a multiple of m."""
+    common = dict(path=str(run.path), name=run.name, layers=tuple(run.layer_names), chunk=run.batch_size)
+    if not run.grams_only:
+        writable = use_gram_cache and gram_cache(run, m, create=True) is not None
+        return RunSource(**common, read_cache=use_gram_cache, write_cache=writable)
+    sizes = [s for s in cached_sizes(run) if s % m == 0 and gram_cache(run, s, create=False) is not None]
+    if not sizes:
+        have = ", ".join(map(str, cached_sizes(run))) or "none"
+        raise StoreError(
+            f"run {run.name} stores Grams only (no activations), cached for minibatch sizes {have}: "
+            f"analyse it at one of these sizes or a divisor of one (--batch-size)"
+        )
+    coarser = None if m in sizes else sizes[0]
+    return RunSource(**common, read_cache=True, write_cache=False, coarser=coarser)
+
+
+def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np):
+    """(len(ks), layers, m(m-1)/2) float64 U-centred Gram triangles of one run."""
+    run = open_run(source.path)
+    width = m * (m - 1) // 2
+    out = xp.empty((len(ks), len(source.layers), width), dtype=xp.float64)
+    if source.coarser is not None:
+        _fill_from_coarser(run, source, ks, m, out, xp)
+        return out
+    cache = gram_cache(run, m, create=False) if source.read_cache else None
+    cached = _cached_mask(cache, ks)
+    if run.grams_only and not cached.all():
+        k = ks[int(np.flatnonzero(~cached)[0])]
+        raise StoreError(f"run {run.name} stores Grams only and lacks the Gram of minibatch {k} at m={m}")
+    from_cache = [i for i in range(len(ks)) if cached[i]]
+    computed = [i for i in range(len(ks)) if not cached[i]]
+    for li, layer in enumerate(source.layers):
+        if from_cache:
+            out[from_cache, li] = xp.asarray(_read_cached(cache, layer, [ks[i] for i in from_cache], run.name, m))
+        for i, x in zip(computed, minibatch_features(run, layer, [ks[i] for i in computed], m)):
+            out[i, li] = ucentered_gram(xp.asarray(x))
+    if source.write_cache and computed:
+        _write_cache(run, m, source.layers, [ks[i] for i in computed], out[computed])
+    return out
+
+
+def minibatch_features(run: Run, layer: str, ks: Sequence[int], m: int) -> Iterator[np.ndarray]:
+    """Rows k*m .. (k+1)*m of one layer for each k (sorted), reading each stored chunk once."""
+    c = run.batch_size
+    held: dict[int, np.ndarray] = {}
+    for k in ks:
+        first, last = k * m // c, ((k + 1) * m - 1) // c
+        held = {j: x for j, x in held.items() if j >= first}
+        for j in range(first, last + 1):
+            if j not in held:
+                held[j] = checked_chunk(run, layer, j)
+        rows = np.concatenate([held[j] for j in range(first, last + 1)]) if last > first else held[first]
+        start = k * m - first * c
+        yield rows[start:start + m]
+
+
+def checked_chunk(run: Run, layer: str, j: int) -> np.ndarray:
+    """Stored chunk j of one layer; a clear error when it is unreadable or not finite."""
+    try:
+        x = run.read_chunk(layer, j)
+    except StoreError:
+        raise
+    except Exception as err:  # noqa: BLE001 - codecs and stores raise many types
+        raise StoreError(
+            f"chunk {j} of layer {layer!r} in run {run.name} cannot be read ({type(err).__name__}: {err}): "
+            f"it is corrupted; re-extract the run"
+        ) from None
+    if not np.isfinite(x).all():
+        raise StoreError(
+            f"NaN or inf in run {run.name}, layer {layer!r}, minibatch (chunk) {j}: the chunk file is missing "
+            f"or the model produced non-finite activations"
+        )
+    return x
+
+
+def _cached_mask(cache, ks: Sequence[int]) -> np.ndarray:
+    if cache is None:
+        return np.zeros(len(ks), dtype=bool)
+    return cache["done"].get_orthogonal_selection(np.asarray(ks)).astype(bool)
+
+
+def _read_cached(cache, layer: str, ks: Sequence[int], run_name: str, m: int) -> np.ndarray:
+    try:
+        tri = cache[layer].get_orthogonal_selection((np.asarray(ks), slice(None)))
+    except Exception as err:  # noqa: BLE001
+        raise StoreError(
+            f"the Gram cache of run {run_name} (layer {layer!r}, m={m}) cannot be read ({type(err).__name__}): "
+            f"analyse with --no-gram-cache or delete its grams/m{m} folder"
+        ) from None
+    if not np.isfinite(tri).all():
+        raise StoreError(
+            f"the Gram cache of run {run_name} (layer {layer!r}, m={m}) holds NaN for a minibatch marked done: "
+            f"delete its grams/m{m} folder and analyse again"
+        )
+    return tri
+
+
+def _write_cache(run: Run, m: int, layers: Sequence[str], ks: Sequence[int], triangles) -> None:
+    """Store every layer's Grams of minibatches ks, then mark them done."""
+    cache = gram_cache(run, m, create=False)
+    if cache is None:
+        return
+    host = triangles.get() if hasattr(triangles, "get") else np.asarray(triangles)
+    sel = np.asarray(ks)
+    for li, layer in enumerate(layers):
+        cache[layer].set_orthogonal_selection((sel, slice(None)), host[:, li])
+    cache["done"].set_orthogonal_selection(sel, np.ones(len(ks), dtype="uint8"))
+
+
+def _fill_from_coarser(run: Run, source: RunSource, ks: Sequence[int], m: int, out, xp) -> None:
+    """Grams at m from a Gram cache at a multiple m' of m (sub-blocks, re-U-centred)."""
+    big = source.coarser
+    ratio = big // m
+    cache = gram_cache(run, big, create=False)
+    parents = sorted({k // ratio for k in ks})
+    done = _cached_mask(cache, parents)
+    if not done.all():
+        raise StoreError(
+            f"run {run.name} stores Grams only and lacks the Gram of minibatch {parents[int(np.flatnonzero(~done)[0])]} at m={big}"
+        )
+    for li, layer in enumerate(source.layers):
+        tri = xp.asarray(_read_cached(cache, layer, parents, run.name, big))
+        subs = {p: sub_triangles(t, m) for p, t in zip(parents, tri)}
+        for i, k in enumerate(ks):
+            out[i, li] = subs[k // ratio][k % ratio]

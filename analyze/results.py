@@ -1,0 +1,317 @@
+"""The results of one analysis: per-minibatch HSIC of every layer pair, CKA, exports.
+
+Results store (a Zarr v3 group; readable with plain ``zarr``)::
+
+    OUT/
+      zarr.json        attrs["ckapipe_results"]: runs (name, slug, key, path,
+                       layers), m, pairing, minibatches used, notes, versions
+      hsic             float64 (n_minibatches, L, L): HSIC_1 of every pair of the
+                       L layers of all runs stacked in run order, per minibatch
+      minibatches      int64 (n_minibatches,): the minibatch index k of each row
+      hsic_sum         float64 (L, L): the sums over minibatches
+      cka              float64 (L, L): S_ab / sqrt(S_aa S_bb); attrs["labels"]
+      cka.json         every pair of runs: layer names, CKA matrix, HSIC sums
+      cka.csv          long form: run_a, layer_a, run_b, layer_b, cka, hsic_ab, hsic_aa, hsic_bb
+      summary.txt      best-matching layer per layer
+
+Everything but ``hsic`` and ``minibatches`` is derived from them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+import numpy as np
+import zarr
+
+from analyze.kernels import cka as cka_from_sums
+from extract.errors import CkapipeError
+from extract.store import suggest
+
+ATTRS = "ckapipe_results"
+RESULTS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunEntry:
+    """One analysed run, as recorded in the results."""
+
+    name: str  # store name, slug-key
+    slug: str
+    key: str
+    layers: tuple[str, ...]
+    path: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "slug": self.slug, "key": self.key, "layers": list(self.layers), "path": self.path}
+
+
+@dataclass
+class Results:
+    """Per-minibatch HSIC of every pair of layers of every run, and what follows from it.
+
+    Runs are named by label (slug, or slug-key when two runs share a slug), store
+    name, key, or position.
+    """
+
+    runs: list[RunEntry]
+    hsic: np.ndarray  # (n_minibatches, L, L)
+    minibatches: np.ndarray  # (n_minibatches,)
+    inputs: dict  # what determines the numbers: run keys, m, pairing, minibatches
+    notes: list[str] = field(default_factory=list)
+    path: Path | None = None
+
+    # ---- naming
+    @property
+    def m(self) -> int:
+        return int(self.inputs["m"])
+
+    @property
+    def pairing(self) -> str:
+        return self.inputs["pairing"]
+
+    @property
+    def run_names(self) -> list[str]:
+        """Readable labels, one per run: the slug, or the full name when slugs collide."""
+        slugs = [r.slug for r in self.runs]
+        return [r.slug if slugs.count(r.slug) == 1 else r.name for r in self.runs]
+
+    @property
+    def run_keys(self) -> list[str]:
+        return [r.key for r in self.runs]
+
+    def layer_names(self, run) -> list[str]:
+        return list(self.runs[self.run_index(run)].layers)
+
+    def run_index(self, run) -> int:
+        if isinstance(run, (int, np.integer)):
+            return int(run)
+        for names in (self.run_names, [r.name for r in self.runs], [r.key for r in self.runs], [r.slug for r in self.runs]):
+            if run in names:
+                return names.index(run)
+        raise CkapipeError(f"no run {run!r} in these results{suggest(str(run), self.run_names)}")
+
+    def layer_index(self, run, layer) -> int:
+        layers = self.layer_names(run)
+        if isinstance(layer, (int, np.integer)):
+            return int(layer)
+        if layer not in layers:
+            raise CkapipeError(f"run {self.run_names[self.run_index(run)]} has no layer {layer!r}{suggest(layer, layers)}")
+        return layers.index(layer)
+
+    @property
+    def labels(self) -> list[str]:
+        """``run:layer`` for each of the L stacked layers."""
+        return [f"{name}:{layer}" for name, r in zip(self.run_names, self.runs) for layer in r.layers]
+
+    def _span(self, run) -> slice:
+        i = self.run_index(run)
+        start = sum(len(r.layers) for r in self.runs[:i])
+        return slice(start, start + len(self.runs[i].layers))
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every pair of runs (a, b) with a before or equal to b."""
+        names = self.run_names
+        return [(names[i], names[j]) for i in range(len(names)) for j in range(i, len(names))]
+
+    # ---- numbers
+    @cached_property
+    def hsic_sum(self) -> np.ndarray:
+        """(L, L) float64 sums over minibatches of HSIC_1."""
+        return self.hsic.sum(axis=0)
+
+    @cached_property
+    def cka_all(self) -> np.ndarray:
+        """(L, L) minibatch CKA of every pair of stacked layers (NaN for constant layers, with a warning)."""
+        diag = np.diag(self.hsic_sum)
+        return cka_from_sums(self.hsic_sum, diag, diag, self.labels, self.labels)
+
+    def cka(self, a, b=None) -> np.ndarray:
+        """(La, Lb) CKA matrix of runs a and b (b defaults to a)."""
+        b = a if b is None else b
+        return self.cka_all[self._span(a), self._span(b)]
+
+    def hsic_sums(self, a, b=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """S_ab (La, Lb), S_aa (La,), S_bb (Lb,)."""
+        b = a if b is None else b
+        diag = np.diag(self.hsic_sum)
+        return self.hsic_sum[self._span(a), self._span(b)], diag[self._span(a)], diag[self._span(b)]
+
+    def minibatch_hsic(self, a, b=None) -> np.ndarray:
+        """(n_minibatches, La, Lb) per-minibatch HSIC_1."""
+        b = a if b is None else b
+        return self.hsic[:, self._span(a), self._span(b)]
+
+    def minibatch_cka(self, a, b, layer_a, layer_b) -> np.ndarray:
+        """(n_minibatches,) CKA of one layer pair computed within each minibatch."""
+        ia = self._span(a).start + self.layer_index(a, layer_a)
+        ib = self._span(b).start + self.layer_index(b, layer_b)
+        h = self.hsic
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return h[:, ia, ib] / np.sqrt(h[:, ia, ia] * h[:, ib, ib])
+
+    def best_matches(self, a, b) -> list[tuple[str, str, float]]:
+        """For every layer of a: the layer of b with the highest CKA (another layer when a is b)."""
+        matrix = self.cka(a, b).copy()
+        if self.run_index(a) == self.run_index(b):
+            np.fill_diagonal(matrix, np.nan)
+        names_b = self.layer_names(b)
+        out = []
+        for layer, row in zip(self.layer_names(a), matrix):
+            if np.isnan(row).all():
+                out.append((layer, "-", float("nan")))
+            else:
+                j = int(np.nanargmax(row))
+                out.append((layer, names_b[j], float(row[j])))
+        return out
+
+    # ---- exports
+    def to_dict(self) -> dict:
+        pairs = []
+        for a, b in self.pairs():
+            s_ab, s_aa, s_bb = self.hsic_sums(a, b)
+            pairs.append({
+                "run_a": a, "run_b": b,
+                "layers_a": self.layer_names(a), "layers_b": self.layer_names(b),
+                "cka": _nan_to_none(self.cka(a, b)),
+                "hsic_ab": s_ab.tolist(), "hsic_aa": s_aa.tolist(), "hsic_bb": s_bb.tolist(),
+            })
+        return {
+            "runs": [dict(r.to_dict(), label=n) for r, n in zip(self.runs, self.run_names)],
+            "m": self.m, "pairing": self.pairing, "n_minibatches": int(len(self.minibatches)),
+            "notes": self.notes, "pairs": pairs,
+        }
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def to_csv(self, path: str | os.PathLike | None = None) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(["run_a", "layer_a", "run_b", "layer_b", "cka", "hsic_ab", "hsic_aa", "hsic_bb"])
+        for a, b in self.pairs():
+            s_ab, s_aa, s_bb = self.hsic_sums(a, b)
+            matrix = self.cka(a, b)
+            for i, la in enumerate(self.layer_names(a)):
+                for j, lb in enumerate(self.layer_names(b)):
+                    writer.writerow([a, la, b, lb, repr(float(matrix[i, j])), repr(float(s_ab[i, j])),
+                                     repr(float(s_aa[i])), repr(float(s_bb[j]))])
+        text = buf.getvalue()
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def summary(self) -> str:
+        """Best-matching layer per layer, for every pair of different runs (or within the one run)."""
+        names = self.run_names
+        pairs = [(a, b) for a, b in self.pairs() if a != b] or [(names[0], names[0])]
+        lines = [f"minibatch CKA, m={self.m}, {len(self.minibatches)} minibatches, pairing by {self.pairing}"]
+        for a, b in pairs:
+            matches = self.best_matches(a, b)
+            width = max(len(la) for la, _, _ in matches)
+            title = f"{a} -> best layer of {b}" if a != b else f"{a}: most similar other layer"
+            lines += ["", title]
+            lines += [f"  {la:<{width}}  {lb}  {value:.4f}" for la, lb, value in matches]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Results(runs={self.run_names}, m={self.m}, n_minibatches={len(self.minibatches)}, path={self.path})"
+
+
+# --------------------------------------------------------------------------- store
+
+
+def write_results(results: Results, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the results store, then swap it into place (a half-written store is never visible)."""
+    out = Path(out)
+    check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.writing-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(tmp, mode="w")
+    L = results.hsic.shape[1]
+    group.create_array("hsic", data=results.hsic, chunks=(1, L, L))
+    group.create_array("minibatches", data=np.asarray(results.minibatches, dtype="int64"))
+    group.create_array("hsic_sum", data=results.hsic_sum)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cka_array = group.create_array("cka", data=results.cka_all)
+    cka_array.attrs["labels"] = results.labels
+    group.attrs[ATTRS] = {
+        "results_version": RESULTS_VERSION,
+        "runs": [r.to_dict() for r in results.runs],
+        "inputs": results.inputs,
+        "notes": results.notes,
+        "created": _now(),
+        "versions": _versions(),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results.to_json(tmp / "cka.json")
+        results.to_csv(tmp / "cka.csv")
+        (tmp / "summary.txt").write_text(results.summary() + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    results.path = out
+    return out
+
+
+def check_out(out: str | os.PathLike, overwrite: bool) -> None:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CkapipeError(f"output directory {out} exists: choose another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise CkapipeError(f"output path {out} is a file, not a results directory")
+
+
+def load_results(path: str | os.PathLike) -> Results:
+    """Open a results store written by ``analyze(..., out=path)``."""
+    path = Path(path)
+    try:
+        group = zarr.open_group(path, mode="r")
+        meta = group.attrs[ATTRS]
+    except Exception:  # noqa: BLE001
+        raise CkapipeError(f"{path} is not a ckapipe results directory (written by ckapipe analyze --out)") from None
+    runs = [RunEntry(r["name"], r["slug"], r["key"], tuple(r["layers"]), r.get("path", "")) for r in meta["runs"]]
+    return Results(runs, group["hsic"][:], group["minibatches"][:], meta["inputs"], list(meta["notes"]), path)
+
+
+def recorded_inputs(path: str | os.PathLike) -> dict | None:
+    """The inputs an existing results store was computed from; None if unreadable."""
+    try:
+        return zarr.open_group(Path(path), mode="r").attrs[ATTRS]["inputs"]
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _nan_to_none(matrix: np.ndarray) -> list:
+    return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("ckapipe", "numpy", "zarr", "dask", "cupy-cuda12x"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return out
