@@ -1,0 +1,47 @@
+"""``ckapipe analyze`` and ``ckapipe plot``: thin layers over ``analyze.analyze`` and
+``analyze.plot_results``."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--cache", required=True, type=click.Path(file_okay=False), help="The activation cache directory.")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(), help="Results directory to write (must not exist).")
+@click.option("--pair-by-position", is_flag=True, help="Pair minibatch k with minibatch k when runs hold different samples.")
+@click.option("--batch-size", type=int, default=None, help="Analysis minibatch size m (default: the stored chunk size).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--scheduler", default=None, help="Address of a running Dask scheduler (default: local threads).")
+@click.option("--scheduler-file", type=click.Path(dir_okay=False), default=None, help="Dask scheduler file.")
+@click.option("--completed-only", is_flag=True, help="Use the chunks completed so far in incomplete runs.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing results directory.")
+@click.option("--no-gram-cache", is_flag=True, help="Neither read nor write the U-centred Gram cache.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary.")
+def analyze(cache, runs, out, pair_by_position, batch_size, device, scheduler, scheduler_file, completed_only,
+            overwrite, no_gram_cache, quiet):
+    """Minibatch CKA of every pair of layers of RUNS (names or globs in the cache)."""
+    from analyze import analyze as run_analysis
+
+    results = run_analysis(
+        cache, list(runs), out=out, pair_by_position=pair_by_position, batch_size=batch_size, device=device,
+        scheduler=scheduler, scheduler_file=scheduler_file, completed_only=completed_only, overwrite=overwrite,
+        use_gram_cache=not no_gram_cache, progress=not quiet,
+    )
+    if not quiet:
+        click.echo(results.summary())
+        click.echo(f"\nresults: {out} (cka.json, cka.csv, summary.txt); draw them with: ckapipe plot {out}")
+
+
+@click.command()
+@click.argument("results", type=click.Path(exists=True, file_okay=False))
+@click.option("--pair", nargs=2, default=None, metavar="A B", help="Runs of the per-minibatch view (default: first two).")
+@click.option("--layers", nargs=2, default=None, metavar="LA LB", help="Layer pair of the per-minibatch view.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the figures (default: RESULTS/plots).")
+def plot(results, pair, layers, out_dir):
+    """Heatmaps (PNG and PDF) of a results directory, and per-minibatch CKA of one layer pair."""
+    from analyze import plot_results
+
+    for path in plot_results(results, out_dir, pair=pair, layers=layers):
+        click.echo(str(path))
