@@ -83,6 +83,7 @@ class RunSpec:
     layers: tuple[LayerSpec, ...]
     dtype: str = "float32"
     limit: int | None = None
+    grams_only: bool = False  # no activation arrays, only the Gram cache
     name: str | None = None  # readable slug chosen by the user; not part of the key
 
     def __post_init__(self):
@@ -276,6 +277,7 @@ def create_run(
     Every layer array gets chunks (m, D), a NaN fill value and write_empty_chunks,
     so a chunk that was never written reads as NaN, never as zeros.
     """
+    grams_only = grams_only or spec.grams_only
     cache = ensure_cache(cache)
     path = cache / spec.dirname
     if path.exists():
@@ -386,6 +388,29 @@ def find_runs(cache: str | os.PathLike, patterns: Sequence[str]) -> list[Run]:
                 raise StoreError(f"run name {slug!r} is ambiguous in {cache}: name one of {full}")
         chosen += [r for r in hits if r.name not in {c.name for c in chosen}]
     return chosen
+
+
+# --------------------------------------------------------------------------- compression
+
+# Chosen by measurement on real activations (README, "Store"): see tests/bench/bench_extract.py.
+DEFAULT_COMPRESSION = "blosc-lz4"
+COMPRESSION_CHOICES = ("none", "blosc-lz4", "blosc-zstd", "zstd1", "zstd3")
+
+
+def compressors(name: str) -> tuple:
+    """The Zarr v3 codec chain for a compression name (``--compression``)."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    chains = {
+        "none": (),
+        "blosc-lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
+        "blosc-zstd": (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),),
+        "zstd1": (ZstdCodec(level=1),),
+        "zstd3": (ZstdCodec(level=3),),
+    }
+    if name not in chains:
+        raise StoreError(f"unknown compression {name!r}{suggest(name, list(chains))} (choose {', '.join(chains)})")
+    return chains[name]
 
 
 # --------------------------------------------------------------------------- writers

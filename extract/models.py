@@ -1,0 +1,187 @@
+"""Model sources: a spec string in, an eval-mode ``nn.Module`` and its weights hash out.
+
+Spellings (``?key=value`` adds keyword arguments)::
+
+    zoo:cnn2?seed=0                      a network of the default study (extract.zoo)
+    torchvision:resnet18[?weights=none]  torchvision.models, extra 'vision'
+    timm:vit_tiny_patch16_224            timm, extra 'vision'
+    hf:bert-base-uncased                 transformers AutoModel, extra 'hf'
+    package.module:factory?depth=3       any callable returning an nn.Module
+    path/to/weights.pt?arch=SPEC         a state_dict (weights_only=True) loaded into SPEC
+    path/to/model.pt                     a TorchScript archive
+
+``weights=none`` (or ``random_init=True`` from ``--random-init``) builds a
+pretrained-hub architecture with random weights drawn from ``init_seed``
+(default 0), so the run key stays stable. The weights hash (sha256 over every
+state_dict tensor's name, dtype, shape and bytes) goes into the run key: a
+cache keyed by names alone would silently serve stale activations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from extract.specs import SpecError, import_object, looks_importable, require, split_spec
+from extract.store import suggest
+
+HUBS = ("zoo", "torchvision", "timm", "hf")
+RANDOM = ("none", "random", None, False)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for extraction and the facts that go into the run key."""
+
+    module: nn.Module
+    spec: str
+    weights_hash: str
+
+
+def load_model(spec: str, *, cache: str | os.PathLike = "cache", random_init: bool = False) -> LoadedModel:
+    """Resolve a model spec (see the module docstring) to an eval-mode module."""
+    head, params = split_spec(spec)
+    if random_init:
+        params["weights"] = "none"
+    torch.manual_seed(int(params.pop("init_seed", 0)))  # random init is reproducible
+    module = _build(head, params, cache)
+    if not isinstance(module, nn.Module):
+        raise SpecError(f"model {spec!r} gave a {type(module).__name__}, not a torch.nn.Module")
+    module.eval()
+    recorded = spec if not random_init or "weights=none" in spec else _with_param(spec, "weights", "none")
+    return LoadedModel(module, recorded, weights_hash(module))
+
+
+def _build(head: str, params: dict, cache) -> nn.Module:
+    source, _, name = head.partition(":")
+    if source in HUBS:
+        if not name:
+            raise SpecError(f"model spec {head!r} names no model: write {source}:NAME")
+        return {"zoo": _zoo, "torchvision": _torchvision, "timm": _timm, "hf": _hf}[source](name, params, cache)
+    path = Path(head).expanduser()
+    if path.is_file():
+        return _checkpoint(path, params, cache)
+    if looks_importable(head):
+        factory = import_object(head, "model factory")
+        return factory(**params)
+    if path.suffix in (".pt", ".pth", ".ckpt", ".bin", ".safetensors"):
+        raise SpecError(f"model checkpoint {head} does not exist")
+    raise SpecError(
+        f"unknown model spec {head!r}{suggest(source, list(HUBS))}: use zoo:NAME, torchvision:NAME, timm:NAME, "
+        "hf:NAME, package.module:factory or a checkpoint file"
+    )
+
+
+def _zoo(name: str, params: dict, cache) -> nn.Module:
+    from extract import zoo
+
+    zoo.build(name)  # unknown names fail before any training
+    if params.get("weights", "trained") in RANDOM:
+        return zoo.build(name)
+    return zoo.load(name, int(params.get("seed", 0)), cache)
+
+
+def _torchvision(name: str, params: dict, cache) -> nn.Module:
+    tv = require("torchvision", "vision")
+    available = tv.models.list_models()
+    if name not in available:
+        raise SpecError(f"torchvision has no model {name!r}{suggest(name, available)}")
+    weights = params.pop("weights", "DEFAULT")
+    weights = None if weights in RANDOM else weights
+    try:
+        return tv.models.get_model(name, weights=weights, **params)
+    except (OSError, RuntimeError, ValueError) as err:
+        if weights is None:
+            raise
+        raise _no_weights(f"torchvision:{name}", err) from None
+
+
+def _timm(name: str, params: dict, cache) -> nn.Module:
+    timm = require("timm", "vision")
+    if not timm.is_model(name):
+        raise SpecError(f"timm has no model {name!r}{suggest(name, timm.list_models())}")
+    pretrained = params.pop("weights", "pretrained") not in RANDOM
+    try:
+        return timm.create_model(name, pretrained=pretrained, **params)
+    except (OSError, RuntimeError, ValueError) as err:
+        if not pretrained:
+            raise
+        raise _no_weights(f"timm:{name}", err) from None
+
+
+def _hf(name: str, params: dict, cache) -> nn.Module:
+    transformers = require("transformers", "hf")
+    random = params.pop("weights", "pretrained") in RANDOM
+    try:
+        if random:
+            config = transformers.AutoConfig.from_pretrained(name, **params)
+            return transformers.AutoModel.from_config(config)
+        return transformers.AutoModel.from_pretrained(name, **params)
+    except OSError as err:
+        raise _no_weights(f"hf:{name}", err, config_needed=random) from None
+
+
+def _no_weights(model: str, err: Exception, config_needed: bool = False) -> SpecError:
+    what = "its configuration" if config_needed else "its weights"
+    hint = "" if config_needed else f", or pass random weights with {model}?weights=none (--random-init)"
+    return SpecError(
+        f"cannot load {what} for {model} ({type(err).__name__}): download them once with network access "
+        f"(they land in the library's usual cache){hint}"
+    )
+
+
+def _checkpoint(path: Path, params: dict, cache) -> nn.Module:
+    """A TorchScript archive, or a state_dict loaded into ``?arch=SPEC``."""
+    if _is_torchscript(path):
+        return torch.jit.load(str(path), map_location="cpu")
+    arch = params.pop("arch", None)
+    if not arch:
+        raise SpecError(f"checkpoint {path} holds weights, not a model: name its architecture with {path}?arch=SPEC")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
+        raise SpecError(f"cannot read checkpoint {path} as weights ({type(err).__name__}: {err})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    arch_head, arch_params = split_spec(str(arch))
+    arch_params.update(params)
+    if arch_head.partition(":")[0] in HUBS:
+        arch_params["weights"] = "none"  # the checkpoint brings the weights
+    module = _build(arch_head, arch_params, cache)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0:2]
+        raise SpecError(f"checkpoint {path} does not fit architecture {arch}: {' '.join(first)}") from None
+    return module
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def _with_param(spec: str, key: str, value: str) -> str:
+    return f"{spec}{'&' if '?' in spec else '?'}{key}={value}"
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 over the state_dict: every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    state = module.state_dict()
+    for name in sorted(state):
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

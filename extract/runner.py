@@ -1,0 +1,211 @@
+"""The extraction API: one model over one dataset into one run store.
+
+``extract_run`` resolves the sources, checks the layer selection before any
+forward pass, probes one small batch for shapes, and then either finds the run
+complete in the cache (a cache hit: nothing is computed) or extracts the
+minibatches whose completion marker is missing, in the order given by the
+order seed, through background writers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from extract import store
+from extract.datasets import LoadedDataset, load_dataset
+from extract.errors import CkapipeError
+from extract.layers import default_selection, observe, parse_selection, prepare
+from extract.models import LoadedModel, load_model, weights_hash
+from extract.writer import ActivationError, ChunkWriter, Progress, compute_grams, device_grams, write_grams
+
+PROBE_BATCH = 4
+
+
+def extract_run(
+    model: str | nn.Module,
+    dataset: str,
+    layers: Sequence[str] | str | None = None,
+    *,
+    cache: str | os.PathLike,
+    batch_size: int = 256,
+    order_seed: int = 0,
+    dtype: str = "float32",
+    device: str = "auto",
+    reduction: str = "flatten",
+    name: str | None = None,
+    limit: int | None = None,
+    chunks: tuple[int, int] | None = None,
+    grams: bool = False,
+    grams_only: bool = False,
+    progress: bool = True,
+    random_init: bool = False,
+    compression: str = store.DEFAULT_COMPRESSION,
+    workers: int = 0,
+    writer_threads: int = 2,
+) -> Path:
+    """Extract (or resume, or find cached) one run; return the path of its store.
+
+    ``layers``: selection items ``PATTERN[@SELECT][:REDUCTION]`` (see extract.layers),
+    default the model's top-level children. ``chunks=(A, B)`` extracts minibatches
+    A..B-1 only (disjoint ranges may run side by side). ``grams`` fills the Gram
+    cache for m = batch_size while the activations are in memory; ``grams_only``
+    keeps only the Grams (no activation arrays), never the default.
+    """
+    _check_options(batch_size, dtype, compression)
+    store.ensure_cache(cache)  # an unwritable cache fails before any model is loaded
+    loaded = _model(model, cache, random_init)
+    data = load_dataset(dataset)
+    order = sample_order(len(data), order_seed, limit)
+    device = resolve_device(device)
+    module = loaded.module.to(device)
+    selections = parse_selection([layers] if isinstance(layers, str) else layers, reduction) if layers else default_selection(module, reduction)
+    probe_inputs = to_device(next(data.batches([order[:PROBE_BATCH]])), device)
+    recorder, infos = prepare(module, selections, probe_inputs, min(PROBE_BATCH, len(order)))
+    spec = store.RunSpec(
+        model=loaded.spec, weights_hash=loaded.weights_hash, dataset=data.spec, transform=data.transform,
+        order_seed=order_seed, batch_size=batch_size, layers=tuple(recorder.specs[n] for n in infos),
+        dtype=dtype, limit=limit, grams_only=grams_only, name=name,
+    )
+    run = store.create_run(cache, spec, order, infos, compressors=store.compressors(compression))
+    want_grams = grams or grams_only
+    span = chunk_range(chunks, run.n_chunks)
+    if _is_cached(run, span, want_grams):
+        return run.path
+    with store.writer_lock(run.path, span):
+        _extract_chunks(run, recorder, data, order, span, device, dtype, want_grams, progress, workers, writer_threads)
+    return run.path
+
+
+def list_layers(model: str | nn.Module, dataset: str | None = None, *, cache: str | os.PathLike = "cache",
+                random_init: bool = False, with_types: bool = False) -> list[tuple]:
+    """(name, per-sample output shape) of every module call, in forward order; with_types adds the module type.
+
+    Inputs come from ``dataset`` (first samples); without one, digits for zoo
+    networks, token ids for hf models, and 3 × 224 × 224 images otherwise.
+    """
+    loaded = _model(model, cache, random_init)
+    inputs = next(load_dataset(dataset).batches([np.arange(2)])) if dataset else _example_inputs(loaded.spec)
+    rows = observe(loaded.module, inputs)
+    return rows if with_types else [(name, shape) for name, _, shape in rows]
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def sample_order(n: int, order_seed: int, limit: int | None) -> np.ndarray:
+    """The dataset indices in stored order: a permutation from the order seed, cut to ``limit``."""
+    order = np.random.default_rng(order_seed).permutation(n)
+    if limit is not None:
+        if limit < 1:
+            raise CkapipeError(f"--limit {limit} must be positive")
+        order = order[:limit]
+    return order
+
+
+def chunk_range(chunks: tuple[int, int] | None, n_chunks: int) -> range:
+    """Minibatches this process extracts: all of them, or ``A:B`` clipped to the run."""
+    if chunks is None:
+        return range(0, n_chunks)
+    start, stop = chunks
+    if not 0 <= start < stop or start >= n_chunks:
+        raise CkapipeError(f"--chunks {start}:{stop} is not a range within the run's {n_chunks} minibatches")
+    return range(start, min(stop, n_chunks))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise CkapipeError(f"unknown device {device!r}: use auto, cpu or cuda[:i]") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise CkapipeError(f"device {device} asked for but no CUDA GPU is available: use --device cpu")
+    return resolved
+
+
+def to_device(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, dict):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=True) if isinstance(inputs, torch.Tensor) else inputs
+
+
+def _extract_chunks(run, recorder, data: LoadedDataset, order, span, device, dtype, want_grams, progress, workers, threads) -> None:
+    """Forward every missing minibatch of ``span`` and hand it to the writers."""
+    if run.status == store.FAILED:
+        run.set_meta(status=store.IN_PROGRESS, error=None)
+    gram_group = run.grams(run.batch_size, create=True) if want_grams else None
+    done = run.done()
+    if gram_group is not None:
+        _grams_from_store(run, gram_group, [k for k in span if done[k] and k < gram_group["done"].shape[0] and not gram_group["done"][k]])
+    todo = [k for k in span if not done[k]]
+    rows = sum(run.chunk_slice(k).stop - run.chunk_slice(k).start for k in todo)
+    bar = Progress(rows, progress, run.slug)
+    writer = ChunkWriter(run, dtype=dtype, grams=gram_group, threads=threads, progress=bar)
+    try:
+        batches = data.batches((order[run.chunk_slice(k)] for k in todo), workers)
+        with recorder.hooked():
+            for k, inputs in zip(todo, batches):
+                features = recorder.forward(to_device(inputs, device))
+                writer.submit(k, features, device_grams(features) if gram_group is not None else None)
+        writer.close()
+    except ActivationError as err:
+        writer.abort()
+        run.set_meta(status=store.FAILED, error=str(err))
+        raise
+    except BaseException:
+        writer.abort()
+        raise
+    run.refresh_status()
+
+
+def _grams_from_store(run, group, chunks: list[int]) -> None:
+    """Fill Gram rows of chunks whose activations are already stored (a --grams rerun)."""
+    for k in chunks:
+        write_grams(group, k, compute_grams({name: run.read_chunk(name, k) for name in run.layer_names}))
+
+
+def _is_cached(run, span: range, want_grams: bool) -> bool:
+    """Every chunk of ``span`` complete (and its Grams, when asked): nothing to do."""
+    if not run.done()[span.start:span.stop].all():
+        return False
+    if not want_grams:
+        return True
+    group = run.grams(run.batch_size)
+    if group is None:
+        return False
+    stop = min(span.stop, group["done"].shape[0])
+    return bool(group["done"][span.start:stop].astype(bool).all()) if span.start < stop else True
+
+
+def _model(model: str | nn.Module, cache, random_init: bool) -> LoadedModel:
+    if isinstance(model, nn.Module):
+        cls = type(model)
+        return LoadedModel(model.eval(), f"module:{cls.__module__}.{cls.__qualname__}", weights_hash(model))
+    return load_model(model, cache=cache, random_init=random_init)
+
+
+def _example_inputs(spec: str) -> Any:
+    source = spec.partition(":")[0]
+    if source == "zoo":
+        return next(load_dataset("digits").batches([np.arange(2)]))
+    if source == "hf":
+        return {"input_ids": torch.ones(2, 16, dtype=torch.long), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    return torch.rand(2, 3, 224, 224)
+
+
+def _check_options(batch_size: int, dtype: str, compression: str) -> None:
+    if batch_size < store.MIN_BATCH:
+        raise store.StoreError(
+            f"batch size {batch_size} is too small: the unbiased HSIC needs minibatches of at least "
+            f"{store.MIN_BATCH} samples (use --batch-size >= {store.MIN_BATCH})"
+        )
+    if dtype not in ("float32", "float16", "float64"):
+        raise CkapipeError(f"dtype {dtype!r} is not supported: use float32 (default), float16 or float64")
+    store.compressors(compression)

@@ -1,0 +1,74 @@
+"""Parsing of the source spellings shared by models and datasets.
+
+A spec is ``HEAD?key=value&key=value``: the head names the source, the query
+holds keyword arguments. Values are Python literals when they parse as one
+(``depth=3``, ``pretrained=False``), strings otherwise.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from urllib.parse import parse_qsl
+
+from extract.errors import CkapipeError
+
+
+class SpecError(CkapipeError):
+    """A model or dataset spec that cannot be resolved."""
+
+
+class MissingExtra(CkapipeError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+
+def split_spec(spec: str) -> tuple[str, dict]:
+    """``"torchvision:resnet18?weights=none"`` -> ``("torchvision:resnet18", {"weights": "none"})``."""
+    head, _, query = spec.partition("?")
+    params = {key: literal(value) for key, value in parse_qsl(query, keep_blank_values=True)}
+    return head, params
+
+
+def literal(text: str):
+    """A Python literal when ``text`` is one, else the text itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency, or explain which ckapipe extra provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(
+            f"{module} is not installed: install the {extra!r} extra with pip install 'ckapipe[{extra}]'"
+        ) from None
+
+
+def import_object(path: str, what: str):
+    """Resolve ``package.module:attr`` to the object; a SpecError says what is missing."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise SpecError(f"{what} {path!r} is not of the form package.module:name")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise SpecError(f"{what} {path!r}: module {err.name!r} not found") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise SpecError(f"{what} {path!r}: {module_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise SpecError(f"{what} {path!r} is not callable")
+    return obj
+
+
+def looks_importable(head: str) -> bool:
+    """True for ``package.module:name`` heads whose module part is a dotted Python name."""
+    module_name, sep, attr = head.partition(":")
+    return bool(sep and attr) and all(p.isidentifier() for p in module_name.split(".")) and all(
+        p.isidentifier() for p in attr.split(".")
+    )

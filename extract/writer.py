@@ -1,0 +1,226 @@
+"""Background writing of minibatch activations: the forward pass never waits for the disk.
+
+The extraction loop hands each minibatch's features to ``ChunkWriter.submit``
+and goes on with the next forward. On CUDA the features are copied into pinned
+host memory asynchronously (an event marks when the copy is done); writer
+threads then check the values, cast, compute Grams when asked, compress and
+write the chunk, and set its completion marker last. The queue is bounded, so
+a disk slower than the model applies back-pressure instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from extract.errors import CkapipeError
+from extract.store import Run, StoreError
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class ActivationError(CkapipeError):
+    """Activations that cannot be stored faithfully (NaN/Inf, beyond float16)."""
+
+
+@dataclass
+class Chunk:
+    """One minibatch on its way to the store."""
+
+    k: int
+    features: dict[str, torch.Tensor]
+    ready: torch.cuda.Event | None = None  # set when the device-to-host copy is done
+    grams: dict | None = None  # precomputed on the device, host arrays
+
+
+def to_host(features: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.cuda.Event | None]:
+    """Start copying device features to pinned host memory; return the host tensors and an event."""
+    if not features or next(iter(features.values())).device.type != "cuda":
+        return features, None
+    host = {}
+    for name, t in features.items():
+        host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host[name].copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def check_values(array: np.ndarray, dtype: str, layer: str, k: int) -> np.ndarray:
+    """The array in the store's dtype; NaN/Inf, or values beyond float16 when storing float16, raise."""
+    if not np.isfinite(array).all():
+        raise ActivationError(f"layer {layer!r} has NaN or Inf activations in minibatch {k}: the run is marked failed")
+    if dtype == "float16":
+        peak = float(np.abs(array).max()) if array.size else 0.0
+        if peak > FLOAT16_MAX:
+            raise ActivationError(
+                f"layer {layer!r} reaches {peak:.4g} in minibatch {k}, beyond float16 (max {FLOAT16_MAX:.0f}): use --dtype float32"
+            )
+    return array.astype(dtype, copy=False)
+
+
+class Progress:
+    """A tqdm bar over samples with the write rate in MB/s; silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="samples", unit_scale=True, desc=desc, dynamic_ncols=True)
+        self.bytes, self.start, self.lock = 0, time.perf_counter(), threading.Lock()
+
+    def advance(self, samples: int, nbytes: int) -> None:
+        with self.lock:
+            self.bytes += nbytes
+            if self.bar is not None:
+                rate = self.bytes / max(time.perf_counter() - self.start, 1e-9) / 1e6
+                self.bar.set_postfix_str(f"{rate:.1f} MB/s", refresh=False)
+                self.bar.update(samples)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class ChunkWriter:
+    """Writer threads fed through a bounded queue; the first error stops them and is re-raised."""
+
+    def __init__(self, run: Run, *, dtype: str, grams=None, threads: int = 2, depth: int = 4, progress: Progress | None = None):
+        self.run, self.dtype, self.gram_group = run, dtype, grams
+        self.progress = progress
+        self.queue: queue.Queue[Chunk | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.n_gram_chunks = run.n_samples // run.batch_size
+        self.threads = [threading.Thread(target=self._work, daemon=True, name=f"ckapipe-writer-{i}") for i in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, k: int, features: dict[str, torch.Tensor], grams: dict | None = None) -> None:
+        """Queue minibatch k (blocks only while the queue is full); raises a writer's error."""
+        self._raise_error()
+        host, event = to_host(features)
+        while True:
+            try:
+                self.queue.put(Chunk(k, host, event, grams), timeout=0.1)
+                return
+            except queue.Full:
+                self._raise_error()
+
+    def close(self) -> None:
+        """Wait until every queued chunk is written; raise the first error."""
+        for _ in self.threads:
+            self._put_stop()
+        for thread in self.threads:
+            thread.join()
+        if self.progress is not None:
+            self.progress.close()
+        self._raise_error()
+
+    def abort(self) -> None:
+        """Stop without writing what is still queued (after an error in the forward loop)."""
+        self.error = self.error or _Aborted()
+        self._drain()
+        for _ in self.threads:
+            self._put_stop()
+        for thread in self.threads:
+            thread.join()
+        if self.progress is not None:
+            self.progress.close()
+
+    # ---- threads
+    def _work(self) -> None:
+        while True:
+            chunk = self.queue.get()
+            if chunk is None:
+                return
+            if self.error is not None:
+                continue
+            try:
+                self._write(chunk)
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                self.error = self.error or _explain(err, chunk.k, self.run)
+                self._drain()
+
+    def _write(self, chunk: Chunk) -> None:
+        if chunk.ready is not None:
+            chunk.ready.synchronize()
+        raw = {name: t.numpy() for name, t in chunk.features.items()}
+        arrays = {name: check_values(a, self.dtype, name, chunk.k) for name, a in raw.items()}
+        if self.gram_group is not None and chunk.k < self.n_gram_chunks:
+            write_grams(self.gram_group, chunk.k, chunk.grams or compute_grams(raw))
+        self.run.write_chunk(chunk.k, arrays)
+        if self.progress is not None:
+            rows = next(iter(arrays.values())).shape[0] if arrays else 0
+            self.progress.advance(rows, sum(a.nbytes for a in arrays.values()) if not self.run.grams_only else 0)
+
+    def _put_stop(self) -> None:
+        while True:
+            try:
+                self.queue.put(None, timeout=0.1)
+                return
+            except queue.Full:
+                self._drain()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                item = self.queue.get_nowait()
+                if item is None:  # keep stop signals for the other threads
+                    self.queue.put_nowait(None)
+                    return
+        except queue.Empty:
+            return
+
+    def _raise_error(self) -> None:
+        if self.error is not None and not isinstance(self.error, _Aborted):
+            raise self.error
+
+
+class _Aborted(Exception):
+    pass
+
+
+def compute_grams(features: dict) -> dict[str, np.ndarray]:
+    """Upper triangles of the U-centred Grams of one minibatch, per layer (NumPy or CuPy in, host out)."""
+    from analyze.kernels import ucentered_gram
+
+    out = {}
+    for name, x in features.items():
+        tri = ucentered_gram(x)
+        out[name] = tri.get() if hasattr(tri, "get") else np.asarray(tri)
+    return out
+
+
+def device_grams(features: dict[str, torch.Tensor]) -> dict[str, np.ndarray] | None:
+    """Grams computed where the activations are, on CUDA through CuPy; None when that is not possible."""
+    if not features or next(iter(features.values())).device.type != "cuda":
+        return None
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return compute_grams({name: cupy.from_dlpack(t) for name, t in features.items()})
+
+
+def write_grams(group, k: int, grams: dict[str, np.ndarray]) -> None:
+    """Gram row k of every layer, then its marker."""
+    for name, tri in grams.items():
+        group[name][k] = tri
+    group["done"][k] = 1
+
+
+def _explain(err: BaseException, k: int, run: Run) -> BaseException:
+    """A disk error as a one-line StoreError that says the run can be resumed."""
+    if isinstance(err, OSError):
+        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        return StoreError(
+            f"cannot write minibatch {k} of run {run.name}: {reason}; completed chunks are kept, free space and rerun to resume"
+        )
+    return err
