@@ -1,0 +1,196 @@
+"""The kernels against the published formulas, their invariances, and the anchors
+torch-cka 0.21 and ckatorch 1.0.3 (test-only dependencies, fed float64)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from analyze.kernels import (
+    center_gram, cka, gram_linear, hsic1_matrix, square_from_triangle, sub_triangles, ucentered_gram, upper_triangle,
+)
+from tests._analyze_stores import hsic1_reference, minibatch_cka_reference
+
+M = 32
+
+
+def minibatch_cka(x, y, m=M):
+    """ckapipe's kernels: one HSIC matrix per minibatch, summed, then CKA."""
+    total = np.zeros((2, 2))
+    for k in range(len(x) // m):
+        rows = slice(k * m, (k + 1) * m)
+        total += hsic1_matrix(np.stack([ucentered_gram(x[rows]), ucentered_gram(y[rows])]))
+    return cka(total[:1, 1:], total[:1, 0], total[1:, 1])[0, 0]
+
+
+@pytest.fixture
+def xy():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4 * M, 40))
+    y = np.tanh(x @ rng.standard_normal((40, 25))) + 0.3 * rng.standard_normal((4 * M, 25))
+    return x, y
+
+
+def test_hsic1_matches_song_et_al_formula():
+    rng = np.random.default_rng(0)
+    for m in (4, 5, 17, 64):
+        x = rng.standard_normal((m, 9)).astype(np.float32) + 3
+        y = rng.standard_normal((m, 30)).astype(np.float32) - 1
+        ours = hsic1_matrix(np.stack([ucentered_gram(x), ucentered_gram(y)]))
+        K, L = gram_linear(x.astype(np.float64)), gram_linear(y.astype(np.float64))
+        expected = [[hsic1_reference(K, K), hsic1_reference(K, L)], [hsic1_reference(L, K), hsic1_reference(L, L)]]
+        np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_minibatch_cka_matches_reference_on_float32_data(xy):
+    x, y = (a.astype(np.float32) for a in xy)
+    assert abs(minibatch_cka(x, y) - minibatch_cka_reference(x, y, M)) < 1e-6
+
+
+def test_cka_of_a_representation_with_itself_is_one(xy):
+    x, _ = xy
+    assert abs(minibatch_cka(x, x) - 1) < 1e-12
+
+
+def test_cka_is_symmetric(xy):
+    x, y = xy
+    assert abs(minibatch_cka(x, y) - minibatch_cka(y, x)) < 1e-12
+
+
+def test_cka_is_invariant_to_orthogonal_transform_and_isotropic_scaling(xy):
+    x, y = xy
+    q, _ = np.linalg.qr(np.random.default_rng(2).standard_normal((x.shape[1], x.shape[1])))
+    base = minibatch_cka(x, y)
+    assert abs(minibatch_cka(x @ q, y) - base) < 1e-10
+    assert abs(minibatch_cka(7.5 * x, 0.01 * y) - base) < 1e-10
+
+
+def test_cka_is_not_invariant_to_a_general_invertible_linear_map(xy):
+    x, y = xy
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((x.shape[1], x.shape[1])) @ np.diag(np.logspace(0, 2, x.shape[1]))
+    assert np.linalg.cond(a) < 1e8  # invertible
+    assert abs(minibatch_cka(x @ a, y) - minibatch_cka(x, y)) > 1e-2
+
+
+def test_a_large_constant_offset_changes_nothing(xy):
+    x, y = xy
+    assert abs(minibatch_cka(x + 1e4, y - 1e4) - minibatch_cka(x, y)) < 1e-6
+    np.testing.assert_allclose(ucentered_gram(x[:M] + 1e4), ucentered_gram(x[:M]), atol=1e-6 * np.abs(ucentered_gram(x[:M])).max())
+
+
+def test_ucentered_gram_is_the_triangle_of_a_zero_diagonal_u_centred_matrix(xy):
+    x, _ = xy
+    u = center_gram(gram_linear(x[:M]))
+    assert np.allclose(np.diag(u), 0)
+    assert np.allclose(u.sum(axis=0), 0, atol=1e-9)  # U-centred: rows and columns sum to zero
+    np.testing.assert_allclose(square_from_triangle(upper_triangle(u)), u)
+
+
+def test_sub_triangles_equal_grams_of_the_sub_minibatches(xy):
+    x, _ = xy
+    big = ucentered_gram(x[:M])
+    subs = sub_triangles(big, M // 4)
+    for i in range(4):
+        np.testing.assert_allclose(subs[i], ucentered_gram(x[i * M // 4:(i + 1) * M // 4]), rtol=1e-9, atol=1e-9)
+
+
+def test_constant_layer_gives_nan_with_a_warning_naming_it():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((M, 5))
+    const = np.full((M, 3), 0.1)
+    h = hsic1_matrix(np.stack([ucentered_gram(x), ucentered_gram(const)]))
+    assert h[1, 1] == 0
+    with pytest.warns(UserWarning, match="dead.layer"):
+        out = cka(h, np.diag(h), np.diag(h), ["x", "dead.layer"], ["x", "dead.layer"])
+    assert np.isnan(out[1]).all() and np.isnan(out[:, 1]).all() and out[0, 0] == pytest.approx(1)
+
+
+def test_minibatch_under_four_is_refused():
+    with pytest.raises(ValueError, match="at least 4"):
+        ucentered_gram(np.ones((3, 2)))
+
+
+# --------------------------------------------------------------------------- anchors
+
+
+def test_torch_cka_hsic_agrees_in_float64(monkeypatch, xy):
+    """torch-cka 0.21's _HSIC with its ones vector made float64 (it builds a float32 one)."""
+    torch = pytest.importorskip("torch")
+    from torch_cka.cka import CKA
+
+    real_ones = torch.ones
+    monkeypatch.setattr(torch, "ones", lambda *shape, **kw: real_ones(*shape, **{**kw, "dtype": torch.float64}))
+
+    class Device:
+        device = "cpu"
+
+    x, y = xy
+    sums = np.zeros(3)
+    for k in range(len(x) // M):
+        a, b = (torch.from_numpy(v[k * M:(k + 1) * M]) for v in (x, y))
+        K, L = a @ a.T, b @ b.T
+        K.fill_diagonal_(0)
+        L.fill_diagonal_(0)
+        theirs = np.array([CKA._HSIC(Device, K, L), CKA._HSIC(Device, K, K), CKA._HSIC(Device, L, L)])
+        ours = hsic1_matrix(np.stack([ucentered_gram(v[k * M:(k + 1) * M]) for v in (x, y)]))
+        np.testing.assert_allclose(theirs, [ours[0, 1], ours[0, 0], ours[1, 1]], rtol=1e-6)
+        sums += theirs
+    assert abs(sums[0] / np.sqrt(sums[1] * sums[2]) - minibatch_cka(x, y)) < 1e-6
+
+
+def test_torch_cka_compare_agrees_in_float64(monkeypatch, xy):
+    """torch-cka's whole compare loop on two float64 networks (it sums in float32)."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch_cka import CKA
+
+    real_ones = torch.ones
+    monkeypatch.setattr(torch, "ones", lambda *shape, **kw: real_ones(*shape, **{**kw, "dtype": torch.float64}))
+    torch.manual_seed(0)
+    net1 = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.ReLU(), torch.nn.Linear(30, 20)).double()
+    net2 = torch.nn.Sequential(torch.nn.Linear(40, 50), torch.nn.Tanh(), torch.nn.Linear(50, 10)).double()
+    x, _ = xy
+    data = torch.from_numpy(x)
+    loader = DataLoader(TensorDataset(data, torch.zeros(len(x))), batch_size=M, shuffle=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        anchor = CKA(net1, net2, "a", "b", model1_layers=["0", "2"], model2_layers=["1", "2"])
+        anchor.compare(loader)
+    theirs = anchor.export()["CKA"].numpy()
+    with torch.no_grad():
+        f1 = [net1[0](data), net1(data)]
+        f2 = [net2[1](net2[0](data)), net2(data)]
+    ours = np.array([[minibatch_cka(a.numpy(), b.numpy()) for b in f2] for a in f1])
+    np.testing.assert_allclose(theirs, ours, atol=1e-6)
+
+
+def test_ckatorch_hsic1_and_cka_batch_agree_in_float64(xy):
+    torch = pytest.importorskip("torch")
+    from ckatorch import cka_batch, hsic1
+
+    x, y = xy
+    bx = torch.from_numpy(x).reshape(-1, M, x.shape[1])
+    by = torch.from_numpy(y).reshape(-1, M, y.shape[1])
+    assert abs(cka_batch(bx, by).item() - minibatch_cka(x, y)) < 1e-6
+    gx, gy = torch.bmm(bx, bx.transpose(1, 2)), torch.bmm(by, by.transpose(1, 2))
+    theirs = hsic1(gx, gy).numpy()
+    ours = [hsic1_matrix(np.stack([ucentered_gram(x[k * M:(k + 1) * M]), ucentered_gram(y[k * M:(k + 1) * M])]))[0, 1]
+            for k in range(len(x) // M)]
+    np.testing.assert_allclose(theirs, ours, rtol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cupy_kernels_match_numpy(xy):
+    pytest.importorskip("cupy")
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() == 0:
+        pytest.skip("no CUDA GPU")
+    x, y = xy
+    host = hsic1_matrix(np.stack([ucentered_gram(x[:M]), ucentered_gram(y[:M])]))
+    device = hsic1_matrix(cupy.stack([ucentered_gram(cupy.asarray(x[:M])), ucentered_gram(cupy.asarray(y[:M]))]))
+    np.testing.assert_allclose(device.get(), host, rtol=1e-10)
+
