@@ -211,6 +211,7 @@ def analyze(
     hsic = compute(plan, resolve_device(device), scheduler, scheduler_file, progress)
     entries = [RunEntry(r.name, r.slug, r.key, tuple(r.layer_names), str(r.path)) for r in plan.runs]
     results = Results(entries, hsic, np.asarray(plan.pairing.minibatches), plan.inputs, list(plan.pairing.notes))
+    results.cka_all  # warns once about constant layers (CKA undefined, NaN)
     if out is not None:
         write_results(results, out, overwrite=overwrite)
     return results
