@@ -40,7 +40,8 @@ class RunSource:
 
 def gram_cache(run: Run, m: int, create: bool) -> object | None:
     """The run's Gram cache group at m, created (and stamped with its key) if asked;
-    None when absent, not writable, or stamped with another run's key."""
+    None when absent, not writable, or stamped with another run's key (an
+    unstamped group, as the extraction stage writes it, belongs to its store)."""
     try:
         group = run.grams(m, create=create)
     except (PermissionError, OSError):
@@ -50,8 +51,7 @@ def gram_cache(run: Run, m: int, create: bool) -> object | None:
     key = group.attrs.get(KEY_ATTR)
     if key is None and create:
         group.attrs[KEY_ATTR] = run.key
-        key = run.key
-    return group if key == run.key else None
+    return group if key in (None, run.key) else None
 
 
 def cached_sizes(run: Run) -> list[int]:
