@@ -1,0 +1,115 @@
+"""Where the analysis runs: Dask's threads, a cluster started here, or one that exists.
+
+``dask`` section of a pipeline file (command-line options win)::
+
+    dask:
+      cluster: threads | local | slurm   # default: threads (no cluster)
+      workers: 4                          # local: worker processes; slurm: worker jobs
+      threads_per_worker: 1
+      scheduler: tcp://host:8786          # an existing scheduler (overrides cluster)
+      scheduler_file: /shared/sched.json  # or its scheduler file
+
+``local`` starts a ``distributed.LocalCluster`` of worker processes on this
+machine (inside a SLURM job: on the job's allocation), with dask-cuda's
+``LocalCUDACluster`` instead, one worker per GPU, where dask-cuda is installed
+and a GPU is visible. ``slurm`` starts dask-jobqueue's ``SLURMCluster`` with the
+pipeline file's ``slurm.analyze`` directives, one worker per job.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from pipelines.study import PipelineError
+
+
+@contextmanager
+def dask_scheduler(config: dict, *, scheduler: str | None = None, scheduler_file: str | None = None,
+                   workers: int | None = None, cluster: str | None = None, say: Callable[[str], None] = print,
+                   slurm: dict | None = None) -> Iterator[dict]:
+    """Yield the ``scheduler``/``scheduler_file`` keywords of ``analyze.analyze``.
+
+    An address or scheduler file (argument first, then the config) is used as
+    is; otherwise ``cluster`` (the command line's, then the config's) decides,
+    with ``workers`` (the same order) workers.
+    """
+    scheduler = scheduler or config.get("scheduler")
+    scheduler_file = scheduler_file or config.get("scheduler_file")
+    if scheduler or scheduler_file:
+        say(f"dask: using the scheduler at {scheduler or scheduler_file}")
+        yield {"scheduler": scheduler, "scheduler_file": scheduler_file}
+        return
+    kind = cluster or config.get("cluster", "threads")
+    if kind not in ("threads", "local", "slurm"):
+        raise PipelineError(f"unknown Dask cluster {kind!r}: choose threads, local or slurm")
+    if kind == "threads":
+        yield {}
+        return
+    n = workers or config.get("workers") or default_workers()
+    start = start_local_cluster if kind == "local" else start_slurm_cluster
+    with start(n, config.get("threads_per_worker", 1), slurm or {}, say) as cluster:
+        yield {"scheduler": cluster.scheduler_address}
+
+
+def default_workers() -> int:
+    """One worker per CPU of the SLURM allocation or of this machine, at least two."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK") or os.environ.get("SLURM_CPUS_ON_NODE")
+    return max(2, int(cpus) if cpus else len(os.sched_getaffinity(0)))
+
+
+@contextmanager
+def start_local_cluster(n: int, threads: int, slurm: dict, say):
+    distributed = require_distributed()
+    cuda = local_cuda_cluster()
+    if cuda is not None:
+        with cuda() as cluster:
+            say(f"dask: LocalCUDACluster, {len(cluster.workers)} GPU workers at {cluster.scheduler_address}")
+            yield cluster
+        return
+    with distributed.LocalCluster(n_workers=n, threads_per_worker=threads, processes=True,
+                                  dashboard_address=None) as cluster:
+        say(f"dask: LocalCluster, {n} worker processes at {cluster.scheduler_address}")
+        yield cluster
+
+
+def local_cuda_cluster():
+    """dask-cuda's LocalCUDACluster when it is installed and a GPU is visible, else None."""
+    try:
+        from dask_cuda import LocalCUDACluster
+        import cupy
+
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+    except Exception:  # noqa: BLE001 - no dask-cuda, no CuPy or no driver: CPU workers
+        return None
+    return LocalCUDACluster
+
+
+@contextmanager
+def start_slurm_cluster(n: int, threads: int, slurm: dict, say):
+    require_distributed()
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise PipelineError("dask.cluster: slurm needs dask-jobqueue: pip install 'ckapipe[cluster]'") from None
+    job = slurm.get("analyze", {})
+    cluster = SLURMCluster(
+        cores=job.get("cpus_per_task", threads), processes=1, memory=job.get("mem", "4GB"),
+        queue=job.get("partition"), account=job.get("account"), walltime=job.get("time", "01:00:00"),
+        job_extra_directives=[f"--gres={job['gres']}"] * ("gres" in job) + list(job.get("extra", [])),
+        job_script_prologue=list(job.get("setup", [])),
+    )
+    with cluster:
+        cluster.scale(jobs=n)
+        say(f"dask: SLURMCluster, {n} worker jobs at {cluster.scheduler_address}")
+        yield cluster
+
+
+def require_distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise PipelineError("a Dask cluster needs distributed: pip install 'ckapipe[cluster]'") from None
+    return distributed

@@ -1,0 +1,59 @@
+"""The study's results table: the best-matching layer per layer for every pair it is about.
+
+``RESULTS/STUDY/`` holds one directory per comparison (results store, CSV,
+JSON, heatmaps) and, across comparisons::
+
+    summary.csv   comparison, run_a, layer_a, run_b, best_layer_b, cka, cka_same_position
+    summary.txt   the same as text, one block per pair
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from pipelines.study import Study
+
+
+def study_rows(study: Study, results: dict) -> list[dict]:
+    """One row per layer of run a for every pair a comparison is about."""
+    rows = []
+    for name, comparison in study.comparisons.items():
+        res = results[name]
+        for a, b in comparison.pairs:
+            matrix = res.cka(a, b)
+            for i, (layer_a, best, value) in enumerate(res.best_matches(a, b)):
+                same = matrix[i, i] if i < matrix.shape[1] else float("nan")
+                rows.append({"comparison": name, "run_a": a, "layer_a": layer_a, "run_b": b,
+                             "best_layer_b": best, "cka": value, "cka_same_position": float(same)})
+    return rows
+
+
+def write_study_report(study: Study, results: dict) -> Path:
+    """Write summary.csv and summary.txt into the study's results directory; return the CSV path."""
+    rows = study_rows(study, results)
+    study.results.mkdir(parents=True, exist_ok=True)
+    table = study.results / "summary.csv"
+    table.write_text(rows_to_csv(rows))
+    (study.results / "summary.txt").write_text(rows_to_text(rows))
+    return table
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    fields = ["comparison", "run_a", "layer_a", "run_b", "best_layer_b", "cka", "cka_same_position"]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def rows_to_text(rows: list[dict]) -> str:
+    lines, block = [], None
+    for row in rows:
+        if (row["comparison"], row["run_a"], row["run_b"]) != block:
+            block = (row["comparison"], row["run_a"], row["run_b"])
+            lines += ["", f"[{row['comparison']}] {row['run_a']} -> best layer of {row['run_b']}"]
+        lines.append(f"  {row['layer_a']:<12} {row['best_layer_b']:<12} {row['cka']:.4f}")
+    return "\n".join(lines).lstrip("\n") + "\n"

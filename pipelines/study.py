@@ -1,0 +1,446 @@
+"""Pipeline files: a study described once in YAML, loaded safely and validated.
+
+A pipeline file names its runs (model × dataset × extraction settings) and its
+comparisons (which runs to analyze together), and where the cache and the
+results go. Every mistake is reported as one line naming the file, the line
+and the key, e.g.::
+
+    pipelines/x.yaml:14: comparisons.seeds.runs[1]: no run 'cnn3-s2' in this study; did you mean: cnn3-s1?
+
+The schema (every section but ``runs`` is optional)::
+
+    study: NAME                      # results go to RESULTS/NAME/
+    cache: DIR                       # default: cache
+    results: DIR                     # default: results
+    extract:   {dataset, layers, batch_size, order_seed, dtype, device,
+                reduction, limit, grams, grams_only}      # defaults of every run
+    runs:      {RUN: MODEL-SPEC | {model: SPEC, <any extract key>}}
+    comparisons:
+      NAME: {runs: [RUN, ...] | all}                      # all pairs among them
+      NAME: {teacher: RUN, students: [RUN, ...]}
+      NAME: {ensemble: [RUN, ...]}                        # every member vs every other
+      NAME: {pairs: [[RUN, RUN], ...]}
+            # + optional: pair_by_position, batch_size
+    analyze:   {batch_size, device, completed_only, use_gram_cache}
+    dask:      {scheduler, scheduler_file, cluster: threads|local|slurm, workers,
+                threads_per_worker}
+    slurm:     {partition, account, time, mem, gres, cpus_per_task, extra: [...],
+                setup: [...], tasks_per_run, analyze: {same keys}}
+
+Relative paths (cache, results, checkpoint files) are relative to the current
+directory, where ``make`` and ``ckapipe run`` are started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from extract.errors import CkapipeError
+from extract.store import suggest
+
+
+class PipelineError(CkapipeError):
+    """A pipeline file that cannot be used; the message names file, line and key."""
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One extraction run of the study: the arguments of ``extract.extract_run``."""
+
+    name: str
+    model: str
+    dataset: str
+    layers: tuple[str, ...] | None = None  # None: the model's top-level children
+    batch_size: int = 256
+    order_seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    reduction: str = "flatten"
+    limit: int | None = None
+    grams: bool = False
+    grams_only: bool = False
+
+    def extract_kwargs(self) -> dict:
+        """Keyword arguments of ``extract_run`` besides model, dataset, layers and cache."""
+        return dict(
+            batch_size=self.batch_size, order_seed=self.order_seed, dtype=self.dtype, device=self.device,
+            reduction=self.reduction, name=self.name, limit=self.limit, grams=self.grams,
+            grams_only=self.grams_only,
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of what determines the run's store (device excluded): a changed run is noticed."""
+        d = {k: v for k, v in self.__dict__.items() if k not in ("device", "grams")}
+        blob = json.dumps(d, sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One analysis: the runs it reads, and the pairs it is about."""
+
+    name: str
+    runs: tuple[str, ...]
+    pairs: tuple[tuple[str, str], ...]
+    pair_by_position: bool = False
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    path: Path
+    cache: Path
+    results: Path  # RESULTS/NAME: this study's results directory
+    runs: dict[str, RunConfig]
+    comparisons: dict[str, Comparison]
+    analyze: dict = field(default_factory=dict)
+    dask: dict = field(default_factory=dict)
+    slurm: dict = field(default_factory=dict)
+
+    def comparison_dir(self, comparison: Comparison) -> Path:
+        return self.results / comparison.name
+
+
+# --------------------------------------------------------------------------- schema
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+EXTRACT_KEYS: dict[str, type | tuple] = {
+    "dataset": str, "layers": list, "batch_size": int, "order_seed": int, "dtype": str, "device": str,
+    "reduction": str, "limit": (int, type(None)), "grams": bool, "grams_only": bool,
+}
+DTYPES = ("float32", "float16", "float64")
+KINDS = ("runs", "teacher", "ensemble", "pairs")
+ANALYZE_KEYS = {"batch_size": (int, type(None)), "device": str, "completed_only": bool, "use_gram_cache": bool}
+DASK_KEYS = {
+    "scheduler": (str, type(None)), "scheduler_file": (str, type(None)), "cluster": str,
+    "workers": int, "threads_per_worker": int,
+}
+DASK_CLUSTERS = ("threads", "local", "slurm")
+SLURM_JOB_KEYS = {
+    "partition": str, "account": str, "time": str, "mem": str, "gres": str, "cpus_per_task": int,
+    "extra": list, "setup": list,
+}
+SLURM_KEYS = {**SLURM_JOB_KEYS, "tasks_per_run": int, "analyze": dict}
+TOP_KEYS = {
+    "study": str, "cache": str, "results": str, "extract": dict, "runs": dict, "comparisons": dict,
+    "analyze": dict, "dask": dict, "slurm": dict,
+}
+TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list", dict: "a mapping",
+              type(None): "null", float: "a number"}
+
+
+class Source:
+    """The pipeline file being read: turns YAML nodes into values or located errors."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def error(self, node: yaml.Node | None, where: str, message: str) -> PipelineError:
+        line = f":{node.start_mark.line + 1}" if node is not None else ""
+        place = f" {where}:" if where else ""
+        return PipelineError(f"{self.path}{line}:{place} {message}")
+
+    def value(self, node: yaml.Node) -> Any:
+        return yaml.SafeLoader("").construct_document(node)
+
+    def typed(self, node: yaml.Node, where: str, expected) -> Any:
+        """The node's value, refused unless of the expected type(s) (bool is not an int)."""
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        if isinstance(node, yaml.MappingNode):
+            value: Any = {}
+        elif isinstance(node, yaml.SequenceNode):
+            value = []
+        else:
+            value = self.value(node)
+        ok = any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in expected)
+        if not ok:
+            wanted = " or ".join(TYPE_NAMES.get(t, t.__name__) for t in expected)
+            shown = "a mapping" if isinstance(node, yaml.MappingNode) else "a list" if isinstance(
+                node, yaml.SequenceNode) else repr(value)
+            raise self.error(node, where, f"expected {wanted}, got {shown}")
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            return self.value(node)
+        return value
+
+    def mapping(self, node: yaml.Node, where: str, allowed: dict | None = None) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """Key -> (key node, value node); refuses non-mappings, duplicate and unknown keys."""
+        if not isinstance(node, yaml.MappingNode):
+            self.typed(node, where, dict)
+        items: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            key = self.value(key_node)
+            here = f"{where}.{key}" if where else str(key)
+            if not isinstance(key, str):
+                raise self.error(key_node, where or "top level", f"key {key!r} is not a string")
+            if key in items:
+                raise self.error(key_node, here, "duplicate key")
+            if allowed is not None and key not in allowed:
+                raise self.error(key_node, here, f"unknown key{suggest(key, list(allowed))} "
+                                                 f"(allowed: {', '.join(allowed)})")
+            items[key] = (key_node, value_node)
+        return items
+
+    def section(self, items: dict, where: str, schema: dict) -> dict[str, Any]:
+        """Typed values of a flat mapping whose keys were checked against ``schema``."""
+        prefix = f"{where}." if where else ""
+        return {key: self.typed(v, prefix + key, schema[key]) for key, (_, v) in items.items()}
+
+    def strings(self, node: yaml.Node, where: str) -> list[str]:
+        if not isinstance(node, yaml.SequenceNode):
+            self.typed(node, where, list)
+        return [self.typed(item, f"{where}[{i}]", str) for i, item in enumerate(node.value)]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_study(path: str | os.PathLike, *, cache: str | os.PathLike | None = None,
+               results: str | os.PathLike | None = None) -> Study:
+    """Read and validate a pipeline file; ``cache``/``results`` override the file's."""
+    path = Path(path)
+    source = Source(path)
+    root = compose(path)
+    top = source.mapping(root, "", TOP_KEYS)
+    if "runs" not in top:
+        raise source.error(root, "runs", "missing: a study needs at least one run")
+    values = {key: source.typed(v, key, TOP_KEYS[key]) for key, (_, v) in top.items()
+              if TOP_KEYS[key] is str}
+    name = values.get("study", path.stem)
+    if not RUN_NAME.match(name):
+        raise source.error(top["study"][1], "study", f"{name!r} is not a usable directory name")
+    defaults = load_extract_defaults(source, top.get("extract"))
+    runs = load_runs(source, top["runs"][1], defaults)
+    comparisons = load_comparisons(source, top.get("comparisons"), runs)
+    return Study(
+        name=name, path=path.resolve(),
+        cache=Path(cache or values.get("cache", "cache")).resolve(),
+        results=(Path(results or values.get("results", "results")) / name).resolve(),
+        runs=runs, comparisons=comparisons,
+        analyze=load_flat(source, top.get("analyze"), "analyze", ANALYZE_KEYS),
+        dask=load_dask(source, top.get("dask")),
+        slurm=load_slurm(source, top.get("slurm")),
+    )
+
+
+def compose(path: Path) -> yaml.Node:
+    """The YAML node tree of the file (safe loader), or a one-line error."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such pipeline file") from None
+    except OSError as err:
+        raise PipelineError(f"{path}: cannot read pipeline file: {err.strerror}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise PipelineError(f"{path}{line}: invalid YAML: {err.problem or err.context}") from None
+    if root is None:
+        raise PipelineError(f"{path}: the pipeline file is empty")
+    return root
+
+
+def load_flat(source: Source, entry, where: str, schema: dict) -> dict:
+    if entry is None:
+        return {}
+    return source.section(source.mapping(entry[1], where, schema), where, schema)
+
+
+def load_extract_defaults(source: Source, entry) -> dict[str, tuple[yaml.Node, Any]]:
+    """The ``extract`` section, with nodes kept so later errors can point at them."""
+    if entry is None:
+        return {}
+    items = source.mapping(entry[1], "extract", EXTRACT_KEYS)
+    return {key: (v, load_extract_value(source, v, f"extract.{key}", key)) for key, (_, v) in items.items()}
+
+
+def load_extract_value(source: Source, node: yaml.Node, where: str, key: str) -> Any:
+    if key == "layers":
+        layers = source.strings(node, where)
+        if not layers:
+            raise source.error(node, where, "empty: name at least one layer or glob")
+        return tuple(layers)
+    value = source.typed(node, where, EXTRACT_KEYS[key])
+    if key == "dtype" and value not in DTYPES:
+        raise source.error(node, where, f"{value!r} is not one of {', '.join(DTYPES)}")
+    if key == "batch_size" and value < 4:
+        raise source.error(node, where, f"{value} is under 4: the unbiased HSIC needs minibatches of at least 4")
+    if key == "limit" and value is not None and value < 1:
+        raise source.error(node, where, f"{value} is not a positive number of samples")
+    return value
+
+
+def load_runs(source: Source, node: yaml.Node, defaults: dict) -> dict[str, RunConfig]:
+    items = source.mapping(node, "runs")
+    if not items:
+        raise source.error(node, "runs", "empty: a study needs at least one run")
+    return {name: load_run(source, name, key_node, value_node, defaults)
+            for name, (key_node, value_node) in items.items()}
+
+
+def load_run(source: Source, name: str, key_node, node: yaml.Node, defaults: dict) -> RunConfig:
+    where = f"runs.{name}"
+    if not RUN_NAME.match(name):
+        raise source.error(key_node, where, "a run name may hold letters, digits and _ . + - only")
+    if isinstance(node, yaml.ScalarNode):
+        settings = {"model": (node, source.typed(node, where, str))}
+    else:
+        items = source.mapping(node, where, {"model": str, **EXTRACT_KEYS})
+        settings = {key: (v, source.typed(v, f"{where}.{key}", str) if key == "model"
+                          else load_extract_value(source, v, f"{where}.{key}", key))
+                    for key, (_, v) in items.items()}
+    merged = {**defaults, **settings}
+    for required in ("model", "dataset"):
+        if required not in merged:
+            raise source.error(node, where, f"no {required}: give it here or in the extract section")
+    check_checkpoint(source, *merged["model"], f"{where}.model")
+    return RunConfig(name=name, **{key: value for key, (_, value) in merged.items()})
+
+
+def check_checkpoint(source: Source, node: yaml.Node, model: str, where: str) -> None:
+    """A model given as a file path must exist (the other specs are checked by extract)."""
+    head = model.split("?")[0]
+    looks_like_file = ":" not in head and ("/" in head or head.endswith((".pt", ".pth", ".ckpt", ".ts")))
+    if looks_like_file and not Path(head).exists():
+        raise source.error(node, where, f"checkpoint file {head} does not exist")
+
+
+def load_comparisons(source: Source, entry, runs: dict[str, RunConfig]) -> dict[str, Comparison]:
+    if entry is None:
+        return {}
+    items = source.mapping(entry[1], "comparisons")
+    return {name: load_comparison(source, name, node, runs) for name, (_, node) in items.items()}
+
+
+def load_comparison(source: Source, name: str, node: yaml.Node, runs: dict[str, RunConfig]) -> Comparison:
+    where = f"comparisons.{name}"
+    if not RUN_NAME.match(name):
+        raise source.error(node, where, "a comparison name may hold letters, digits and _ . + - only")
+    schema = {"runs": (list, str), "teacher": str, "students": list, "ensemble": list, "pairs": list,
+              "pair_by_position": bool, "batch_size": int}
+    items = source.mapping(node, where, schema)
+    kinds = [k for k in KINDS if k in items]
+    if len(kinds) != 1:
+        raise source.error(node, where, "give exactly one of runs, teacher (with students), ensemble, pairs"
+                           + (f" (got {', '.join(kinds)})" if kinds else ""))
+    run_name = run_checker(source, runs)
+    kind = kinds[0]
+    if "students" in items and kind != "teacher":
+        raise source.error(items["students"][0], f"{where}.students", "students need a teacher")
+    if kind == "runs":
+        members, pairs = load_run_set(source, items["runs"][1], f"{where}.runs", runs, run_name)
+    elif kind == "ensemble":
+        members, pairs = load_run_set(source, items["ensemble"][1], f"{where}.ensemble", runs, run_name)
+    elif kind == "teacher":
+        members, pairs = load_teacher(source, items, where, run_name)
+    else:
+        members, pairs = load_pairs(source, items["pairs"][1], f"{where}.pairs", run_name)
+    options = source.section({k: v for k, v in items.items() if k in ("pair_by_position", "batch_size")},
+                             where, schema)
+    return Comparison(name=name, runs=tuple(members), pairs=tuple(pairs), **options)
+
+
+def run_checker(source: Source, runs: dict) -> Callable[[yaml.Node, str], str]:
+    def run_name(node: yaml.Node, where: str) -> str:
+        name = source.typed(node, where, str)
+        if name not in runs:
+            raise source.error(node, where, f"no run {name!r} in this study{suggest(name, list(runs))}")
+        return name
+    return run_name
+
+
+def load_run_set(source, node, where, runs, run_name) -> tuple[list[str], list[tuple[str, str]]]:
+    """``[a, b, c]`` or ``all``: the runs, and every pair among them."""
+    if isinstance(node, yaml.ScalarNode):
+        if source.value(node) != "all":
+            raise source.error(node, where, f"expected a list of runs or 'all', got {source.value(node)!r}")
+        members = list(runs)
+    else:
+        members = [run_name(item, f"{where}[{i}]") for i, item in enumerate(source_items(source, node, where))]
+    members = unique(source, node, where, members)
+    if len(members) < 2:
+        raise source.error(node, where, "name at least two runs to compare")
+    return members, [(a, b) for i, a in enumerate(members) for b in members[i + 1:]]
+
+
+def load_teacher(source, items, where, run_name):
+    if "students" not in items:
+        raise source.error(items["teacher"][0], f"{where}.students", "missing: a teacher needs students")
+    teacher = run_name(items["teacher"][1], f"{where}.teacher")
+    node = items["students"][1]
+    students = [run_name(item, f"{where}.students[{i}]")
+                for i, item in enumerate(source_items(source, node, f"{where}.students"))]
+    if not students:
+        raise source.error(node, f"{where}.students", "empty: name at least one student")
+    members = unique(source, node, where, [teacher, *students])
+    return members, [(teacher, s) for s in students]
+
+
+def load_pairs(source, node, where, run_name):
+    pairs = []
+    for i, pair in enumerate(source_items(source, node, where)):
+        here = f"{where}[{i}]"
+        names = [run_name(item, f"{here}[{j}]") for j, item in enumerate(source_items(source, pair, here))]
+        if len(names) != 2:
+            raise source.error(pair, here, f"a pair names two runs, got {len(names)}")
+        pairs.append(tuple(names))
+    if not pairs:
+        raise source.error(node, where, "empty: name at least one pair")
+    members = list(dict.fromkeys(name for pair in pairs for name in pair))
+    return members, pairs
+
+
+def source_items(source: Source, node: yaml.Node, where: str) -> list[yaml.Node]:
+    if not isinstance(node, yaml.SequenceNode):
+        source.typed(node, where, list)
+    return node.value
+
+
+def unique(source, node, where, members: list[str]) -> list[str]:
+    seen = set()
+    for name in members:
+        if name in seen:
+            raise source.error(node, where, f"run {name!r} is named twice")
+        seen.add(name)
+    return members
+
+
+def load_dask(source: Source, entry) -> dict:
+    dask = load_flat(source, entry, "dask", DASK_KEYS)
+    if dask.get("cluster", "threads") not in DASK_CLUSTERS:
+        node = source.mapping(entry[1], "dask", DASK_KEYS)["cluster"][1]
+        raise source.error(node, "dask.cluster", f"{dask['cluster']!r} is not one of {', '.join(DASK_CLUSTERS)}")
+    return dask
+
+
+def load_slurm(source: Source, entry) -> dict:
+    if entry is None:
+        return {}
+    items = source.mapping(entry[1], "slurm", SLURM_KEYS)
+    slurm = source.section({k: v for k, v in items.items() if k != "analyze"}, "slurm", SLURM_KEYS)
+    for key in ("extra", "setup"):
+        if key in items:
+            slurm[key] = source.strings(items[key][1], f"slurm.{key}")
+    if slurm.get("tasks_per_run", 1) < 1:
+        raise source.error(items["tasks_per_run"][1], "slurm.tasks_per_run", "must be at least 1")
+    if "analyze" in items:
+        sub = source.mapping(items["analyze"][1], "slurm.analyze", SLURM_JOB_KEYS)
+        slurm["analyze"] = source.section(sub, "slurm.analyze", SLURM_JOB_KEYS)
+        for key in ("extra", "setup"):
+            if key in sub:
+                slurm["analyze"][key] = source.strings(sub[key][1], f"slurm.analyze.{key}")
+    return slurm
