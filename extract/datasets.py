@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from extract.specs import SpecError, import_object, looks_importable, require, split_spec
+from extract.specs import MissingExtra, SpecError, import_object, looks_importable, module_exists, require, split_spec
 from extract.store import suggest
 
 SOURCES = ("digits", "imagefolder", "hf", "npy", "zarr")
@@ -74,7 +74,7 @@ def load_dataset(spec: str) -> LoadedDataset:
         return _npy(spec, head, params)
     if path.suffix == ".zarr" or (path.is_dir() and (path / "zarr.json").exists()):
         return _zarr(spec, head, params)
-    if looks_importable(head) and _module_exists(source):
+    if looks_importable(head) and module_exists(source):
         return _callable(spec, head, params)
     if sep:
         return _torchvision(spec, source, rest, params)
@@ -146,7 +146,13 @@ def _callable(spec: str, head: str, params: dict) -> LoadedDataset:
 
 
 def _torchvision(spec: str, name: str, root: str, params: dict) -> LoadedDataset:
-    tv = require("torchvision", "vision")
+    try:
+        tv = require("torchvision", "vision")
+    except MissingExtra:
+        raise MissingExtra(
+            f"dataset {name!r} is not a built-in source ({', '.join(SOURCES)}); torchvision datasets (NAME:ROOT) "
+            "need the 'vision' extra: pip install 'ckapipe[vision]'"
+        ) from None
     classes = {c.lower(): c for c in tv.datasets.__all__}
     if name.lower() not in classes:
         raise SpecError(f"unknown dataset {name!r}{suggest(name.lower(), list(classes) + list(SOURCES))} (torchvision names, digits, imagefolder, hf, npy, zarr)")
@@ -260,12 +266,3 @@ def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     if len({t.shape for t in tensors}) == 1:
         return torch.stack(tensors)
     return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=0)
-
-
-def _module_exists(name: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False

@@ -7,7 +7,8 @@ times (torchvision's BasicBlock reuses one ``relu``) is recorded per call,
 
 A selection item is ``PATTERN[@SELECT][:REDUCTION]``:
 
-- PATTERN: an exact name, a shell glob (``layer*.?``) or ``name#i`` for one call;
+- PATTERN: an exact name, a glob (``layer*.?``; ``*`` stays within one dotted part,
+  ``**`` crosses dots) or ``name#i`` for one call;
 - SELECT: which tensor of a tuple/list/dict output (an index or key); the
   first tensor, depth first, by default; the choice is recorded in the run;
 - REDUCTION: ``flatten`` (default, as in the CKA papers), ``mean`` (spatial mean
@@ -21,6 +22,8 @@ forward pass; a typo gets the nearest real names.
 from __future__ import annotations
 
 import fnmatch
+import functools
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -89,12 +92,37 @@ def match_modules(model: nn.Module, selections: Sequence[Selection]) -> dict[str
     names = module_names(model)
     chosen: dict[str, list[Selection]] = {}
     for sel in selections:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, sel.base)] if _is_glob(sel.base) else [n for n in names if n == sel.base]
+        hits = [n for n in names if glob_match(sel.base, n)] if _is_glob(sel.base) else [n for n in names if n == sel.base]
         if not hits:
             raise LayerError(f"no layer {sel.pattern!r} in the model{suggest(sel.base, names)} (list them with: ckapipe layers MODEL)")
         for name in hits:
             chosen.setdefault(name, []).append(sel)
     return chosen
+
+
+def glob_match(pattern: str, name: str) -> bool:
+    """Shell glob over dotted names: ``*`` and ``?`` stay within one name part, ``**`` crosses dots.
+
+    So ``layer*.?`` means the blocks ``layer1.0 .. layer4.1``, not ``layer1.0.downsample.0``.
+    """
+    return _glob_regex(pattern).fullmatch(name) is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _glob_regex(pattern: str) -> re.Pattern:
+    parts = []
+    for token in re.split(r"(\*\*|\*|\?|\[[^\]]*\])", pattern):
+        if token == "**":
+            parts.append(".*")
+        elif token == "*":
+            parts.append(r"[^.]*")
+        elif token == "?":
+            parts.append(r"[^.]")
+        elif token.startswith("[") and token.endswith("]") and len(token) > 2:
+            parts.append(fnmatch.translate(token)[4:-3])
+        else:
+            parts.append(re.escape(token))
+    return re.compile("".join(parts))
 
 
 def _is_glob(pattern: str) -> bool:

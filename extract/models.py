@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from extract.specs import SpecError, import_object, looks_importable, require, split_spec
+from extract.specs import SpecError, import_object, looks_importable, module_exists, require, split_spec
 from extract.store import suggest
 
 HUBS = ("zoo", "torchvision", "timm", "hf")
@@ -67,7 +67,7 @@ def _build(head: str, params: dict, cache) -> nn.Module:
     path = Path(head).expanduser()
     if path.is_file():
         return _checkpoint(path, params, cache)
-    if looks_importable(head):
+    if looks_importable(head) and module_exists(source):
         factory = import_object(head, "model factory")
         return factory(**params)
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin", ".safetensors"):

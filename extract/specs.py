@@ -66,6 +66,16 @@ def import_object(path: str, what: str):
     return obj
 
 
+def module_exists(name: str) -> bool:
+    """True when ``name`` is an importable module (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def looks_importable(head: str) -> bool:
     """True for ``package.module:name`` heads whose module part is a dotted Python name."""
     module_name, sep, attr = head.partition(":")

@@ -468,6 +468,11 @@ def _lock_alive(lock: Path) -> bool:
 # --------------------------------------------------------------------------- helpers
 
 
+def disk_size(path: str | os.PathLike) -> int:
+    """Bytes on disk under a run's directory."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
 def suggest(name: str, choices: Sequence[str], n: int = 3) -> str:
     """``"; did you mean: a, b?"`` for the nearest choices, or an empty string."""
     close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)

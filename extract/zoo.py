@@ -86,7 +86,21 @@ def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(name: str, seed: int) -> nn.Module:
-    """Train a zoo network on digits from ``seed``: same seed, same weights on one machine."""
+    """Train a zoo network on digits from ``seed``: same seed, same weights.
+
+    One intra-op thread: these networks are too small to gain from more, a
+    thread pool fighting other work for 2 cores slows training tenfold, and a
+    fixed thread count keeps the float reductions in one order.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(name, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(name: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = build(name)
     x, y = digits_tensors()

@@ -1,0 +1,117 @@
+"""Layer hooks, names per call, selectors, reductions and the layer listing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from extract.layers import LayerError, glob_match, parse_selection, prepare, reduce
+from extract.runner import list_layers
+from tests.extract_fixtures import BlockNet, Structured
+
+
+def _record(model, items, x):
+    recorder, infos = prepare(model, parse_selection(items), x, x.shape[0])
+    with recorder.hooked():
+        return recorder.forward(x), infos
+
+
+@pytest.fixture
+def blocknet():
+    torch.manual_seed(0)
+    model = BlockNet().eval()
+    for bn in (model.block.bn1, model.block.bn2):  # non-trivial running stats
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_inplace_relu_and_reused_module_match_hand_computation(blocknet):
+    x = torch.rand(6, 1, 8, 8)
+    got, infos = _record(blocknet, ["block.relu", "block.bn2", "block"], x)
+    b = blocknet.block
+    with torch.no_grad():
+        stem = blocknet.stem(x)
+        relu0 = torch.relu(b.bn1(b.conv1(stem)))
+        bn2 = b.bn2(b.conv2(relu0))
+        relu1 = torch.relu(bn2 + stem)
+    assert list(infos) == ["block.relu#0", "block.bn2", "block.relu#1", "block"]
+    torch.testing.assert_close(got["block.relu#0"], relu0.flatten(1))
+    torch.testing.assert_close(got["block.bn2"], bn2.flatten(1))  # before `out += identity` and the in-place relu
+    torch.testing.assert_close(got["block.relu#1"], relu1.flatten(1))
+    torch.testing.assert_close(got["block"], relu1.flatten(1))
+    assert not torch.equal(got["block.bn2"], got["block.relu#1"])
+
+
+def test_one_call_of_a_reused_module(blocknet):
+    got, infos = _record(blocknet, ["block.relu#1"], torch.rand(4, 1, 8, 8))
+    assert list(infos) == ["block.relu#1"]
+    with pytest.raises(LayerError, match=r"called 2 time\(s\).*#0\.\.#1"):
+        _record(blocknet, ["block.relu#2"], torch.rand(4, 1, 8, 8))
+
+
+def test_listing_names_calls_and_shapes(blocknet):
+    rows = list_layers(blocknet, "digits", with_types=True)
+    names = [name for name, _, _ in rows]
+    assert names[:3] == ["stem", "block.conv1", "block.bn1"]
+    assert "block.relu#0" in names and "block.relu#1" in names and "block.relu" not in names
+    assert ("head.1", "Linear", "10") in rows
+    assert dict((n, s) for n, _, s in rows)["block.conv2"] == "4x8x8"
+
+
+def test_typo_gets_nearest_names_before_any_forward(blocknet):
+    calls = []
+    blocknet.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(LayerError, match=r"no layer 'block.bn3'.*did you mean: block.bn2, block.bn1"):
+        prepare(blocknet, parse_selection(["block.bn3"]), torch.rand(4, 1, 8, 8), 4)
+    assert not calls
+
+
+def test_globs_stay_within_one_name_part():
+    assert glob_match("layer*.?", "layer1.0") and not glob_match("layer*.?", "layer1.0.downsample.0")
+    assert glob_match("**.relu", "layer1.0.relu") and not glob_match("*.relu", "layer1.0.relu")
+
+
+def test_tuple_and_dict_outputs_first_tensor_or_selector():
+    torch.manual_seed(0)
+    model = Structured().eval()
+    x = torch.rand(4, 1, 8, 8)
+    got, _ = _record(model, ["pair", "pair@1", "named", "named@logits"], x)
+    recorder, _ = prepare(model, parse_selection(["pair", "pair@1", "named@logits"]), x, 4)
+    assert recorder.specs["pair"].select in ("0", "1")
+    tokens = model.embed(x.reshape(4, 8, 8)).detach()
+    expected = {"0": tokens * 2, "1": tokens + 1}[recorder.specs["pair"].select]
+    torch.testing.assert_close(got["pair"], expected.flatten(1))
+    recorder, _ = prepare(model, parse_selection(["named"]), x, 4)
+    assert recorder.specs["named"].select == "logits"  # dict order: the first tensor, recorded
+    torch.testing.assert_close(got["named"], (tokens + 1).sum(-1))
+
+
+def test_layer_without_tensor_is_refused():
+    with pytest.raises(LayerError, match=r"layer 'nothing' \(Nothing\) returns no tensor"):
+        prepare(Structured().eval(), parse_selection(["nothing"]), torch.rand(4, 1, 8, 8), 4)
+    with pytest.raises(LayerError, match=r"no tensor at selector 'missing'"):
+        prepare(Structured().eval(), parse_selection(["named@missing"]), torch.rand(4, 1, 8, 8), 4)
+
+
+def test_reductions():
+    maps = torch.rand(3, 5, 4, 4)
+    torch.testing.assert_close(reduce(maps, "mean"), maps.mean(dim=(2, 3)))
+    assert reduce(maps, "flatten").shape == (3, 80)
+    tokens = torch.rand(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    mean = reduce(tokens, "mean", mask)
+    torch.testing.assert_close(mean[0], tokens[0, :2].mean(0))  # padding excluded
+    torch.testing.assert_close(mean[1], tokens[1].mean(0))
+    torch.testing.assert_close(reduce(tokens, "cls"), tokens[:, 0])
+    with pytest.raises(LayerError, match="cls needs token outputs"):
+        reduce(maps, "cls")
+    with pytest.raises(LayerError, match="unknown reduction 'avg'"):
+        parse_selection(["x:avg"])
+
+
+def test_reduced_output_is_a_copy():
+    x = torch.rand(2, 3)
+    out = reduce(x, "flatten")
+    x.zero_()
+    assert out.abs().sum() > 0

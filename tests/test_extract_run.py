@@ -1,0 +1,216 @@
+"""extract_run: sample order, chunk contents, cache hits, resume, locks, Grams, bad values."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from analyze.kernels import ucentered_gram
+from extract import store
+from extract.errors import CkapipeError
+from extract.runner import extract_run
+from extract.zoo import digits_tensors
+
+REPO = Path(__file__).resolve().parents[1]
+MLP = "zoo:mlp2?seed=0"
+
+
+@pytest.fixture(scope="module")
+def zoo_cache(tmp_path_factory):
+    """A cache whose models/ already holds the trained zoo MLP (trained once per module)."""
+    cache = tmp_path_factory.mktemp("zoo")
+    extract_run(MLP, "digits", cache=cache, batch_size=64, limit=64, progress=False)
+    return cache
+
+
+def _cache(zoo_cache, tmp_path) -> Path:
+    """A fresh cache sharing the zoo checkpoints."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "models").symlink_to(zoo_cache / "models")
+    return tmp_path
+
+
+def _extract(cache, **kw):
+    kw = {"batch_size": 64, "progress": False, **kw}
+    return store.open_run(extract_run(kw.pop("model", MLP), kw.pop("dataset", "digits"), kw.pop("layers", None), cache=cache, **kw))
+
+
+def test_chunks_hold_the_permuted_samples_through_the_model(zoo_cache, tmp_path):
+    run = _extract(_cache(zoo_cache, tmp_path), batch_size=100)
+    from extract.models import load_model
+
+    model = load_model(MLP, cache=zoo_cache).module
+    x, _ = digits_tensors()
+    ids = run.sample_ids()
+    assert sorted(ids) == list(range(1797)) and not np.array_equal(ids, np.arange(1797))
+    assert run.n_chunks == 18 and run.status == store.COMPLETE
+    with torch.no_grad():
+        for k in (0, 17):
+            rows = ids[run.chunk_slice(k)]
+            hidden = model.block1(x[rows])
+            np.testing.assert_allclose(run.read_chunk("block1", k), hidden.numpy(), rtol=1e-6)
+            np.testing.assert_allclose(run.read_chunk("head", k), model(x[rows]).numpy(), rtol=1e-5, atol=1e-6)
+    assert run.layer("block1").attrs["output_shape"] == [64] and run.layer("block1").chunks == (100, 64)
+
+
+def test_same_spec_twice_gives_identical_order_and_chunks(zoo_cache, tmp_path):
+    a = _extract(_cache(zoo_cache, tmp_path / "a"), order_seed=3)
+    b = _extract(_cache(zoo_cache, tmp_path / "b"), order_seed=3)
+    c = _extract(_cache(zoo_cache, tmp_path / "c"), order_seed=4)
+    assert a.name == b.name and a.name != c.name
+    np.testing.assert_array_equal(a.sample_ids(), b.sample_ids())
+    assert [a.chunk_slice(k) for k in range(a.n_chunks)] == [b.chunk_slice(k) for k in range(b.n_chunks)]
+    np.testing.assert_array_equal(a.layer("head")[:], b.layer("head")[:])
+    assert not np.array_equal(a.sample_ids(), c.sample_ids())
+
+
+def test_second_extract_is_a_cache_hit(zoo_cache, tmp_path, monkeypatch):
+    cache = _cache(zoo_cache, tmp_path)
+    first = _extract(cache)
+    import extract.runner
+
+    monkeypatch.setattr(extract.runner, "_extract_chunks", lambda *a, **k: pytest.fail("cache hit ran a forward"))
+    assert _extract(cache).path == first.path
+
+
+def test_batch_size_under_four_refused(tmp_path):
+    with pytest.raises(CkapipeError, match="batch size 3 is too small.*at least 4"):
+        extract_run(MLP, "digits", cache=tmp_path, batch_size=3)
+
+
+def test_unwritable_cache(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(store.StoreError, match="cannot create cache directory .*file/cache"):
+        extract_run(MLP, "digits", cache=tmp_path / "file" / "cache")
+    blocked = tmp_path / "blocked"
+    blocked.mkdir(mode=0o500)
+    try:
+        if not os.access(blocked, os.W_OK):  # root ignores permissions
+            with pytest.raises(store.StoreError, match="not writable"):
+                extract_run(MLP, "digits", cache=blocked)
+    finally:
+        blocked.chmod(0o700)
+
+
+def test_nan_marks_the_run_failed_naming_layer_and_minibatch(tmp_path):
+    with pytest.raises(CkapipeError, match=r"layer 'fc' has NaN or Inf activations in minibatch \d+"):
+        _extract(tmp_path, model="tests.extract_fixtures:poisoned", layers=["fc"], batch_size=32)
+    (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    run = store.open_run(path)
+    assert run.status == store.FAILED and "NaN" in run.meta["error"]
+
+
+def test_float16_overflow_is_an_error_not_inf(tmp_path):
+    spec = "tests.extract_fixtures:poisoned?value=1e6"
+    with pytest.raises(CkapipeError, match=r"layer 'fc' reaches 1e\+06 in minibatch \d+, beyond float16"):
+        _extract(tmp_path, model=spec, layers=["fc"], dtype="float16")
+    run = _extract(tmp_path, model=spec, layers=["fc"], dtype="float32")
+    assert run.status == store.COMPLETE and np.nanmax(run.layer("fc")[:]) == 1e6
+
+
+def test_float16_when_asked(zoo_cache, tmp_path):
+    run = _extract(_cache(zoo_cache, tmp_path), dtype="float16")
+    assert run.layer("head").dtype == np.float16 and run.layer("head").attrs["dtype"] == "float16"
+
+
+def test_full_disk_keeps_the_store_resumable(zoo_cache, tmp_path, monkeypatch):
+    cache = _cache(zoo_cache, tmp_path)
+    real = store.Run.write_chunk
+    written = []
+
+    def failing(self, k, arrays):
+        if len(written) >= 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, k, arrays)
+        written.append(k)
+
+    monkeypatch.setattr(store.Run, "write_chunk", failing)
+    with pytest.raises(store.StoreError, match=r"the disk is full; completed chunks are kept.*rerun to resume"):
+        _extract(cache)
+    monkeypatch.setattr(store.Run, "write_chunk", real)
+    (path,) = [p for p in cache.iterdir() if p.name != "models"]
+    assert store.open_run(path).done().sum() == len(written) >= 3 and store.open_run(path).status == store.IN_PROGRESS
+    run = _extract(cache)
+    reference = _extract(_cache(zoo_cache, tmp_path / "ref"))
+    assert run.status == store.COMPLETE
+    np.testing.assert_array_equal(run.layer("block2")[:], reference.layer("block2")[:])
+
+
+def test_concurrent_extract_refused_disjoint_chunks_allowed(zoo_cache, tmp_path):
+    cache = _cache(zoo_cache, tmp_path)
+    first = _extract(cache, chunks=(0, 2))
+    assert list(first.done()) == [True, True] + [False] * 27
+    with store.writer_lock(first.path, range(0, 10)):  # another live writer holds chunks 0-9
+        with pytest.raises(store.StoreError, match="being extracted by another process.*disjoint --chunks"):
+            _extract(cache, chunks=(5, 12))
+        run = _extract(cache, chunks=(10, 29))
+        assert run.done()[10:].all() and not run.done()[2:10].any()
+    assert _extract(cache).status == store.COMPLETE
+
+
+def test_grams_match_the_kernel_and_grams_only_keeps_no_activations(zoo_cache, tmp_path):
+    cache = _cache(zoo_cache, tmp_path)
+    run = _extract(cache, grams=True, batch_size=100)
+    grams = run.grams(100)
+    assert grams["done"][:].all() and grams["head"].shape == (17, 4950)  # full minibatches only
+    np.testing.assert_allclose(grams["head"][5], ucentered_gram(run.read_chunk("head", 5)), rtol=1e-10)
+    only = _extract(cache, grams_only=True, batch_size=100)
+    assert only.path != run.path and "layers" not in only.group and only.status == store.COMPLETE
+    np.testing.assert_allclose(only.grams(100)["head"][:], grams["head"][:], rtol=1e-9)
+
+
+def test_grams_added_to_a_complete_run_from_its_store(zoo_cache, tmp_path, monkeypatch):
+    cache = _cache(zoo_cache, tmp_path)
+    run = _extract(cache)
+    import extract.writer
+
+    monkeypatch.setattr(extract.writer.ChunkWriter, "submit", lambda *a: pytest.fail("activations were recomputed"))
+    again = _extract(cache, grams=True)
+    assert again.path == run.path and again.grams(64)["done"][:].all()
+
+
+SCRIPT = """
+import sys
+from extract.runner import extract_run
+extract_run("tests.extract_fixtures:slow?delay={delay}", "digits", cache=sys.argv[1], batch_size=8, limit=320, progress=False)
+"""
+
+
+def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(delay=0.05), str(killed)], cwd=REPO)
+    try:
+        done = _wait_for_chunks(killed, proc, at_least=5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert 5 <= done < 40, "the run was not killed mid-extraction"
+    (path,) = [p for p in killed.iterdir() if p.is_dir()]
+    assert store.open_run(path).status == store.IN_PROGRESS
+    spec = "tests.extract_fixtures:slow?delay=0.05"
+    resumed = store.open_run(extract_run(spec, "digits", cache=killed, batch_size=8, limit=320, progress=False))
+    reference = store.open_run(extract_run(spec, "digits", cache=clean, batch_size=8, limit=320, progress=False))
+    assert resumed.status == store.COMPLETE and resumed.name == reference.name
+    for layer in reference.layer_names:
+        np.testing.assert_array_equal(resumed.layer(layer)[:], reference.layer(layer)[:])
+
+
+def _wait_for_chunks(cache: Path, proc, at_least: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        runs = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")] if cache.exists() else []
+        if runs:
+            done = int(store.open_run(runs[0]).done().sum())
+            if done >= at_least:
+                return done
+        time.sleep(0.02)
+    raise AssertionError(f"extraction subprocess did not reach {at_least} chunks (rc={proc.poll()})")
