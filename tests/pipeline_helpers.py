@@ -1,0 +1,42 @@
+"""The default study, run once per test session in a temporary directory.
+
+Every test module that needs it calls ``default_study``; the run is idempotent,
+so the first call extracts and analyzes and the later ones find it done.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from pipelines import run_study
+from pipelines.study import load_study
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT = REPO / "pipelines" / "default.yaml"
+
+
+def default_study(base: Path) -> dict:
+    """Run pipelines/default.yaml with cache and results under ``base``; return its paths."""
+    cache, results = base / "cache", base / "results"
+    run_study(DEFAULT, cache=cache, results=results, progress=False, say=lambda line: None)
+    return {"cache": cache, "results": results, "study": load_study(DEFAULT, cache=cache, results=results)}
+
+
+def copy_models(source_cache: Path, cache: Path) -> None:
+    """Reuse the trained zoo checkpoints (same weights, same run keys) in another cache."""
+    shutil.copytree(source_cache / "models", cache / "models", dirs_exist_ok=True)
+
+
+def assert_same_results(a: dict, b: dict, pairs) -> None:
+    """Two runs of the study's comparisons agree pair by pair to float64 rounding."""
+    for comparison, (run_a, run_b) in pairs:
+        np.testing.assert_allclose(b[comparison].cka(run_a, run_b), a[comparison].cka(run_a, run_b),
+                                   rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(b[comparison].hsic_sum, a[comparison].hsic_sum, rtol=1e-10, atol=1e-14)
+
+
+def study_pairs(study) -> list:
+    return [(name, pair) for name, comparison in study.comparisons.items() for pair in comparison.pairs]
