@@ -74,9 +74,18 @@ def parse_selection(items: Sequence[str], reduction: str = "flatten") -> list[Se
     return selections
 
 
+def hookable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module whose calls run Python hooks, in definition order.
+
+    The root is excluded (its output is the model's output, usually also a
+    named child's), and so are TorchScript modules: compiled graphs run no hooks.
+    """
+    return [(name, m) for name, m in model.named_modules() if name and not isinstance(m, torch.jit.ScriptModule)]
+
+
 def module_names(model: nn.Module) -> list[str]:
-    """Every hookable module's qualified name, in definition order (the root excluded)."""
-    return [name for name, _ in model.named_modules() if name]
+    """Every hookable module's qualified name, in definition order."""
+    return [name for name, _ in hookable(model)]
 
 
 def default_selection(model: nn.Module, reduction: str = "flatten") -> list[Selection]:
@@ -209,8 +218,8 @@ class Recorder:
     def hooked(self) -> Iterator["Recorder"]:
         handles = [
             module.register_forward_hook(self._hook(name))
-            for name, module in self.model.named_modules()
-            if name and (self.modules is None or name in self.modules)
+            for name, module in hookable(self.model)
+            if self.modules is None or name in self.modules
         ]
         try:
             yield self

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,9 @@ def _no_weights(model: str, err: Exception, config_needed: bool = False) -> Spec
 def _checkpoint(path: Path, params: dict, cache) -> nn.Module:
     """A TorchScript archive, or a state_dict loaded into ``?arch=SPEC``."""
     if _is_torchscript(path):
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # TorchScript is deprecated in torch, still what many checkpoints are
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return TorchScriptModel(torch.jit.load(str(path), map_location="cpu"))
     arch = params.pop("arch", None)
     if not arch:
         raise SpecError(f"checkpoint {path} holds weights, not a model: name its architecture with {path}?arch=SPEC")
@@ -160,6 +163,22 @@ def _checkpoint(path: Path, params: dict, cache) -> nn.Module:
         first = str(err).strip().splitlines()[0:2]
         raise SpecError(f"checkpoint {path} does not fit architecture {arch}: {' '.join(first)}") from None
     return module
+
+
+class TorchScriptModel(nn.Module):
+    """A TorchScript archive behind one hookable layer, ``output``.
+
+    Compiled graphs do not run Python hooks, so their inner modules cannot be
+    recorded; only what the whole model returns can.
+    """
+
+    def __init__(self, script: torch.jit.ScriptModule):
+        super().__init__()
+        self.script = script
+        self.output = nn.Identity()
+
+    def forward(self, *args, **kwargs):
+        return self.output(self.script(*args, **kwargs))
 
 
 def _is_torchscript(path: Path) -> bool:

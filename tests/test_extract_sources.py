@@ -1,0 +1,190 @@
+"""Model and dataset sources: every spelling, its errors, and the weights hash."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from extract.datasets import load_dataset
+from extract.models import load_model, weights_hash
+from extract.runner import extract_run, list_layers
+from extract.specs import MissingExtra, SpecError
+from extract import store
+from tests.extract_fixtures import BlockNet
+
+FIXTURES = "tests.extract_fixtures"
+
+
+# --------------------------------------------------------------------------- models
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("foo:bar", r"unknown model spec 'foo:bar'.*use zoo:NAME, torchvision:NAME"),
+        ("resnet18", r"unknown model spec 'resnet18'"),
+        ("zoo:cnn4", r"no zoo network 'cnn4'; did you mean: cnn[23], cnn[23]"),
+        ("torchvison:resnet18", r"unknown model spec.*did you mean: torchvision"),
+        ("weights.pt", r"checkpoint weights.pt does not exist"),
+        (f"{FIXTURES}:not_a_module", r"gave a int, not a torch.nn.Module"),
+        (f"{FIXTURES}:nothing_here", r"has no attribute 'nothing_here'"),
+        ("zoo:", r"names no model"),
+    ],
+)
+def test_bad_model_specs(spec, message, tmp_path):
+    with pytest.raises(SpecError, match=message):
+        load_model(spec, cache=tmp_path)
+
+
+@pytest.mark.parametrize("spec, module, extra", [("torchvision:resnet18", "torchvision", "vision"), ("timm:resnet18", "timm", "vision"), ("hf:bert-base-uncased", "transformers", "hf")])
+def test_missing_optional_dependency_names_the_extra(spec, module, extra, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(MissingExtra, match=rf"{module} is not installed.*pip install 'ckapipe\[{extra}\]'"):
+        load_model(spec)
+
+
+def test_factory_with_keyword_arguments():
+    model = load_model(f"{FIXTURES}:slow?delay=0.25").module
+    assert model.delay == 0.25 and not model.training
+
+
+def test_random_init_is_reproducible_and_changes_the_hash():
+    a, b = load_model(f"{FIXTURES}:block_net"), load_model(f"{FIXTURES}:block_net")
+    c = load_model(f"{FIXTURES}:block_net?init_seed=1")
+    assert a.weights_hash == b.weights_hash != c.weights_hash
+
+
+def test_state_dict_checkpoint_into_an_architecture(tmp_path):
+    torch.manual_seed(5)
+    trained = BlockNet()
+    path = tmp_path / "block.pt"
+    torch.save(trained.state_dict(), path)
+    loaded = load_model(f"{path}?arch={FIXTURES}:block_net")
+    assert loaded.weights_hash == weights_hash(trained)
+    with pytest.raises(SpecError, match=r"holds weights, not a model: name its architecture with .*\?arch=SPEC"):
+        load_model(str(path))
+    with pytest.raises(SpecError, match=r"does not fit architecture"):
+        load_model(f"{path}?arch={FIXTURES}:slow")
+
+
+def test_checkpoint_is_loaded_with_weights_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": BlockNet().state_dict(), "hook": print}, path)  # an arbitrary object: refused
+    with pytest.raises(SpecError, match="cannot read checkpoint"):
+        load_model(f"{path}?arch={FIXTURES}:block_net")
+
+
+def test_torchscript_checkpoint_records_its_output(tmp_path):
+    torch.manual_seed(0)
+    scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5)))
+    path = tmp_path / "model.pt"
+    scripted.save(str(path))
+    assert [name for name, _ in list_layers(str(path), "digits")] == ["output"]
+    run = store.open_run(extract_run(str(path), "digits", ["output"], cache=tmp_path / "cache", batch_size=50, limit=100, progress=False))
+    x = load_dataset("digits").take(run.sample_ids()[:50])
+    np.testing.assert_allclose(run.read_chunk("output", 0), scripted(x).detach().numpy(), rtol=1e-5)
+
+
+def test_zoo_checkpoint_is_cached_and_reused(tmp_path):
+    first = load_model("zoo:mlp2?seed=1", cache=tmp_path)
+    assert (tmp_path / "models" / "zoo-mlp2-seed1.pt").exists()
+    again = load_model("zoo:mlp2?seed=1", cache=tmp_path)
+    assert first.weights_hash == again.weights_hash != load_model("zoo:mlp2?seed=1&weights=none", cache=tmp_path).weights_hash
+
+
+def test_torchvision_random_init(tmp_path):
+    pytest.importorskip("torchvision")
+    loaded = load_model("torchvision:resnet18", random_init=True)
+    assert loaded.spec == "torchvision:resnet18?weights=none"
+    names = [name for name, _ in list_layers("torchvision:resnet18?weights=none")]
+    assert "layer1.0.relu#0" in names and "layer1.0.relu#1" in names
+    with pytest.raises(SpecError, match="torchvision has no model 'resnet19'; did you mean"):
+        load_model("torchvision:resnet19")
+
+
+def test_timm_random_init():
+    pytest.importorskip("timm")
+    loaded = load_model("timm:resnet18?weights=none")
+    assert isinstance(loaded.module, torch.nn.Module)
+
+
+def test_hf_random_init_needs_config_offline():
+    pytest.importorskip("transformers")
+    with pytest.raises(SpecError, match="cannot load its (configuration|weights) for hf:"):
+        load_model("hf:no-such-org/no-such-model-ckapipe?weights=none")
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def test_digits_and_upscaled_digits():
+    digits = load_dataset("digits")
+    assert len(digits) == 1797 and digits.take(np.array([3, 1])).shape == (2, 1, 8, 8)
+    big = load_dataset("digits?size=16")
+    assert big.take(np.array([0])).shape == (1, 1, 16, 16) and "resize(16" in big.transform
+
+
+def test_npy_and_zarr_inputs_in_the_asked_order(tmp_path):
+    import zarr
+
+    data = np.arange(40, dtype=np.float32).reshape(10, 4)
+    np.save(tmp_path / "x.npy", data)
+    zarr.save_array(str(tmp_path / "x.zarr"), data)
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("inputs", data=data)
+    for spec in (str(tmp_path / "x.npy"), f"npy:{tmp_path / 'x.npy'}", str(tmp_path / "x.zarr"), f"zarr:{tmp_path / 'g.zarr'}?array=inputs"):
+        np.testing.assert_array_equal(load_dataset(spec).take(np.array([7, 2, 5])).numpy(), data[[7, 2, 5]])
+    with pytest.raises(SpecError, match=r"has no array 'input'; did you mean: inputs"):
+        load_dataset(f"zarr:{tmp_path / 'g.zarr'}?array=input")
+
+
+def test_callable_dataset_of_pairs_gives_inputs(tmp_path):
+    ds = load_dataset("tests.test_extract_sources:pairs?n=12")
+    batch = next(ds.batches([np.array([4, 0, 9])]))
+    torch.testing.assert_close(batch, torch.tensor([[4.0, 4.0], [0.0, 0.0], [9.0, 9.0]]))
+
+
+def pairs(n: int):
+    return [(torch.full((2,), float(i)), i % 3) for i in range(n)]
+
+
+def test_dict_items_are_padded_and_labels_dropped():
+    ds = load_dataset("tests.test_extract_sources:token_rows")
+    batch = next(ds.batches([np.array([0, 1])]))
+    assert set(batch) == {"input_ids", "attention_mask"}
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]] and batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def token_rows():
+    return [
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "label": 0},
+        {"input_ids": [8], "attention_mask": [1], "label": 1},
+    ]
+
+
+@pytest.mark.parametrize(
+    "spec, error, message",
+    [
+        ("digitz", SpecError, r"unknown dataset spec 'digitz'.*did you mean: digits"),
+        ("missing.npy", SpecError, r"input array missing.npy does not exist"),
+        ("tests.extract_fixtures:nothing", SpecError, r"has no attribute 'nothing'"),
+    ],
+)
+def test_bad_dataset_specs(spec, error, message):
+    with pytest.raises(error, match=message):
+        load_dataset(spec)
+
+
+def test_torchvision_dataset_without_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    with pytest.raises(MissingExtra, match=r"'cifar10' is not a built-in source.*pip install 'ckapipe\[vision\]'"):
+        load_dataset("cifar10:/data/cifar?split=test")
+
+
+def test_torchvision_dataset_missing_root(tmp_path):
+    pytest.importorskip("torchvision")
+    with pytest.raises(SpecError, match=r"cannot read dataset cifar10 at .*add \?download=True"):
+        load_dataset(f"cifar10:{tmp_path}?split=test")
