@@ -1,0 +1,100 @@
+"""The default study run in-process: what a researcher expects of it, idempotence, tasks."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+
+import analyze
+from extract.store import list_runs
+from pipelines import run_study
+from pipelines.local import ExtractTask, extract_tasks, task_chunks
+from pipelines.study import PipelineError, load_study
+from tests.pipeline_helpers import DEFAULT, copy_models, default_study
+
+
+def quiet(line):
+    pass
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return default_study(tmp_path_factory.getbasetemp() / "default-study")
+
+
+def test_same_architecture_different_seeds_match_layer_to_layer(study):
+    """For most layers of cnn3 seed 0, the most similar layer of cnn3 seed 1 is the same one."""
+    results = analyze.load_results(study["results"] / "default" / "seeds")
+    cka = results.cka("cnn3-s0", "cnn3-s1")
+    layers = results.layer_names("cnn3-s0")
+    assert layers == results.layer_names("cnn3-s1") and len(layers) >= 4
+    matches = [results.layer_names("cnn3-s1")[j] for j in np.argmax(cka, axis=1)]
+    assert sum(a == b for a, b in zip(layers, matches)) > len(layers) / 2, (layers, matches, cka)
+    assert np.all(np.diag(cka) > 0.8)
+
+
+def test_the_study_leaves_heatmaps_and_a_results_table(study):
+    out = study["results"] / "default"
+    for comparison in ("seeds", "depth", "architecture"):
+        assert list((out / comparison).glob("*.png")), comparison
+        assert (out / comparison / "cka.csv").exists()
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    seeds = [r for r in rows if r["comparison"] == "seeds"]
+    assert [r["layer_a"] for r in seeds] == ["block1", "block2", "block3", "head"]
+    assert all(0 < float(r["cka"]) <= 1 for r in rows)
+
+
+def test_running_again_redoes_nothing(study):
+    before = sorted(p.name for p in study["cache"].iterdir())
+    stamps = {p: p.stat().st_mtime_ns for p in (study["results"] / "default").glob("*/zarr.json")}
+    lines = []
+    run_study(DEFAULT, cache=study["cache"], results=study["results"], progress=False, say=lines.append)
+    assert sorted(p.name for p in study["cache"].iterdir()) == before
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert sum("up to date" in line for line in lines) == 3, lines
+
+
+def test_a_changed_input_is_analyzed_again(study, tmp_path):
+    """Re-extracting one run (new store) makes its comparisons stale, only those."""
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    shutil.copytree(study["cache"], cache)
+    shutil.copytree(study["results"], results)
+    pipeline = tmp_path / "study.yaml"
+    pipeline.write_text(DEFAULT.read_text().replace("mlp3-s0: zoo:mlp3?seed=0", "mlp3-s0: zoo:mlp2?seed=0"))
+    with pytest.raises(PipelineError, match="run 'mlp3-s0' changed since it was extracted"):
+        run_study(pipeline, "analyze", cache=cache, results=results, progress=False, say=quiet)
+    lines = []
+    run_study(pipeline, cache=cache, results=results, progress=False, say=lines.append)
+    assert "analyze seeds: up to date" in " ".join(lines)
+    assert any(line.startswith("analyze architecture: cnn3-s0, mlp3-s0") for line in lines), lines
+
+
+def test_analyze_before_extract_says_what_to_do(tmp_path):
+    with pytest.raises(PipelineError, match=r"run 'cnn3-s0' has not been extracted .*--stage extract\)$"):
+        run_study(DEFAULT, "analyze", cache=tmp_path / "c", results=tmp_path / "r", progress=False, say=quiet)
+
+
+def test_chunk_range_tasks_fill_one_run_between_them(study, tmp_path):
+    """tasks_per_run: 3 splits a run into disjoint chunk ranges; together they complete it."""
+    pipeline = tmp_path / "study.yaml"
+    pipeline.write_text(DEFAULT.read_text() + "slurm:\n  tasks_per_run: 3\n")
+    cache = tmp_path / "cache"
+    copy_models(study["cache"], cache)
+    loaded = load_study(pipeline, cache=cache, results=tmp_path / "r")
+    tasks = extract_tasks(loaded)
+    assert tasks[:3] == [ExtractTask("cnn3-s0", k, 3) for k in range(3)]
+    ranges = [task_chunks(loaded.runs["cnn3-s0"], t) for t in tasks[:3]]
+    assert ranges == [(0, 9), (9, 19), (19, 29)]  # 1797 digits in minibatches of 64: 29 chunks
+    for index in (2, 0):
+        run_study(pipeline, "extract", tasks=[index], cache=cache, results=tmp_path / "r", progress=False, say=quiet)
+    (run,) = list_runs(cache)
+    assert run.missing_chunks() == list(range(9, 19))
+    run_study(pipeline, "extract", tasks=[1], cache=cache, results=tmp_path / "r", progress=False, say=quiet)
+    assert run.missing_chunks() == [] and run.refresh_status() == "complete"
+    reference = [r for r in list_runs(study["cache"]) if r.slug == "cnn3-s0"][0]
+    assert run.name == reference.name
+    np.testing.assert_array_equal(run.layer("block2")[:], reference.layer("block2")[:])
