@@ -44,7 +44,9 @@ def gram_cache(run: Run, m: int, create: bool) -> object | None:
     unstamped group, as the extraction stage writes it, belongs to its store)."""
     try:
         group = run.grams(m, create=create)
-    except (PermissionError, OSError):
+    except Exception:  # noqa: BLE001 - read-only store, or another analysis creating it now
+        if not create:
+            raise
         return None
     if group is None:
         return None
@@ -141,12 +143,24 @@ def checked_chunk(run: Run, layer: str, j: int) -> np.ndarray:
 def _cached_mask(cache, ks: Sequence[int]) -> np.ndarray:
     if cache is None:
         return np.zeros(len(ks), dtype=bool)
-    return cache["done"].get_orthogonal_selection(np.asarray(ks)).astype(bool)
+    return np.concatenate([cache["done"][a:b] for a, b in spans(ks)]).astype(bool)
+
+
+def spans(ks: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted indices as [start, stop) runs of consecutive values (zarr slices are much
+    faster than orthogonal selections)."""
+    out: list[list[int]] = []
+    for k in ks:
+        if out and out[-1][1] == k:
+            out[-1][1] = k + 1
+        else:
+            out.append([k, k + 1])
+    return [(a, b) for a, b in out]
 
 
 def _read_cached(cache, layer: str, ks: Sequence[int], run_name: str, m: int) -> np.ndarray:
     try:
-        tri = cache[layer].get_orthogonal_selection((np.asarray(ks), slice(None)))
+        tri = np.concatenate([cache[layer][a:b] for a, b in spans(ks)])
     except Exception as err:  # noqa: BLE001
         raise StoreError(
             f"the Gram cache of run {run_name} (layer {layer!r}, m={m}) cannot be read ({type(err).__name__}): "
@@ -166,10 +180,14 @@ def _write_cache(run: Run, m: int, layers: Sequence[str], ks: Sequence[int], tri
     if cache is None:
         return
     host = triangles.get() if hasattr(triangles, "get") else np.asarray(triangles)
-    sel = np.asarray(ks)
+    segments = spans(ks)
     for li, layer in enumerate(layers):
-        cache[layer].set_orthogonal_selection((sel, slice(None)), host[:, li])
-    cache["done"].set_orthogonal_selection(sel, np.ones(len(ks), dtype="uint8"))
+        i = 0
+        for a, b in segments:
+            cache[layer][a:b] = host[i:i + b - a, li]
+            i += b - a
+    for a, b in segments:
+        cache["done"][a:b] = 1
 
 
 def _fill_from_coarser(run: Run, source: RunSource, ks: Sequence[int], m: int, out, xp) -> None:
