@@ -113,9 +113,9 @@ def chunk_range(chunks: tuple[int, int] | None, n_chunks: int) -> range:
     if chunks is None:
         return range(0, n_chunks)
     start, stop = chunks
-    if not 0 <= start < stop or start >= n_chunks:
+    if not 0 <= start <= stop or start > n_chunks:
         raise CkapipeError(f"--chunks {start}:{stop} is not a range within the run's {n_chunks} minibatches")
-    return range(start, min(stop, n_chunks))
+    return range(start, min(stop, n_chunks))  # may be empty: a share of a split run with nothing left
 
 
 def resolve_device(device: str) -> torch.device:
