@@ -1,0 +1,94 @@
+"""The default study as SLURM jobs on a real local cluster (started by tests/slurm_setup.sh).
+
+The jobs run this venv's ckapipe by absolute path, with the cache and results
+in temporary directories on the local (shared) filesystem.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import analyze
+from extract.store import open_run
+from pipelines import run_study
+from pipelines.manifest import recorded_store
+from pipelines.slurm import pending_tasks
+from tests.pipeline_helpers import DEFAULT, assert_same_results, copy_models, default_study, study_pairs
+
+
+def slurm_unavailable() -> str | None:
+    """Why SLURM cannot take jobs here, or None when it can."""
+    if shutil.which("sbatch") is None:
+        return "sbatch not found (CI installs and starts SLURM with tests/slurm_setup.sh)"
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return "sinfo does not answer: slurmctld is not running (start it with tests/slurm_setup.sh)"
+    states = proc.stdout.split()
+    if proc.returncode != 0 or not any(s.rstrip("*~#") in ("idle", "mixed", "allocated") for s in states):
+        return f"no usable SLURM node (sinfo: {(proc.stdout or proc.stderr).strip() or 'nothing'}); see tests/slurm_setup.sh"
+    return None
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(slurm_unavailable() is not None,
+                                                    reason=str(slurm_unavailable()))]
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    return default_study(tmp_path_factory.getbasetemp() / "default-study")
+
+
+@pytest.fixture(scope="module")
+def on_slurm(local, tmp_path_factory):
+    """The default study submitted with sbatch: extraction array, then the dependent analysis job."""
+    base = tmp_path_factory.mktemp("slurm-study")
+    copy_models(local["cache"], base / "cache")  # the same trained weights, so the same run keys
+    lines = []
+    submitted = run_study(DEFAULT, slurm=True, wait=True, cache=base / "cache", results=base / "results",
+                          say=lines.append)
+    return {"cache": base / "cache", "results": base / "results", "submitted": submitted, "lines": lines}
+
+
+def test_sbatch_array_then_dependent_analysis_gives_the_local_results(local, on_slurm):
+    kinds = [s.kind for s in on_slurm["submitted"]]
+    assert kinds == ["extract", "analyze"], on_slurm["lines"]
+    extract_id = on_slurm["submitted"][0].job_id
+    assert any(f"after {extract_id}" in line for line in on_slurm["lines"]), on_slurm["lines"]
+    logs = on_slurm["results"] / "default" / "slurm" / "logs"
+    assert len(list(logs.glob(f"extract-{extract_id}_*.out"))) == 4
+    assert "LocalCluster" in next(logs.glob("analyze-*.out")).read_text()
+    pairs = study_pairs(local["study"])
+    load = {name: analyze.load_results(local["results"] / "default" / name) for name, _ in pairs}
+    remote = {name: analyze.load_results(on_slurm["results"] / "default" / name) for name, _ in pairs}
+    assert_same_results(load, remote, pairs)
+    assert (on_slurm["results"] / "default" / "summary.csv").read_text() == (
+        local["results"] / "default" / "summary.csv").read_text()
+
+
+def test_a_failed_task_is_resubmitted_alone_and_resumes(on_slurm, tmp_path):
+    """Lose two chunks of one run: submitting the study again runs only that run's task."""
+    study = run_study_loaded(on_slurm)
+    run = study.runs["cnn2-s0"]
+    store = open_run(study.cache / recorded_store(study, run))
+    before = store.layer("block2")[:]
+    store.group["done"][3:5] = 0  # as if the task died before writing chunks 3 and 4
+    store.set_meta(status="in_progress")
+    assert pending_tasks(study) == [list(study.runs).index("cnn2-s0")]
+    lines = []
+    submitted = run_study(DEFAULT, "extract", slurm=True, wait=True, cache=study.cache,
+                          results=study.results.parent, say=lines.append)
+    assert [s.kind for s in submitted] == ["extract"]
+    assert any("(array 2)" in line for line in lines), lines
+    assert store.missing_chunks() == [] and pending_tasks(study) == []
+    np.testing.assert_array_equal(store.layer("block2")[:], before)
+
+
+def run_study_loaded(on_slurm):
+    from pipelines.study import load_study
+
+    return load_study(DEFAULT, cache=on_slurm["cache"], results=on_slurm["results"])
