@@ -18,16 +18,18 @@ import click
 @click.option("--completed-only", is_flag=True, help="Use the chunks completed so far in incomplete runs.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing results directory.")
 @click.option("--no-gram-cache", is_flag=True, help="Neither read nor write the U-centred Gram cache.")
+@click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+              help="Gram products of the float64-centred features: float32 is ~3x faster on CPU, ~1e-9 off in CKA.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary.")
 def analyze(cache, runs, out, pair_by_position, batch_size, device, scheduler, scheduler_file, completed_only,
-            overwrite, no_gram_cache, quiet):
+            overwrite, no_gram_cache, precision, quiet):
     """Minibatch CKA of every pair of layers of RUNS (names or globs in the cache)."""
     from analyze import analyze as run_analysis
 
     results = run_analysis(
         cache, list(runs), out=out, pair_by_position=pair_by_position, batch_size=batch_size, device=device,
         scheduler=scheduler, scheduler_file=scheduler_file, completed_only=completed_only, overwrite=overwrite,
-        use_gram_cache=not no_gram_cache, progress=not quiet,
+        use_gram_cache=not no_gram_cache, progress=not quiet, precision=precision,
     )
     if not quiet:
         click.echo(results.summary())

@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from analyze.grams import RunSource, plan_source, run_triangles
-from analyze.kernels import hsic1_matrix
+from analyze.kernels import PRODUCTS, hsic1_matrix
 from analyze.pairing import Pairing, analysis_batch_size, plan_pairing
 from analyze.results import Results, RunEntry, check_out, recorded_inputs, write_results
 from extract.errors import CkapipeError
@@ -40,6 +40,7 @@ class Plan:
     pairing: Pairing
     sources: tuple[RunSource, ...]
     tasks: tuple[tuple[int, ...], ...]  # minibatch indices per task
+    precision: str = "float64"  # of the Gram products computed from activations
 
     @property
     def inputs(self) -> dict:
@@ -49,19 +50,27 @@ class Plan:
             "m": self.pairing.m,
             "pairing": self.pairing.mode,
             "minibatches": list(self.pairing.minibatches),
+            "precision": self.precision,
         }
 
 
 def plan_analysis(
     cache, runs: Sequence[str | Run], *, pair_by_position=False, batch_size=None,
-    completed_only=False, use_gram_cache=True,
+    completed_only=False, use_gram_cache=True, precision="float64",
 ) -> Plan:
-    """Resolve the runs, check that they pair, choose m and cut the work into tasks."""
+    """Resolve the runs, check that they pair, choose m and cut the work into tasks.
+
+    Grams computed with float32 products are used but never cached, so the
+    cache only ever holds float64 Grams.
+    """
+    if precision not in PRODUCTS:
+        raise CkapipeError(f"precision {precision!r} is not one of {', '.join(PRODUCTS)}")
     resolved = resolve_runs(cache, runs)
     m = analysis_batch_size(resolved, batch_size)
     pairing = plan_pairing(resolved, m, pair_by_position, completed_only)
-    sources = tuple(plan_source(run, m, use_gram_cache) for run in resolved)
-    return Plan(tuple(resolved), pairing, sources, task_groups(pairing.minibatches, m, [r.batch_size for r in resolved]))
+    sources = tuple(plan_source(run, m, use_gram_cache, fill_cache=precision == "float64") for run in resolved)
+    tasks = task_groups(pairing.minibatches, m, [r.batch_size for r in resolved])
+    return Plan(tuple(resolved), pairing, sources, tasks, precision)
 
 
 def resolve_runs(cache, runs: Sequence[str | Run]) -> list[Run]:
@@ -86,10 +95,11 @@ def task_groups(minibatches: Sequence[int], m: int, chunk_sizes: Sequence[int], 
     return tuple(tuple(ks) for ks in groups.values())
 
 
-def minibatch_hsic(sources: Sequence[RunSource], ks: Sequence[int], m: int, device: str = "cpu") -> np.ndarray:
+def minibatch_hsic(sources: Sequence[RunSource], ks: Sequence[int], m: int, device: str = "cpu",
+                   precision: str = "float64") -> np.ndarray:
     """(len(ks), L, L) HSIC_1 of every pair of layers of every run, per minibatch: one Dask task."""
     xp = array_namespace(device)
-    triangles = xp.concatenate([run_triangles(s, ks, m, xp) for s in sources], axis=1)
+    triangles = xp.concatenate([run_triangles(s, ks, m, xp, precision) for s in sources], axis=1)
     hsic = xp.stack([hsic1_matrix(t) for t in triangles])
     return hsic.get() if hasattr(hsic, "get") else hsic
 
@@ -100,7 +110,8 @@ def compute(plan: Plan, device: str = "cpu", scheduler=None, scheduler_file=None
 
     m = plan.pairing.m
     tasks = [
-        dask.delayed(minibatch_hsic, pure=True)(plan.sources, ks, m, device, dask_key_name=f"minibatch-hsic-{i}")
+        dask.delayed(minibatch_hsic, pure=True)(plan.sources, ks, m, device, plan.precision,
+                                                dask_key_name=f"minibatch-hsic-{i}")
         for i, ks in enumerate(plan.tasks)
     ]
     if scheduler is None and scheduler_file is None:
@@ -192,18 +203,21 @@ def resolve_device(device: str = "auto") -> str:
 def analyze(
     cache, runs, *, out=None, pair_by_position=False, batch_size=None, device="auto", scheduler=None,
     scheduler_file=None, completed_only=False, overwrite=False, use_gram_cache=True, progress=True,
+    precision="float64",
 ) -> Results:
     """Minibatch CKA of every pair of layers of the named runs (each run with itself too).
 
     ``runs`` are names or globs resolved in ``cache`` (see ``extract.store.find_runs``).
     Writes the results store to ``out`` when given (refusing an existing one unless
-    ``overwrite``) and returns the results.
+    ``overwrite``) and returns the results. ``precision="float32"`` computes the
+    Gram products of the (float64-centred) features in float32: about 3x faster
+    on CPUs, about 1e-9 off in CKA; such Grams are not cached.
     """
     if out is not None:
         check_out(out, overwrite)
     plan = plan_analysis(
         cache, runs, pair_by_position=pair_by_position, batch_size=batch_size,
-        completed_only=completed_only, use_gram_cache=use_gram_cache,
+        completed_only=completed_only, use_gram_cache=use_gram_cache, precision=precision,
     )
     if progress:
         for note in plan.pairing.notes:
@@ -225,7 +239,7 @@ def is_up_to_date(out, cache, runs, **options) -> bool:
     recorded = recorded_inputs(out)
     if recorded is None:
         return False
-    planning = {k: options[k] for k in ("pair_by_position", "batch_size", "completed_only") if k in options}
+    planning = {k: options[k] for k in ("pair_by_position", "batch_size", "completed_only", "precision") if k in options}
     try:
         plan = plan_analysis(cache, runs, **planning, use_gram_cache=False)
     except CkapipeError:

@@ -63,12 +63,12 @@ def cached_sizes(run: Run) -> list[int]:
     return sorted(int(name[1:]) for name in run.group["grams"].group_keys() if name.startswith("m"))
 
 
-def plan_source(run: Run, m: int, use_gram_cache: bool) -> RunSource:
+def plan_source(run: Run, m: int, use_gram_cache: bool, fill_cache: bool = True) -> RunSource:
     """How to get the run's Grams at m; a grams-only run must have them cached at m
-    or at a multiple of m."""
+    or at a multiple of m. ``fill_cache=False`` reads the cache but never writes it."""
     common = dict(path=str(run.path), name=run.name, layers=tuple(run.layer_names), chunk=run.batch_size)
     if not run.grams_only:
-        writable = use_gram_cache and gram_cache(run, m, create=True) is not None
+        writable = use_gram_cache and fill_cache and gram_cache(run, m, create=True) is not None
         return RunSource(**common, read_cache=use_gram_cache, write_cache=writable)
     sizes = [s for s in cached_sizes(run) if s % m == 0 and gram_cache(run, s, create=False) is not None]
     if not sizes:
@@ -81,8 +81,9 @@ def plan_source(run: Run, m: int, use_gram_cache: bool) -> RunSource:
     return RunSource(**common, read_cache=True, write_cache=False, coarser=coarser)
 
 
-def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np):
-    """(len(ks), layers, m(m-1)/2) float64 U-centred Gram triangles of one run."""
+def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: str = "float64"):
+    """(len(ks), layers, m(m-1)/2) float64 U-centred Gram triangles of one run
+    (``product``: precision of the Gram products computed here, see kernels.gram_linear)."""
     run = open_run(source.path)
     width = m * (m - 1) // 2
     out = xp.empty((len(ks), len(source.layers), width), dtype=xp.float64)
@@ -100,7 +101,7 @@ def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np):
         if from_cache:
             out[from_cache, li] = xp.asarray(_read_cached(cache, layer, [ks[i] for i in from_cache], run.name, m))
         for i, x in zip(computed, minibatch_features(run, layer, [ks[i] for i in computed], m)):
-            out[i, li] = ucentered_gram(xp.asarray(x))
+            out[i, li] = ucentered_gram(xp.asarray(x), product)
     if source.write_cache and computed:
         _write_cache(run, m, source.layers, [ks[i] for i in computed], out[computed])
     return out

@@ -48,8 +48,21 @@ def center_features(x):
     return x - x.mean(axis=0, keepdims=True)
 
 
-def gram_linear(x):
-    """Linear-kernel Gram matrix K = X Xᵀ (m × m)."""
+PRODUCTS = ("float64", "float32")
+
+
+def gram_linear(x, product="float64"):
+    """Linear-kernel Gram matrix K = X Xᵀ (m × m), returned in float64.
+
+    ``product="float32"`` multiplies in float32 (about 3x faster on CPUs). Only
+    for centred features, where the products carry no large common offset:
+    the rounding is then relative to the signal, about 1e-9 in CKA on ResNet
+    features (README, "Accuracy"); the U-centering and HSIC stay in float64.
+    """
+    if product == "float32":
+        xp = array_module(x)
+        x32 = x.astype(xp.float32)
+        return (x32 @ x32.T).astype(xp.float64)
     return x @ x.T
 
 
@@ -86,9 +99,13 @@ def upper_triangle(u):
     return u[i, j]
 
 
-def ucentered_gram(x):
-    """Features (m × D) -> strict upper triangle of U(X Xᵀ), float64, length m(m-1)/2."""
-    return upper_triangle(center_gram(gram_linear(center_features(x))))
+def ucentered_gram(x, product="float64"):
+    """Features (m × D) -> strict upper triangle of U(X Xᵀ), float64, length m(m-1)/2.
+
+    The features are centred in float64 first; ``product`` is the precision of
+    the Gram product (see gram_linear).
+    """
+    return upper_triangle(center_gram(gram_linear(center_features(x), product)))
 
 
 def square_from_triangle(t):

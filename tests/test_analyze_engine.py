@@ -199,3 +199,12 @@ def test_tasks_group_minibatches_without_splitting_chunks():
     assert all(len(g) == 4 for g in groups)
     assert all(g[0] % 4 == 0 for g in groups)  # a chunk of 32 rows = 4 minibatches never straddles tasks
     assert [k for g in task_groups([0, 1, 5, 6, 7], 4, [4]) for k in g] == [0, 1, 5, 6, 7]
+
+
+def test_float32_products_stay_within_1e6_and_are_never_cached(cache, study, reads):
+    a, b = study
+    results = analyze.analyze(cache, ["net-a", "net-b"], precision="float32", progress=False)
+    assert_matches_reference(results, {"net-a": a, "net-b": b}, M)
+    reads.clear()
+    analyze.analyze(cache, ["net-a", "net-b"], progress=False)
+    assert len(reads) == 2 * 3 * (100 // M)  # nothing was cached by the float32 analysis
