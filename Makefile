@@ -2,6 +2,7 @@
 #   make extract analyze     run the default study (pipelines/default.yaml)
 #   make test                the test suite (what CI runs)
 #   make bench               benchmarks; ratios measured in one run
+#   make submit              the same as SLURM jobs (ckapipe run PIPELINE --slurm)
 # Another study:   make extract analyze PIPELINE=pipelines/examples/resnets-cifar10.yaml
 
 PYTHON   ?= python3.11
@@ -11,7 +12,7 @@ EXTRAS   ?= demo,cluster,test
 PY       := $(VENV)/bin/python
 CKAPIPE  := $(VENV)/bin/ckapipe
 
-.PHONY: install extract analyze test bench clean
+.PHONY: install extract analyze submit test bench clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +29,10 @@ extract: install
 
 analyze: install
 	$(CKAPIPE) run $(PIPELINE) --stage analyze
+
+# On a SLURM cluster: the extraction job array, then the dependent analysis job.
+submit: install
+	$(CKAPIPE) run $(PIPELINE) --slurm
 
 test: install
 	$(PY) -m pytest -q

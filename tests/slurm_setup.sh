@@ -53,7 +53,7 @@ write_conf() {
     cat >"$CONF" <<EOF
 # Written by ckapipe tests/slurm_setup.sh: a one-node cluster for the tests.
 ClusterName=ckapipe-local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -76,14 +76,18 @@ SlurmdLogFile=/var/log/slurm/slurmd.log
 SchedulerParameters=defer_batch=0
 MailProg=/bin/true
 MinJobAge=300
-NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
     say "wrote $CONF (node $host, $cpus CPUs, $mem MB)"
 }
 
 start_daemons() {
-    if srun -t 1 true >/dev/null 2>&1; then say "SLURM already running"; return 0; fi
+    if timeout 30 srun -t 1 true >/dev/null 2>&1; then
+        scontrol reconfigure >>"$LOG" 2>&1
+        say "SLURM already running (configuration reloaded)"
+        return 0
+    fi
     pgrep -x slurmctld >/dev/null || slurmctld >>"$LOG" 2>&1 || fail "slurmctld did not start"
     pgrep -x slurmd >/dev/null || slurmd >>"$LOG" 2>&1 || fail "slurmd did not start"
     for _ in $(seq 60); do
