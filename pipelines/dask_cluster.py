@@ -19,6 +19,7 @@ pipeline file's ``slurm.analyze`` directives, one worker per job.
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -28,7 +29,7 @@ from pipelines.study import PipelineError
 @contextmanager
 def dask_scheduler(config: dict, *, scheduler: str | None = None, scheduler_file: str | None = None,
                    workers: int | None = None, cluster: str | None = None, say: Callable[[str], None] = print,
-                   slurm: dict | None = None) -> Iterator[dict]:
+                   job: dict | None = None) -> Iterator[dict]:
     """Yield the ``scheduler``/``scheduler_file`` keywords of ``analyze.analyze``.
 
     An address or scheduler file (argument first, then the config) is used as
@@ -49,7 +50,7 @@ def dask_scheduler(config: dict, *, scheduler: str | None = None, scheduler_file
         return
     n = workers or config.get("workers") or default_workers()
     start = start_local_cluster if kind == "local" else start_slurm_cluster
-    with start(n, config.get("threads_per_worker", 1), slurm or {}, say) as cluster:
+    with start(n, config.get("threads_per_worker", 1), job or {}, say) as cluster:
         yield {"scheduler": cluster.scheduler_address}
 
 
@@ -60,7 +61,7 @@ def default_workers() -> int:
 
 
 @contextmanager
-def start_local_cluster(n: int, threads: int, slurm: dict, say):
+def start_local_cluster(n: int, threads: int, job: dict, say):
     distributed = require_distributed()
     cuda = local_cuda_cluster()
     if cuda is not None:
@@ -88,18 +89,20 @@ def local_cuda_cluster():
 
 
 @contextmanager
-def start_slurm_cluster(n: int, threads: int, slurm: dict, say):
+def start_slurm_cluster(n: int, threads: int, job: dict, say):
     require_distributed()
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise PipelineError("dask.cluster: slurm needs dask-jobqueue: pip install 'ckapipe[cluster]'") from None
-    job = slurm.get("analyze", {})
+    extra = list(job.get("extra", []))
+    if "gres" in job:
+        extra.append(f"--gres={job['gres']}")
     cluster = SLURMCluster(
         cores=job.get("cpus_per_task", threads), processes=1, memory=job.get("mem", "4GB"),
         queue=job.get("partition"), account=job.get("account"), walltime=job.get("time", "01:00:00"),
-        job_extra_directives=[f"--gres={job['gres']}"] * ("gres" in job) + list(job.get("extra", [])),
-        job_script_prologue=list(job.get("setup", [])),
+        job_extra_directives=extra, job_script_prologue=list(job.get("setup", [])),
+        python=sys.executable,
     )
     with cluster:
         cluster.scale(jobs=n)

@@ -38,11 +38,8 @@ def extract_tasks(study: Study) -> list[ExtractTask]:
     return [ExtractTask(name, part, parts) for name in study.runs for part in range(parts)]
 
 
-def task_chunks(run: RunConfig, task: ExtractTask) -> tuple[int, int] | None:
-    """The minibatches [A, B) of a task: all (None) for a whole run, else its share."""
-    if task.parts == 1:
-        return None
-    n = n_chunks(run)
+def task_chunks(task: ExtractTask, n: int) -> tuple[int, int]:
+    """The minibatches [A, B) of a task, of a run of n minibatches."""
     return task.part * n // task.parts, (task.part + 1) * n // task.parts
 
 
@@ -62,8 +59,9 @@ def extract_one(study: Study, task: ExtractTask, *, progress: bool = True) -> Pa
 
     run = study.runs[task.run]
     layers = list(run.layers) if run.layers else None
-    store = extract_run(run.model, run.dataset, layers, cache=study.cache,
-                        chunks=task_chunks(run, task), progress=progress, **run.extract_kwargs())
+    chunks = task_chunks(task, n_chunks(run)) if task.parts > 1 else None
+    store = extract_run(run.model, run.dataset, layers, cache=study.cache, chunks=chunks, progress=progress,
+                        **run.extract_kwargs())
     record_store(study, run, store)
     return Path(store)
 
@@ -122,7 +120,7 @@ def analyze_stage(study: Study, *, scheduler: str | None = None, scheduler_file:
         say("no comparisons in the study: nothing to analyze")
         return {}
     with dask_scheduler(study.dask, scheduler=scheduler, scheduler_file=scheduler_file,
-                        workers=workers, cluster=cluster, slurm=study.slurm, say=say) as target:
+                        workers=workers, cluster=cluster, job=study.job_settings("analyze"), say=say) as target:
         results = {name: analyze_comparison(study, comparison, progress=progress, say=say, **target)
                    for name, comparison in study.comparisons.items()}
     table = write_study_report(study, results)

@@ -55,16 +55,6 @@ class Submitted:
 # --------------------------------------------------------------------------- scripts
 
 
-def job_settings(study: Study, kind: str, overrides: dict) -> dict:
-    """Directives of one job: the pipeline's slurm section (its ``analyze`` part for the
-    analysis job), then the command line's."""
-    settings = {k: v for k, v in study.slurm.items() if k not in ("analyze", "tasks_per_run")}
-    if kind == "analyze":
-        settings.update(study.slurm.get("analyze", {}))
-    settings.update({k: v for k, v in overrides.items() if v not in (None, (), [])})
-    return settings
-
-
 def directives(settings: dict) -> list[str]:
     lines = [f"#SBATCH --{key.replace('_', '-')}={settings[key]}" for key in JOB_KEYS if key in settings]
     return lines + [f"#SBATCH {extra}" for extra in settings.get("extra", [])]
@@ -94,7 +84,7 @@ def script_text(study: Study, name: str, settings: dict, header: list[str], comm
 
 
 def extract_script(study: Study, tasks: list[int], overrides: dict) -> JobScript:
-    settings = job_settings(study, "extract", overrides)
+    settings = study.job_settings("extract", overrides)
     logs = log_dir(study)
     array = array_spec(tasks)
     header = [f"#SBATCH --array={array}", f"#SBATCH --output={logs}/extract-%A_%a.out"]
@@ -104,7 +94,7 @@ def extract_script(study: Study, tasks: list[int], overrides: dict) -> JobScript
 
 
 def analyze_script(study: Study, overrides: dict, dask_args: list[str]) -> JobScript:
-    settings = job_settings(study, "analyze", overrides)
+    settings = study.job_settings("analyze", overrides)
     header = [f"#SBATCH --output={log_dir(study)}/analyze-%j.out", "#SBATCH --kill-on-invalid-dep=yes"]
     command = run_command(study, "analyze", dask_args)
     return JobScript("analyze", script_dir(study) / "analyze.sh", script_text(study, "analyze", settings, header, command))
@@ -156,7 +146,7 @@ def task_done(study: Study, task: ExtractTask) -> bool:
         return False
     try:
         cached = open_run(study.cache / store)
-        chunks = range(*(task_chunks(run, task) or (0, cached.n_chunks)))
+        chunks = range(*task_chunks(task, cached.n_chunks))
         missing = set(cached.missing_chunks())
     except StoreError:
         return False

@@ -113,6 +113,15 @@ class Study:
     def comparison_dir(self, comparison: Comparison) -> Path:
         return self.results / comparison.name
 
+    def job_settings(self, kind: str, overrides: dict | None = None) -> dict:
+        """SLURM directives of the ``extract`` or ``analyze`` jobs: the slurm section (its
+        ``analyze`` part for analysis jobs and Dask worker jobs), then ``overrides``."""
+        settings = {k: v for k, v in self.slurm.items() if k not in ("analyze", "tasks_per_run")}
+        if kind == "analyze":
+            settings.update(self.slurm.get("analyze", {}))
+        settings.update({k: v for k, v in (overrides or {}).items() if v not in (None, (), [])})
+        return settings
+
 
 # --------------------------------------------------------------------------- schema
 

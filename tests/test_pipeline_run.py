@@ -11,7 +11,7 @@ import pytest
 import analyze
 from extract.store import list_runs
 from pipelines import run_study
-from pipelines.local import ExtractTask, extract_tasks, task_chunks
+from pipelines.local import ExtractTask, extract_tasks, n_chunks, task_chunks
 from pipelines.study import PipelineError, load_study
 from tests.pipeline_helpers import DEFAULT, copy_models, default_study
 
@@ -87,7 +87,7 @@ def test_chunk_range_tasks_fill_one_run_between_them(study, tmp_path):
     loaded = load_study(pipeline, cache=cache, results=tmp_path / "r")
     tasks = extract_tasks(loaded)
     assert tasks[:3] == [ExtractTask("cnn3-s0", k, 3) for k in range(3)]
-    ranges = [task_chunks(loaded.runs["cnn3-s0"], t) for t in tasks[:3]]
+    ranges = [task_chunks(t, n_chunks(loaded.runs["cnn3-s0"])) for t in tasks[:3]]
     assert ranges == [(0, 9), (9, 19), (19, 29)]  # 1797 digits in minibatches of 64: 29 chunks
     for index in (2, 0):
         run_study(pipeline, "extract", tasks=[index], cache=cache, results=tmp_path / "r", progress=False, say=quiet)
