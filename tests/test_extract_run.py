@@ -104,7 +104,7 @@ def test_unwritable_cache(tmp_path):
 def test_nan_marks_the_run_failed_naming_layer_and_minibatch(tmp_path):
     with pytest.raises(CkapipeError, match=r"layer 'fc' has NaN or Inf activations in minibatch \d+"):
         _extract(tmp_path, model="tests.extract_fixtures:poisoned", layers=["fc"], batch_size=32)
-    (path,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (path,) = [r.path for r in store.list_runs(tmp_path)]
     run = store.open_run(path)
     assert run.status == store.FAILED and "NaN" in run.meta["error"]
 
@@ -137,7 +137,7 @@ def test_full_disk_keeps_the_store_resumable(zoo_cache, tmp_path, monkeypatch):
     with pytest.raises(store.StoreError, match=r"the disk is full; completed chunks are kept.*rerun to resume"):
         _extract(cache)
     monkeypatch.setattr(store.Run, "write_chunk", real)
-    (path,) = [p for p in cache.iterdir() if p.name != "models"]
+    (path,) = [r.path for r in store.list_runs(cache)]
     assert store.open_run(path).done().sum() == len(written) >= 3 and store.open_run(path).status == store.IN_PROGRESS
     run = _extract(cache)
     reference = _extract(_cache(zoo_cache, tmp_path / "ref"))
@@ -194,7 +194,7 @@ def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert 5 <= done < 40, "the run was not killed mid-extraction"
-    (path,) = [p for p in killed.iterdir() if p.is_dir()]
+    (path,) = [r.path for r in store.list_runs(killed)]
     assert store.open_run(path).status == store.IN_PROGRESS
     spec = "tests.extract_fixtures:slow?delay=0.05"
     resumed = store.open_run(extract_run(spec, "digits", cache=killed, batch_size=8, limit=320, progress=False))

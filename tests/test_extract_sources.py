@@ -77,6 +77,7 @@ def test_checkpoint_is_loaded_with_weights_only(tmp_path):
         load_model(f"{path}?arch={FIXTURES}:block_net")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script, still what many archives are
 def test_torchscript_checkpoint_records_its_output(tmp_path):
     torch.manual_seed(0)
     scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5)))
@@ -188,3 +189,25 @@ def test_torchvision_dataset_missing_root(tmp_path):
     pytest.importorskip("torchvision")
     with pytest.raises(SpecError, match=r"cannot read dataset cifar10 at .*add \?download=True"):
         load_dataset(f"cifar10:{tmp_path}?split=test")
+
+
+@pytest.fixture
+def fake_torchvision(monkeypatch):
+    """A stand-in torchvision whose pretrained weights cannot be downloaded (offline)."""
+    import types
+
+    def get_model(name, weights=None):
+        if weights is not None:
+            raise RuntimeError("<urlopen error [Errno -2] Name or service not known>")
+        return BlockNet()
+
+    models = types.SimpleNamespace(list_models=lambda: ["resnet18", "resnet34"], get_model=get_model)
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(models=models))
+
+
+def test_offline_without_weights_says_how_to_get_them_or_use_random_init(fake_torchvision):
+    with pytest.raises(SpecError, match=r"cannot load its weights for torchvision:resnet18.*download them once.*\?weights=none \(--random-init\)"):
+        load_model("torchvision:resnet18")
+    assert load_model("torchvision:resnet18", random_init=True).spec == "torchvision:resnet18?weights=none"
+    with pytest.raises(SpecError, match="torchvision has no model 'resnet19'; did you mean: resnet18"):
+        load_model("torchvision:resnet19?weights=none")
