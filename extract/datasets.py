@@ -74,7 +74,7 @@ def load_dataset(spec: str) -> LoadedDataset:
         return _npy(spec, head, params)
     if path.suffix == ".zarr" or (path.is_dir() and (path / "zarr.json").exists()):
         return _zarr(spec, head, params)
-    if looks_importable(head) and module_exists(source):
+    if looks_importable(head) and (module_exists(source) or "." in source):
         return _callable(spec, head, params)
     if sep:
         return _torchvision(spec, source, rest, params)

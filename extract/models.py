@@ -68,7 +68,7 @@ def _build(head: str, params: dict, cache) -> nn.Module:
     path = Path(head).expanduser()
     if path.is_file():
         return _checkpoint(path, params, cache)
-    if looks_importable(head) and module_exists(source):
+    if looks_importable(head) and (module_exists(source) or "." in source):  # a dotted module: say it is missing
         factory = import_object(head, "model factory")
         return factory(**params)
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin", ".safetensors"):

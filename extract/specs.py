@@ -52,10 +52,11 @@ def import_object(path: str, what: str):
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise SpecError(f"{what} {path!r} is not of the form package.module:name")
+    search_cwd()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        raise SpecError(f"{what} {path!r}: module {err.name!r} not found") from None
+        raise SpecError(f"{what} {path!r}: module {err.name!r} not found (searched the current directory and PYTHONPATH)") from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -70,10 +71,24 @@ def module_exists(name: str) -> bool:
     """True when ``name`` is an importable module (without importing it)."""
     import importlib.util
 
+    search_cwd()
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+def search_cwd() -> None:
+    """Let ``package.module:name`` specs find modules in the current directory, as ``python -m`` does.
+
+    The ``ckapipe`` console script does not put the current directory on
+    ``sys.path``; a user's own factory next to their study file should still import.
+    """
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
 
 
 def looks_importable(head: str) -> bool:

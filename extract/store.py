@@ -125,11 +125,13 @@ class RunSpec:
 
 
 def short_name(spec: str) -> str:
-    """``torchvision:resnet18`` -> ``resnet18``; ``cifar10:/data?split=test`` -> ``cifar10``."""
+    """``torchvision:resnet18`` -> ``resnet18``; ``cifar10:/data?split=test`` -> ``cifar10``;
+    ``mypkg.nets:student`` -> ``student``."""
     head = spec.split("?")[0]
     if ":" in head:
         source, rest = head.split(":", 1)
-        head = rest if source in ("torchvision", "timm", "hf", "zoo") else source
+        named_by_rest = source in ("torchvision", "timm", "hf", "zoo") or ("." in source and rest.isidentifier())
+        head = rest if named_by_rest else source  # package.module:factory -> factory
     head = head.rstrip("/").split("/")[-1] or head
     safe = "".join(c if c.isalnum() or c in "-_.+" else "-" for c in head)
     return safe.strip("-") or "run"
