@@ -50,8 +50,9 @@ def load_model(spec: str, *, cache: str | os.PathLike = "cache", random_init: bo
     head, params = split_spec(spec)
     if random_init:
         params["weights"] = "none"
-    torch.manual_seed(int(params.pop("init_seed", 0)))  # random init is reproducible
-    module = _build(head, params, cache)
+    with torch.random.fork_rng(devices=[]):  # random init is reproducible; the caller's RNG is left alone
+        torch.manual_seed(int(params.pop("init_seed", 0)))
+        module = _build(head, params, cache)
     if not isinstance(module, nn.Module):
         raise SpecError(f"model {spec!r} gave a {type(module).__name__}, not a torch.nn.Module")
     module.eval()

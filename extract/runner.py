@@ -61,6 +61,8 @@ def extract_run(
     store.ensure_cache(cache)  # an unwritable cache fails before any model is loaded
     loaded = _model(model, cache, random_init)
     data = load_dataset(dataset)
+    if limit is not None and limit >= len(data):
+        limit = None  # the whole dataset: the same run as without a limit
     order = sample_order(len(data), order_seed, limit)
     device = resolve_device(device)
     module = loaded.module.to(device)

@@ -214,3 +214,13 @@ def _wait_for_chunks(cache: Path, proc, at_least: int, timeout: float = 60) -> i
                 return done
         time.sleep(0.02)
     raise AssertionError(f"extraction subprocess did not reach {at_least} chunks (rc={proc.poll()})")
+
+
+def test_module_object_and_a_limit_beyond_the_dataset(tmp_path):
+    from tests.extract_fixtures import BlockNet
+
+    torch.manual_seed(0)
+    net = BlockNet()
+    a = store.open_run(extract_run(net, "digits", ["block"], cache=tmp_path, batch_size=256, progress=False))
+    b = store.open_run(extract_run(net, "digits", ["block"], cache=tmp_path, batch_size=256, limit=5000, progress=False))
+    assert a.path == b.path and a.spec.model == "module:tests.extract_fixtures.BlockNet" and a.n_samples == 1797
