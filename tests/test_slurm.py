@@ -92,3 +92,16 @@ def run_study_loaded(on_slurm):
     from pipelines.study import load_study
 
     return load_study(DEFAULT, cache=on_slurm["cache"], results=on_slurm["results"])
+
+
+def test_dask_jobqueue_workers_as_slurm_jobs(local, tmp_path):
+    """``--dask-cluster slurm``: dask-jobqueue submits the Dask workers as SLURM jobs."""
+    results = tmp_path / "results"
+    shutil.copytree(local["results"] / "default" / "runs", results / "default" / "runs")
+    lines = []
+    out = run_study(DEFAULT, "analyze", cache=local["cache"], results=results, dask_cluster="slurm",
+                    dask_workers=2, progress=False, say=lines.append)
+    assert any("SLURMCluster, 2 worker jobs" in line for line in lines), lines
+    pairs = study_pairs(local["study"])
+    reference = {name: analyze.load_results(local["results"] / "default" / name) for name, _ in pairs}
+    assert_same_results(reference, out, pairs)
