@@ -25,7 +25,7 @@ def slurm_unavailable() -> str | None:
     if shutil.which("sbatch") is None:
         return "sbatch not found (CI installs and starts SLURM with tests/slurm_setup.sh)"
     try:
-        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=5)
     except subprocess.TimeoutExpired:
         return "sinfo does not answer: slurmctld is not running (start it with tests/slurm_setup.sh)"
     states = proc.stdout.split()
@@ -34,8 +34,8 @@ def slurm_unavailable() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(slurm_unavailable() is not None,
-                                                    reason=str(slurm_unavailable()))]
+WHY_NOT = slurm_unavailable()
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))]
 
 
 @pytest.fixture(scope="module")
