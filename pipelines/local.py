@@ -123,6 +123,6 @@ def analyze_stage(study: Study, *, scheduler: str | None = None, scheduler_file:
                         workers=workers, cluster=cluster, job=study.job_settings("analyze"), say=say) as target:
         results = {name: analyze_comparison(study, comparison, progress=progress, say=say, **target)
                    for name, comparison in study.comparisons.items()}
-    table = write_study_report(study, results)
-    say(f"results: {table}")
+    say(write_study_report(study, results).rstrip())
+    say(f"results: {study.results}/ (summary.csv, summary.txt, one directory per comparison)")
     return results

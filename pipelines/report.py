@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path
-
 from pipelines.study import Study
 
 
@@ -30,14 +28,14 @@ def study_rows(study: Study, results: dict) -> list[dict]:
     return rows
 
 
-def write_study_report(study: Study, results: dict) -> Path:
-    """Write summary.csv and summary.txt into the study's results directory; return the CSV path."""
+def write_study_report(study: Study, results: dict) -> str:
+    """Write summary.csv and summary.txt into the study's results directory; return the text."""
     rows = study_rows(study, results)
     study.results.mkdir(parents=True, exist_ok=True)
-    table = study.results / "summary.csv"
-    table.write_text(rows_to_csv(rows))
-    (study.results / "summary.txt").write_text(rows_to_text(rows))
-    return table
+    (study.results / "summary.csv").write_text(rows_to_csv(rows))
+    text = rows_to_text(rows)
+    (study.results / "summary.txt").write_text(text)
+    return text
 
 
 def rows_to_csv(rows: list[dict]) -> str:

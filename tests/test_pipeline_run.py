@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import analyze
-from extract.store import list_runs
+from extract.store import list_runs, open_run
 from pipelines import run_study
 from pipelines.local import ExtractTask, extract_tasks, n_chunks, task_chunks
 from pipelines.study import PipelineError, load_study
@@ -94,7 +94,7 @@ def test_chunk_range_tasks_fill_one_run_between_them(study, tmp_path):
     (run,) = list_runs(cache)
     assert run.missing_chunks() == list(range(9, 19))
     run_study(pipeline, "extract", tasks=[1], cache=cache, results=tmp_path / "r", progress=False, say=quiet)
-    assert run.missing_chunks() == [] and run.refresh_status() == "complete"
+    assert run.missing_chunks() == [] and open_run(run.path).status == "complete"
     reference = [r for r in list_runs(study["cache"]) if r.slug == "cnn3-s0"][0]
     assert run.name == reference.name
     np.testing.assert_array_equal(run.layer("block2")[:], reference.layer("block2")[:])
