@@ -43,9 +43,10 @@ def center_features(x):
     layer then has HSIC(K, K) = 0 exactly, not a rounding residue).
     """
     xp = array_module(x)
-    x = xp.asarray(x, dtype=xp.float64)
-    x = x - x[:1]
-    return x - x.mean(axis=0, keepdims=True)
+    x = xp.array(x, dtype=xp.float64, copy=True)  # the one float64 copy; the rest is in place
+    x -= x[0].copy()
+    x -= x.mean(axis=0, keepdims=True)
+    return x
 
 
 PRODUCTS = ("float64", "float32")
