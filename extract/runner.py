@@ -78,6 +78,7 @@ def extract_run(
     want_grams = grams or grams_only
     span = chunk_range(chunks, run.n_chunks)
     if _is_cached(run, span, want_grams):
+        run.refresh_status()  # a process killed after its last marker left the status behind
         return run.path
     with store.writer_lock(run.path, span):
         _extract_chunks(run, recorder, data, order, span, device, dtype, want_grams, progress, workers, writer_threads)

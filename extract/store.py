@@ -40,6 +40,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import zarr
+import zarr.errors
 
 from extract.errors import CkapipeError
 
@@ -246,24 +247,34 @@ class Run:
 
     # ---- the Gram cache
     def grams(self, m: int, create: bool = False) -> zarr.Group | None:
-        """The Gram cache group for analysis minibatch size m (None if absent)."""
+        """The Gram cache group for analysis minibatch size m (None if absent).
+
+        ``create`` makes whatever is missing of it, so processes filling one
+        run's Grams side by side (disjoint chunk ranges) may all ask for it.
+        """
         path = f"grams/m{m}"
-        if path in self.group:
-            return self.group[path]
         if not create:
-            return None
+            return self.group[path] if path in self.group else None
         if m < MIN_BATCH:
             raise StoreError(f"minibatch size {m} is under {MIN_BATCH}")
         g = self.group.require_group(path)
         n_mb = self.n_samples // m
         width = m * (m - 1) // 2
         for name in self.layer_names:
-            g.create_array(
-                name, shape=(n_mb, width), chunks=(1, width), dtype="float64",
-                fill_value=float("nan"), compressors=None, config={"write_empty_chunks": True},
-            )
-        g.create_array("done", shape=(n_mb,), chunks=(1,), dtype="uint8", fill_value=0)
+            _create_missing(g, name, shape=(n_mb, width), chunks=(1, width), dtype="float64",
+                            fill_value=float("nan"), compressors=None, config={"write_empty_chunks": True})
+        _create_missing(g, "done", shape=(n_mb,), chunks=(1,), dtype="uint8", fill_value=0)
         return g
+
+
+def _create_missing(group: zarr.Group, name: str, **array) -> None:
+    """Create an array unless it exists (or another process creates it first)."""
+    if name in group:
+        return
+    try:
+        group.create_array(name, **array)
+    except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):
+        pass
 
 
 def create_run(

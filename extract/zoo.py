@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from extract.specs import SpecError
+from extract.specs import SpecError, require
 from extract.store import suggest
 
 WIDTH = 32
@@ -78,8 +78,7 @@ def build(name: str) -> nn.Module:
 
 def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     """All digits as (N, 1, 8, 8) float32 in [0, 1] and their labels."""
-    from sklearn.datasets import load_digits
-
+    load_digits = require("sklearn.datasets", "demo").load_digits
     data = load_digits()
     x = torch.from_numpy((data.images / 16.0).astype(np.float32)).unsqueeze(1)
     return x, torch.from_numpy(data.target.astype(np.int64))
