@@ -163,25 +163,19 @@ class Source:
         return PipelineError(f"{self.path}{line}:{place} {message}")
 
     def value(self, node: yaml.Node) -> Any:
-        return yaml.SafeLoader("").construct_document(node)
+        try:
+            return yaml.SafeLoader("").construct_document(node)
+        except yaml.MarkedYAMLError as err:
+            raise self.error(node, "", f"invalid YAML: {err.problem}") from None
 
     def typed(self, node: yaml.Node, where: str, expected) -> Any:
         """The node's value, refused unless of the expected type(s) (bool is not an int)."""
         expected = expected if isinstance(expected, tuple) else (expected,)
-        if isinstance(node, yaml.MappingNode):
-            value: Any = {}
-        elif isinstance(node, yaml.SequenceNode):
-            value = []
-        else:
-            value = self.value(node)
-        ok = any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in expected)
-        if not ok:
+        value = self.value(node)
+        if not any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in expected):
             wanted = " or ".join(TYPE_NAMES.get(t, t.__name__) for t in expected)
-            shown = "a mapping" if isinstance(node, yaml.MappingNode) else "a list" if isinstance(
-                node, yaml.SequenceNode) else repr(value)
+            shown = {dict: "a mapping", list: "a list"}.get(type(value), repr(value))
             raise self.error(node, where, f"expected {wanted}, got {shown}")
-        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
-            return self.value(node)
         return value
 
     def mapping(self, node: yaml.Node, where: str, allowed: dict | None = None) -> dict[str, tuple[yaml.Node, yaml.Node]]:

@@ -103,6 +103,8 @@ BAD = {
     "no runs": ("study: x\n", None, "runs: missing: a study needs at least one run"),
     "invalid yaml": ("runs: [a\n", 2, "invalid YAML"),
     "not a mapping": ("- a\n- b\n", 1, "expected a mapping, got a list"),
+    "python tags are not loaded": ("runs:\n  a: !!python/object/apply:os.system [touch pwned]\n", 2,
+                                   "invalid YAML: could not determine a constructor"),
 }
 
 
