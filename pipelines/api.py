@@ -68,6 +68,9 @@ def submit_study(study: Study, stage: str, *, tasks, slurm_options, scheduler, s
     if dry_run:
         say(slurm.describe(jobs))
         return []
+    if not jobs:
+        say("nothing to submit: every extraction task is done and the study has no comparisons")
+        return []
     submitted = slurm.submit_jobs(jobs, say=say)
     if wait and submitted:
         states = slurm.wait_for_jobs([s.job_id for s in submitted])
