@@ -69,7 +69,7 @@ def submit_study(study: Study, stage: str, *, tasks, slurm_options, scheduler, s
         say(slurm.describe(jobs))
         return []
     if not jobs:
-        say("nothing to submit: every extraction task is done and the study has no comparisons")
+        say(f"nothing to submit for stage {stage}: no unfinished extraction task, no comparison to analyze")
         return []
     submitted = slurm.submit_jobs(jobs, say=say)
     if wait and submitted:
