@@ -268,12 +268,18 @@ class Recorder:
         calls made, an output that holds no tensor, or one without a batch dimension.
         """
         infos: dict[str, LayerInfo] = {}
+        self.chosen: dict[str, tuple] = {}
         for key, (output, kind) in self.raw.items():
             module_name, call = key.rsplit("#", 1)
             name = self._recorded_name(module_name, int(call))
             for sel in self.modules.get(module_name, ()):
-                if sel.call is not None and sel.call != int(call) or name in infos:
+                if sel.call is not None and sel.call != int(call):
                     continue
+                if name in infos:
+                    if (sel.select, sel.reduction) != self.chosen[name]:
+                        raise LayerError(f"layer {name!r} is selected twice, with different selectors or reductions: keep one")
+                    continue
+                self.chosen[name] = (sel.select, sel.reduction)
                 tensor, where = pick_tensor(output, sel.select)
                 if tensor is None:
                     what = f"no tensor at selector {sel.select!r}" if sel.select else "no tensor"

@@ -128,3 +128,24 @@ def structured():
 
 def not_a_module():
     return 42
+
+
+class Tokens(nn.Module):
+    """A Hugging Face-like model: keyword inputs ``input_ids`` and ``attention_mask``, (B, T, D) states."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 3)
+        self.encoder = nn.Identity()
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.encoder(self.embed(input_ids))
+
+
+def tokens():
+    return Tokens()
+
+
+def token_rows(n: int = 8):
+    """Variable-length token rows with labels, as a tokenized HF dataset gives them."""
+    return [{"input_ids": list(range(1, 2 + i % 4)), "attention_mask": [1] * (1 + i % 4), "label": i % 2} for i in range(n)]

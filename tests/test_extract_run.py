@@ -224,3 +224,18 @@ def test_module_object_and_a_limit_beyond_the_dataset(tmp_path):
     a = store.open_run(extract_run(net, "digits", ["block"], cache=tmp_path, batch_size=256, progress=False))
     b = store.open_run(extract_run(net, "digits", ["block"], cache=tmp_path, batch_size=256, limit=5000, progress=False))
     assert a.path == b.path and a.spec.model == "module:tests.extract_fixtures.BlockNet" and a.n_samples == 1797
+
+
+def test_token_mean_honours_the_padding_mask_end_to_end(tmp_path):
+    from extract.models import load_model
+    from tests.extract_fixtures import token_rows
+
+    run = _extract(tmp_path, model="tests.extract_fixtures:tokens", dataset="tests.extract_fixtures:token_rows", layers=["encoder:mean", "embed"], batch_size=4)
+    embed = load_model("tests.extract_fixtures:tokens").module.embed.weight.detach()
+    rows = token_rows()
+    for row, i in enumerate(run.sample_ids()):
+        ids = torch.tensor(rows[i]["input_ids"])
+        np.testing.assert_allclose(run.layer("encoder")[row], embed[ids].mean(0).numpy(), rtol=1e-6)
+    assert run.layer("encoder").attrs["reduction"] == "mean"
+    with pytest.raises(CkapipeError, match="'encoder' is selected twice, with different selectors or reductions"):
+        _extract(tmp_path, model="tests.extract_fixtures:tokens", dataset="tests.extract_fixtures:token_rows", layers=["encoder:mean", "encoder:cls"], batch_size=4)

@@ -276,7 +276,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=int(os.environ.get("CKAPIPE_BENCH_N", 10240)), help="inputs (multiple of 256)")
     parser.add_argument("--out", default="bench-results/analyze")
     parser.add_argument("--no-torch-cka", action="store_true", help="skip torch-cka's compare (slow on CPU)")
-    args = parser.parse_args(argv)
+    args, _ = parser.parse_known_args(argv)  # tolerate the arguments of tests.bench when run from there
     n = args.n // BATCH * BATCH
 
     source, nets = resnets()
