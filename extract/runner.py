@@ -145,7 +145,7 @@ def _extract_chunks(run, recorder, data: LoadedDataset, order, span, device, dty
         run.set_meta(status=store.IN_PROGRESS, error=None)
     gram_group = run.grams(run.batch_size, create=True) if want_grams else None
     done = run.done()
-    if gram_group is not None:
+    if gram_group is not None and not run.grams_only:
         _grams_from_store(run, gram_group, [k for k in span if done[k] and k < gram_group["done"].shape[0] and not gram_group["done"][k]])
     todo = [k for k in span if not done[k]]
     rows = sum(run.chunk_slice(k).stop - run.chunk_slice(k).start for k in todo)
