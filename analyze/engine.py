@@ -30,6 +30,7 @@ from extract.errors import CkapipeError
 from extract.store import Run, find_runs
 
 MINIBATCHES_PER_TASK = 4
+TASK_TRIANGLE_BYTES = 512 * 2**20  # a task's stacked Gram triangles stay under this (fewer minibatches if needed)
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def plan_analysis(
     m = analysis_batch_size(resolved, batch_size)
     pairing = plan_pairing(resolved, m, pair_by_position, completed_only)
     sources = tuple(plan_source(run, m, use_gram_cache, fill_cache=precision == "float64") for run in resolved)
-    tasks = task_groups(pairing.minibatches, m, [r.batch_size for r in resolved])
+    tasks = task_groups(pairing.minibatches, m, [r.batch_size for r in resolved], per_task(m, resolved))
     return Plan(tuple(resolved), pairing, sources, tasks, precision)
 
 
@@ -79,6 +80,13 @@ def resolve_runs(cache, runs: Sequence[str | Run]) -> list[Run]:
     if all(isinstance(r, Run) for r in runs):
         return list(runs)
     return find_runs(cache, [r.name if isinstance(r, Run) else r for r in runs])
+
+
+def per_task(m: int, runs: Sequence[Run]) -> int:
+    """Minibatches per task: MINIBATCHES_PER_TASK, fewer when their triangles
+    (layers × m(m-1)/2 float64 each) would exceed TASK_TRIANGLE_BYTES."""
+    one = sum(len(r.layer_names) for r in runs) * m * (m - 1) // 2 * 8
+    return max(1, min(MINIBATCHES_PER_TASK, TASK_TRIANGLE_BYTES // max(one, 1)))
 
 
 def task_groups(minibatches: Sequence[int], m: int, chunk_sizes: Sequence[int], per_task: int = MINIBATCHES_PER_TASK):

@@ -208,3 +208,13 @@ def test_float32_products_stay_within_1e6_and_are_never_cached(cache, study, rea
     reads.clear()
     analyze.analyze(cache, ["net-a", "net-b"], progress=False)
     assert len(reads) == 2 * 3 * (100 // M)  # nothing was cached by the float32 analysis
+
+
+def test_large_minibatches_make_smaller_tasks(cache):
+    from analyze.engine import per_task
+    from extract.store import find_runs
+
+    make_run(cache, "wide", random_layers(np.random.default_rng(12), 64, [4] * 8), 16)
+    runs = find_runs(cache, ["wide"])
+    assert per_task(16, runs) == 4
+    assert per_task(4096, runs) == 1  # 8 layers x 8.4e6 triangle entries x 8 bytes > 512 MiB for 4 minibatches
