@@ -4,6 +4,7 @@ sizes, schedulers."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections import Counter
 
@@ -173,13 +174,17 @@ def test_constant_layer_gives_nan_with_a_warning(cache, tmp_path):
         assert analyze.load_results(tmp_path / "out").to_dict()["pairs"][0]["cka"][1] == [None, None]
 
 
-def test_threaded_and_distributed_schedulers_agree(cache, study):
+def test_threaded_and_distributed_schedulers_agree(cache, study, tmp_path):
     distributed = pytest.importorskip("distributed")
     threaded = analyze.analyze(cache, ["net-a", "net-b"], progress=False, use_gram_cache=False)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         remote = analyze.analyze(cache, ["net-a", "net-b"], scheduler=cluster.scheduler_address, progress=False,
                                  use_gram_cache=False)
+        scheduler_file = tmp_path / "scheduler.json"
+        scheduler_file.write_text(json.dumps({"address": cluster.scheduler_address}))
+        from_file = analyze.analyze(cache, ["net-a", "net-b"], scheduler_file=str(scheduler_file), progress=False)
     np.testing.assert_allclose(remote.hsic, threaded.hsic, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(from_file.hsic, threaded.hsic, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.gpu
