@@ -77,12 +77,12 @@ def extract(model, dataset, layer_items, batch_size, cache, order_seed, dtype, d
 @CACHE_OPTION
 @click.option("--layers", "show_layers", is_flag=True, help="Also list each run's layers.")
 def ls(cache, show_layers):
-    """List the cached runs: model, dataset, layers, N, m, size, status."""
+    """List the cached runs: model, dataset, layers, N, m, Gram caches, size, status."""
     runs = store.list_runs(cache)
     if not runs:
         click.echo(f"no runs in {cache}")
         return
-    header = ("run", "model", "dataset", "layers", "N", "m", "size", "status")
+    header = ("run", "model", "dataset", "layers", "N", "m", "grams", "size", "status")
     rows = [header] + [_row(run) for run in runs]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for row in rows:
@@ -97,7 +97,13 @@ def _row(run: store.Run) -> tuple[str, ...]:
     done = int(run.done().sum())
     status = run.status if run.status != store.IN_PROGRESS else f"{run.status} {done}/{run.n_chunks}"
     return (run.name, spec.model, spec.dataset, str(len(run.layer_names)), str(run.n_samples), str(run.batch_size),
-            _size(store.disk_size(run.path)), status)
+            _grams(run), _size(store.disk_size(run.path)), status)
+
+
+def _grams(run: store.Run) -> str:
+    """Minibatch sizes of the run's Gram cache, ``-`` when it has none."""
+    sizes = sorted(int(name[1:]) for name in run.group["grams"].group_keys()) if "grams" in run.group else []
+    return ",".join(f"m{m}" for m in sizes) or "-"
 
 
 def _size(nbytes: int) -> str:

@@ -28,8 +28,8 @@ def test_layers_extract_ls(capsys, tmp_path):
     assert code == 0 and "complete, 5/5 minibatches, 3 layers" in out
     code, out, _ = ckapipe(capsys, "ls", "--cache", cache, "--layers")
     lines = out.splitlines()
-    assert lines[0].split() == ["run", "model", "dataset", "layers", "N", "m", "size", "status"]
-    assert "zoo:mlp2" in lines[1] and lines[1].split()[4:6] == ["500", "100"] and lines[1].endswith("complete")
+    assert lines[0].split() == ["run", "model", "dataset", "layers", "N", "m", "grams", "size", "status"]
+    assert "zoo:mlp2" in lines[1] and lines[1].split()[4:7] == ["500", "100", "-"] and lines[1].endswith("complete")
     assert lines[2].endswith("block1, block2, head")
 
 
