@@ -9,7 +9,7 @@
    fresh cache, interleaved for 3 rounds, the best time of each compared.
    Target: extraction <= 1.3x the forward-only wall time.
 
-    python -m tests.bench.bench_extract [--n-copies 1] [--rounds 3] [--out bench-results/extract]
+    python -m tests.bench.bench_extract [--n-copies 1] [--rounds 3] [--compressions none,zstd1] [--out bench-results/extract]
 
 The model is a small ResNet (a 3 × 3 stem and one BasicBlock per stage at
 32, 64 and 128 channels) on digits upscaled to 32 × 32, enough compute for
@@ -141,18 +141,45 @@ def forward_only(n_copies: int) -> tuple[float, int]:
     return time.perf_counter() - start, len(order)
 
 
-def extraction(cache: Path, n_copies: int) -> tuple[float, int]:
-    """Wall time of full extractions of the same inputs (one run per copy), and the bytes they stored."""
+def extraction(cache: Path, n_copies: int, compression: str) -> tuple[float, int, int]:
+    """Wall time of full extractions of the same inputs (one run per copy), the bytes they hold and store."""
     from extract import extract_run, store
 
     start = time.perf_counter()
     paths = [
-        extract_run(BENCH_MODEL, BENCH_DATA, BENCH_LAYERS, cache=cache, batch_size=BATCH, order_seed=0, name=f"bench{i}", progress=False)
+        extract_run(BENCH_MODEL, BENCH_DATA, BENCH_LAYERS, cache=cache, batch_size=BATCH, order_seed=0, name=f"bench{i}",
+                    progress=False, compression=compression)
         for i in range(n_copies)
     ]
     elapsed = time.perf_counter() - start
-    raw = sum(store.open_run(p).layer(l).nbytes for p in paths for l in store.open_run(p).layer_names)
-    return elapsed, raw
+    runs = [store.open_run(p) for p in paths]
+    raw = sum(run.layer(layer).nbytes for run in runs for layer in run.layer_names)
+    return elapsed, raw, sum(store.disk_size(p) for p in paths)
+
+
+def speed(workdir: Path, n_copies: int, rounds: int, compressions: list[str]) -> dict:
+    """Forward-only and extraction rounds, interleaved; the best time of each (a shared machine's load comes and goes)."""
+    forward_only(1)  # warm-up: threads, allocator
+    forwards, extractions = [], {c: [] for c in compressions}
+    for round_ in range(rounds):
+        t, n = forward_only(n_copies)
+        forwards.append(t)
+        for compression in compressions:
+            cache = workdir / f"cache-{compression}-{round_}"
+            t, raw, disk = extraction(cache, n_copies, compression)
+            extractions[compression].append(t)
+            shutil.rmtree(cache)
+    t_forward = min(forwards)
+    print(f"\nmodel {BENCH_MODEL} on {BENCH_DATA}, {n} samples, minibatch {BATCH}, layers {', '.join(BENCH_LAYERS)} (flatten, float32)")
+    print(f"forward only:            {t_forward:6.2f} s  ({n / t_forward:.0f} samples/s; best of {', '.join(f'{t:.2f}' for t in forwards)})")
+    rows = {}
+    for compression, times in extractions.items():
+        t = min(times)
+        rows[compression] = {"extract_s": t, "rounds_s": times, "ratio": t / t_forward, "MBps": raw / t / 1e6}
+        print(f"extraction, {compression:<11} {t:6.2f} s  (best of {', '.join(f'{x:.2f}' for x in times)}; {n / t:.0f} samples/s, "
+              f"{raw / t / 1e6:.0f} MB/s of activations)  ratio {t / t_forward:.2f}x (target <= 1.3x)")
+    print(f"activations: {raw / 1e6:.0f} MB per extraction; {disk / 1e6:.0f} MB on disk with {compressions[-1]}")
+    return {"n_samples": n, "forward_s": t_forward, "forward_rounds_s": forwards, "raw_MB": raw / 1e6, "extraction": rows}
 
 
 def machine() -> str:
@@ -176,7 +203,8 @@ def main(argv=None):
     parser.add_argument("--n-copies", type=int, default=int(os.environ.get("CKAPIPE_BENCH_COPIES", 1)), help="passes over the 1797 digits per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved forward/extraction rounds; the best of each is compared")
     parser.add_argument("--out", default="bench-results/extract")
-    parser.add_argument("--skip-compression", action="store_true")
+    parser.add_argument("--skip-compression", action="store_true", help="skip the codec table")
+    parser.add_argument("--compressions", default=store.DEFAULT_COMPRESSION, help="codecs to time the extraction with, comma-separated")
     args = parser.parse_args(argv)
 
     print(f"# ckapipe extraction bench, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
@@ -192,24 +220,7 @@ def main(argv=None):
             for r in rows:
                 print(f"  {r['codec']:<19} {r['dtype']:<8} {r['ratio']:>6.2f} {r['write_MBps']:>11.0f} {r['read_MBps']:>10.0f}")
 
-        forward_only(1)  # warm-up: threads, allocator
-        forwards, extractions = [], []
-        for round_ in range(args.rounds):  # interleaved, best of each: a shared machine's load comes and goes
-            t, n = forward_only(args.n_copies)
-            forwards.append(t)
-            cache = workdir / f"cache{round_}"
-            t, raw = extraction(cache, args.n_copies)
-            extractions.append(t)
-        t_forward, t_extract = min(forwards), min(extractions)
-        disk = sum(store.disk_size(p) for p in cache.iterdir() if p.name.startswith("bench"))
-        numbers.update(n_samples=n, forward_s=t_forward, extract_s=t_extract, ratio=t_extract / t_forward,
-                       forward_rounds_s=forwards, extract_rounds_s=extractions,
-                       raw_MB=raw / 1e6, disk_MB=disk / 1e6, MBps=raw / t_extract / 1e6)
-        print(f"\nmodel {BENCH_MODEL} on {BENCH_DATA}, {n} samples, minibatch {BATCH}, layers {', '.join(BENCH_LAYERS)} (flatten, float32, {store.DEFAULT_COMPRESSION})")
-        print(f"forward only:      {t_forward:7.2f} s  ({n / t_forward:.0f} samples/s; best of {', '.join(f'{t:.2f}' for t in forwards)})")
-        print(f"full extraction:   {t_extract:7.2f} s  (best of {', '.join(f'{t:.2f}' for t in extractions)}; {n / t_extract:.0f} samples/s, {raw / t_extract / 1e6:.0f} MB/s of activations, "
-              f"{raw / 1e6:.0f} MB -> {disk / 1e6:.0f} MB on disk)")
-        print(f"ratio extraction / forward: {t_extract / t_forward:.2f}x (target <= 1.3x)")
+        numbers["speed"] = speed(workdir, args.n_copies, args.rounds, args.compressions.split(","))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     out = Path(args.out)
