@@ -233,6 +233,9 @@ class Recorder:
         self.mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
         with torch.inference_mode():
             self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
+        if not self.probing and len(self.outputs) != len(self.specs):
+            missing = ", ".join(name for name in self.specs if name not in self.outputs)
+            raise LayerError(f"layer(s) {missing} did not run in this minibatch: the model's control flow depends on its input")
         return self.outputs
 
     def _hook(self, module_name: str):
@@ -245,6 +248,8 @@ class Recorder:
             name = self._recorded_name(module_name, call)
             spec = self.specs.get(name)
             if spec is not None:
+                if name in self.outputs:
+                    raise LayerError(f"layer {name!r} ran more often in this minibatch than in the probe: the model's control flow depends on its input")
                 tensor, _ = pick_tensor(output, spec.select)
                 self.outputs[name] = reduce(tensor, spec.reduction, self.mask)
 

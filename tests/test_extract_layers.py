@@ -116,3 +116,27 @@ def test_reduced_output_is_a_copy():
     out = reduce(x, "flatten")
     x.zero_()
     assert out.abs().sum() > 0
+
+
+class _Dynamic(torch.nn.Module):
+    """Calls its ``step`` once per unit of the batch's first input value: control flow that depends on the data."""
+
+    def __init__(self):
+        super().__init__()
+        self.step = torch.nn.Identity()
+
+    def forward(self, x):
+        for _ in range(int(x[0, 0]) + 1):
+            x = self.step(x)
+        return x
+
+
+def test_input_dependent_control_flow_is_an_error_not_a_silent_overwrite():
+    model = _Dynamic()
+    probe = torch.zeros(4, 2)
+    recorder, infos = prepare(model, parse_selection(["step"]), probe, 4)
+    assert list(infos) == ["step"]
+    with recorder.hooked():
+        recorder.forward(probe)
+        with pytest.raises(LayerError, match="'step' ran more often in this minibatch than in the probe"):
+            recorder.forward(torch.ones(4, 2))
