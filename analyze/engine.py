@@ -241,8 +241,8 @@ def analyze(
     ``runs`` are names or globs resolved in ``cache`` (see ``extract.store.find_runs``).
     Writes the results store to ``out`` when given (refusing an existing one unless
     ``overwrite``) and returns the results. ``precision="float32"`` computes the
-    Gram products of the (float64-centred) features in float32: 1.1x to 3x faster
-    on CPUs, about 1e-9 off in CKA; such Grams are not cached.
+    Gram products of the (float64-centred) features in float32: up to ~2x faster
+    products on CPUs, about 1e-9 off in CKA; such Grams are not cached.
     """
     if out is not None:
         check_out(out, overwrite)

@@ -55,7 +55,7 @@ PRODUCTS = ("float64", "float32")
 def gram_linear(x, product="float64"):
     """Linear-kernel Gram matrix K = X Xᵀ (m × m), returned in float64.
 
-    ``product="float32"`` multiplies in float32 (1.1x to 3x faster on CPUs). Only
+    ``product="float32"`` multiplies in float32 (up to ~2x faster on CPUs). Only
     for centred features, where the products carry no large common offset:
     the rounding is then relative to the signal, about 1e-9 in CKA on ResNet
     features (README, "Accuracy"); the U-centering and HSIC stay in float64.

@@ -312,6 +312,7 @@ def main(argv=None):
             extract=t_extract, bare_read=t_read, analysis_float64=t_plain, analysis_float32=t_fast,
             first_analysis_filling_grams=t_first, analysis_from_grams=t_again).items()})
         numbers["float32_max_abs_cka_diff"] = fast_error
+        numbers["load_average"] = os.getloadavg()[0]
         print(f"load average before timing: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other processes may share them)")
         print(f"bare read of the same arrays:            {t_read} ({nbytes / 1e9:.2f} GB decoded)")
         print(f"analysis, float64 (no Gram cache):       {t_plain}  {ratio(t_plain, t_read)} the bare read (target <= 1.3x)")
