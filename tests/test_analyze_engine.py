@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import analyze
-from extract.store import Run
+from extract.store import Run, find_runs
 from tests._analyze_stores import make_run, minibatch_cka_reference, random_layers
 
 M = 16
@@ -223,3 +223,23 @@ def test_large_minibatches_make_smaller_tasks(cache):
     runs = find_runs(cache, ["wide"])
     assert per_task(16, runs) == 4
     assert per_task(4096, runs) == 1  # 8 layers x 8.4e6 triangle entries x 8 bytes > 512 MiB for 4 minibatches
+
+
+def test_grams_stamped_with_another_key_are_never_served(cache, study, reads):
+    analyze.analyze(cache, ["net-a"], progress=False)
+    run = find_runs(cache, ["net-a"])[0]
+    run.grams(M).attrs["run_key"] = "0123456789"  # as if the store had been copied over another run's
+    reads.clear()
+    analyze.analyze(cache, ["net-a"], progress=False)
+    assert len(reads) == 3 * (100 // M)
+
+
+def test_a_large_offset_in_float64_stores_changes_nothing(cache):
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((64, 20))
+    y = np.tanh(x @ rng.standard_normal((20, 9)))
+    make_run(cache, "plain", {"x": x, "y": y}, 16, dtype="float64")
+    make_run(cache, "offset", {"x": x + 1e4, "y": y - 1e4}, 16, dtype="float64")
+    plain = analyze.analyze(cache, ["plain"], progress=False).cka("plain")
+    shifted = analyze.analyze(cache, ["offset"], progress=False).cka("offset")
+    assert np.abs(plain - shifted).max() < 1e-6
