@@ -29,7 +29,7 @@ from pipelines.study import PipelineError
 @contextmanager
 def dask_scheduler(config: dict, *, scheduler: str | None = None, scheduler_file: str | None = None,
                    workers: int | None = None, cluster: str | None = None, say: Callable[[str], None] = print,
-                   job: dict | None = None) -> Iterator[dict]:
+                   job: dict | None = None, log_directory: str | None = None) -> Iterator[dict]:
     """Yield the ``scheduler``/``scheduler_file`` keywords of ``analyze.analyze``.
 
     An address or scheduler file (argument first, then the config) is used as
@@ -50,7 +50,8 @@ def dask_scheduler(config: dict, *, scheduler: str | None = None, scheduler_file
         return
     n = workers or config.get("workers") or default_workers()
     start = start_local_cluster if kind == "local" else start_slurm_cluster
-    with start(n, config.get("threads_per_worker", 1), job or {}, say) as cluster:
+    options = {"log_directory": log_directory} if kind == "slurm" else {}
+    with start(n, config.get("threads_per_worker", 1), job or {}, say, **options) as cluster:
         yield {"scheduler": cluster.scheduler_address}
 
 
@@ -89,7 +90,7 @@ def local_cuda_cluster():
 
 
 @contextmanager
-def start_slurm_cluster(n: int, threads: int, job: dict, say):
+def start_slurm_cluster(n: int, threads: int, job: dict, say, log_directory: str | None = None):
     require_distributed()
     try:
         from dask_jobqueue import SLURMCluster
@@ -102,7 +103,7 @@ def start_slurm_cluster(n: int, threads: int, job: dict, say):
         cores=job.get("cpus_per_task", threads), processes=1, memory=job.get("mem", "4GB"),
         queue=job.get("partition"), account=job.get("account"), walltime=job.get("time", "01:00:00"),
         job_extra_directives=extra, job_script_prologue=list(job.get("setup", [])),
-        python=sys.executable,
+        python=sys.executable, log_directory=log_directory,
     )
     with cluster:
         cluster.scale(jobs=n)

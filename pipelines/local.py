@@ -120,7 +120,8 @@ def analyze_stage(study: Study, *, scheduler: str | None = None, scheduler_file:
         say("no comparisons in the study: nothing to analyze")
         return {}
     with dask_scheduler(study.dask, scheduler=scheduler, scheduler_file=scheduler_file,
-                        workers=workers, cluster=cluster, job=study.job_settings("analyze"), say=say) as target:
+                        workers=workers, cluster=cluster, job=study.job_settings("analyze"),
+                        log_directory=str(study.slurm_logs), say=say) as target:
         results = {name: analyze_comparison(study, comparison, progress=progress, say=say, **target)
                    for name, comparison in study.comparisons.items()}
     say(write_study_report(study, results).rstrip())

@@ -122,11 +122,11 @@ def array_spec(indices: list[int]) -> str:
 
 
 def script_dir(study: Study) -> Path:
-    return study.results / "slurm"
+    return study.slurm_dir
 
 
 def log_dir(study: Study) -> Path:
-    return script_dir(study) / "logs"
+    return study.slurm_logs
 
 
 # --------------------------------------------------------------------------- what is left to do

@@ -113,6 +113,15 @@ class Study:
     def comparison_dir(self, comparison: Comparison) -> Path:
         return self.results / comparison.name
 
+    @property
+    def slurm_dir(self) -> Path:
+        """Where the job scripts go; their logs (and Dask worker jobs' logs) go in ``logs/`` below."""
+        return self.results / "slurm"
+
+    @property
+    def slurm_logs(self) -> Path:
+        return self.slurm_dir / "logs"
+
     def job_settings(self, kind: str, overrides: dict | None = None) -> dict:
         """SLURM directives of the ``extract`` or ``analyze`` jobs: the slurm section (its
         ``analyze`` part for analysis jobs and Dask worker jobs), then ``overrides``."""
