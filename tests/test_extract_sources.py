@@ -96,6 +96,7 @@ def test_zoo_checkpoint_is_cached_and_reused(tmp_path):
     assert first.weights_hash == again.weights_hash != load_model("zoo:mlp2?seed=1&weights=none", cache=tmp_path).weights_hash
 
 
+@pytest.mark.extras
 def test_torchvision_random_init(tmp_path):
     pytest.importorskip("torchvision")
     loaded = load_model("torchvision:resnet18", random_init=True)
@@ -106,12 +107,14 @@ def test_torchvision_random_init(tmp_path):
         load_model("torchvision:resnet19")
 
 
+@pytest.mark.extras
 def test_timm_random_init():
     pytest.importorskip("timm")
     loaded = load_model("timm:resnet18?weights=none")
     assert isinstance(loaded.module, torch.nn.Module)
 
 
+@pytest.mark.extras
 def test_hf_random_init_needs_config_offline():
     pytest.importorskip("transformers")
     with pytest.raises(SpecError, match="cannot load its (configuration|weights) for hf:"):
@@ -185,6 +188,7 @@ def test_torchvision_dataset_without_the_extra(monkeypatch):
         load_dataset("cifar10:/data/cifar?split=test")
 
 
+@pytest.mark.extras
 def test_torchvision_dataset_missing_root(tmp_path):
     pytest.importorskip("torchvision")
     with pytest.raises(SpecError, match=r"cannot read dataset cifar10 at .*add \?download=True"):
