@@ -117,18 +117,17 @@ class ChunkWriter:
 
     def close(self) -> None:
         """Wait until every queued chunk is written; raise the first error."""
-        for _ in self.threads:
-            self._put_stop()
-        for thread in self.threads:
-            thread.join()
-        if self.progress is not None:
-            self.progress.close()
+        self._stop()
         self._raise_error()
 
     def abort(self) -> None:
         """Stop without writing what is still queued (after an error in the forward loop)."""
         self.error = self.error or _Aborted()
         self._drain()
+        self._stop()
+
+    def _stop(self) -> None:
+        """Send every writer thread its stop signal, join them, close the progress bar."""
         for _ in self.threads:
             self._put_stop()
         for thread in self.threads:
