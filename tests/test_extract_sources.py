@@ -215,3 +215,27 @@ def test_offline_without_weights_says_how_to_get_them_or_use_random_init(fake_to
     assert load_model("torchvision:resnet18", random_init=True).spec == "torchvision:resnet18?weights=none"
     with pytest.raises(SpecError, match="torchvision has no model 'resnet19'; did you mean: resnet18"):
         load_model("torchvision:resnet19?weights=none")
+
+
+@pytest.mark.extras
+def test_hf_model_from_a_local_config_honours_the_padding_mask(tmp_path):
+    """A real transformers BERT (random init from a config saved here): the token mean of a
+    padded minibatch equals the mean over each unpadded sequence run alone."""
+    transformers = pytest.importorskip("transformers")
+    from tests.extract_fixtures import token_rows
+
+    config = transformers.BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=16, max_position_embeddings=8)
+    config.save_pretrained(tmp_path / "bert")
+    spec = f"hf:{tmp_path / 'bert'}?weights=none"
+    names = [name for name, _ in list_layers(spec, "tests.extract_fixtures:token_rows")]
+    assert "encoder.layer.1" in names
+    run = store.open_run(extract_run(spec, "tests.extract_fixtures:token_rows", ["encoder.layer.1:mean"],
+                               cache=tmp_path / "cache", batch_size=4, progress=False))
+    model = load_model(spec).module.eval()
+    rows = token_rows()
+    for row, i in enumerate(run.sample_ids()):
+        ids = torch.tensor([rows[i]["input_ids"]])
+        with torch.no_grad():
+            states = model(input_ids=ids, output_hidden_states=True).hidden_states[2][0]
+        np.testing.assert_allclose(run.layer("encoder.layer.1")[row], states.mean(0).numpy(), rtol=1e-4, atol=1e-5)
