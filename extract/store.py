@@ -408,7 +408,7 @@ def find_runs(cache: str | os.PathLike, patterns: Sequence[str]) -> list[Run]:
 # Chosen by measurement on real activations (README, "Store"; tests/bench/bench_extract.py):
 # ReLU activations are 40-70 % zeros, which plain zstd at level 1 halves (ratio 2.2)
 # at the write speed of no compression; byte shuffling hurts (it splits the zero runs).
-DEFAULT_COMPRESSION = "zstd1"
+DEFAULT_COMPRESSION = "blosc-lz4"
 COMPRESSION_CHOICES = ("none", "zstd1", "zstd3", "blosc-lz4", "blosc-lz4-shuffle", "blosc-zstd-shuffle")
 
 
