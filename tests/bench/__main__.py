@@ -1,29 +1,88 @@
-"""``python -m tests.bench`` (``make bench``): every benchmark, extraction first.
+"""``python -m tests.bench`` (``make bench``): issue 5's workloads, one table.
 
-Each ``tests/bench/bench_*.py`` module exposes ``main()``, which measures, prints
-its numbers and writes them under ``bench-results/``.
+    python -m tests.bench [--full] [--only W1,W3] [--device cpu|cuda] [--out bench-results]
+
+Every row compares two things measured in this run, as a ratio. The table is
+printed and written to bench-results/bench.{json,md}. The exit status is 1 when
+ckapipe itself errors or deviates from float64 by more than 1e-6 (another tool's
+error or NaN is a result, printed in its row).
+
+Without ``--full`` (or CKAPIPE_BENCH_FULL=1) the sizes are reduced so that the
+suite ends in about 15 minutes on a 2-core CPU; ``--full`` is issue 5's sizes,
+for a GPU machine.
 """
 
 from __future__ import annotations
 
-import importlib
+import argparse
+import os
 import sys
+import shutil
+import tempfile
 from pathlib import Path
 
-FIRST = "bench_extract"
+from tests.bench.common import machine, markdown, print_row, require_torchvision, write_table
+
+FULL = {"W1": 10240, "W2": 2560, "W3": 10240, "W4": [2560, 5120, 10240, 20480]}
+REDUCED = {"W1": 2560, "W2": 256, "W3": 1024, "W4": [512, 1024, 2048, 4096]}
+PAIR = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0))
+SIX = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0), ("resnet50", "resnet50", 0),
+       ("wide_resnet50_2", "wide_resnet50_2", 0), ("resnet18-seed1", "resnet18", 1), ("resnet18-seed2", "resnet18", 2))
 
 
-def bench_modules() -> list[str]:
-    """Names of the bench modules in this folder, extraction first, then alphabetical."""
-    names = sorted(p.stem for p in Path(__file__).parent.glob("bench_*.py"))
-    return sorted(names, key=lambda name: (name != FIRST, name))
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", default=os.environ.get("CKAPIPE_BENCH_FULL") == "1",
+                        help="issue 5's sizes (N = 10,240; W2 2,560 at 224 px): for a GPU machine")
+    parser.add_argument("--only", default="C,W1,W2,W3,W4", help="comma-separated pieces: C (compression), W1..W4")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--out", default="bench-results")
+    return parser.parse_args(argv)
 
 
-def main() -> int:
-    for name in bench_modules():
-        print(f"\n=== {name} ===", flush=True)
-        importlib.import_module(f"tests.bench.{name}").main([])
-    return 0
+def pieces(sizes: dict, device: str, workdir: Path) -> dict:
+    """Each piece of the suite: a callable returning its rows."""
+    from tests.bench.bench_extract import compression_rows
+    from tests.bench.workloads import Study, run_study, scaling
+
+    return {
+        "C": lambda: compression_rows(workdir / "C"),
+        "W1": lambda: run_study(Study("W1", PAIR, sizes["W1"], 32, device), workdir),
+        "W2": lambda: run_study(Study("W2", PAIR, sizes["W2"], 224, device), workdir),
+        "W3": lambda: run_study(Study("W3", SIX, sizes["W3"], 32, device, end_to_end_target=">= 10"), workdir),
+        "W4": lambda: scaling(Study("W4", PAIR, 0, 32, device), sizes["W4"], workdir),
+    }
+
+
+def main(argv=None) -> int:
+    require_torchvision()
+    args = parse(argv)
+    sizes = FULL if args.full else REDUCED
+    header = machine(args.device) | {"sizes": "full (issue 5)" if args.full else f"CPU: reduced N {sizes}"}
+    for key, value in header.items():
+        print(f"{key}: {value}")
+    if not args.full:
+        print(f"CPU: reduced N (W1 {sizes['W1']}, W2 {sizes['W2']} at 224 px, W3 {sizes['W3']}, W4 {sizes['W4']}); "
+              f"--full for issue 5's sizes", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="ckapipe-bench-"))
+    rows = []
+    try:
+        for name, piece in pieces(sizes, args.device, workdir).items():
+            if name in args.only.split(","):
+                print(f"\n== {name}", flush=True)
+                new = piece()
+                for row in new:
+                    print_row(row)
+                rows += new
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print("\n" + markdown(rows))
+    write_table(rows, header, Path(args.out))
+    failed = [r for r in rows if r.ckapipe_failure]
+    for r in failed:
+        print(f"FAILED: [{r.workload}] {r.what}: {r.note or r.a}", file=sys.stderr)
+    print(f"table: {Path(args.out) / 'bench.md'}, {Path(args.out) / 'bench.json'}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""One stage of W4 in a fresh interpreter, so that its peak memory is its own:
+
+    python -m tests.bench.stage '{"stage": "extract|analyze|fill|reanalyze", "models": [...], "n": N,
+                                  "size": S, "device": "cpu", "cache": DIR}'
+
+prints one JSON line: wall_s, peak_host_MB (ru_maxrss), stage_peak_MB (the largest resident
+size sampled during the stage minus the size before it, after the imports) and, on CUDA,
+peak_device_MB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+from tests.bench.common import peak_host_MB
+
+
+def resident_MB() -> float:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class ResidentPeak:
+    """Samples this process's resident size every 5 ms while the block runs."""
+
+    def __enter__(self):
+        self.base = self.peak = resident_MB()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, resident_MB())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident_MB())
+
+    @property
+    def increase_MB(self) -> float:
+        return self.peak - self.base
+
+
+def run_stage(args: dict) -> float:
+    from tests.bench.workloads import Study, analysis, extract_all
+
+    study = Study("W4", tuple(tuple(m) for m in args["models"]), args["n"], args["size"], args["device"])
+    names = [name for name, _, _ in study.models]
+    stages = {
+        "extract": lambda: extract_all(study, args["cache"]),
+        "analyze": lambda: analysis(args["cache"], names, study.device, use_gram_cache=False),
+        "fill": lambda: analysis(args["cache"], names, study.device),
+        "reanalyze": lambda: analysis(args["cache"], names, study.device),
+    }
+    import analyze  # noqa: F401 - the imports are not the stage's memory
+    import extract  # noqa: F401
+
+    with ResidentPeak() as peak:
+        stages[args["stage"]]()
+    return peak.increase_MB
+
+
+def peak_device_MB(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    import torch
+
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import cupy
+
+        peak = max(peak, cupy.get_default_memory_pool().total_bytes() / 2**20)
+    except ImportError:
+        pass
+    return peak
+
+
+def main(argv: list[str]) -> int:
+    args = json.loads(argv[0])
+    start = time.perf_counter()
+    increase = run_stage(args)
+    wall = time.perf_counter() - start
+    print(json.dumps({"wall_s": wall, "peak_host_MB": peak_host_MB(), "stage_peak_MB": increase, "peak_device_MB": peak_device_MB(args["device"])}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,293 @@
+"""The workloads of issue 5: one study of random-init torchvision ResNets, measured
+for ckapipe (extract, analyze, re-analyze), torch-cka 0.21 and ckatorch 1.0.3 on the
+same inputs in the same minibatches, against bare I/O and an independent float64 CKA."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tests.bench.common import (
+    BATCH, TOLERANCE, Row, bare_read_files, bare_write, bench_inputs, inputs_spec, max_deviation, model_spec,
+    reference_cka, timed,
+)
+
+LAYERS = ["layer*.?"]  # every residual-block output
+CKATORCH_PAIRS = 4  # layer pairs timed for ckatorch's core (it recomputes both Grams per pair); extrapolated
+
+
+@dataclass(frozen=True)
+class Study:
+    workload: str
+    models: tuple[tuple[str, str, int], ...]  # (run name, torchvision architecture, init seed)
+    n: int
+    size: int
+    device: str = "cpu"
+    end_to_end_target: str = ">= 3"
+
+
+# --------------------------------------------------------------------------- ckapipe
+
+
+def load_module(arch: str, seed: int):
+    from extract.models import load_model
+
+    return load_model(model_spec(arch, seed)).module.eval()
+
+
+def forward_only(study: Study) -> float:
+    """Seconds of the bare forward of every model over the inputs (what extraction cannot beat)."""
+    import torch
+
+    inputs = bench_inputs(study.n, study.size)
+    total = 0.0
+    for _, arch, seed in study.models:
+        net = load_module(arch, seed).to(study.device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, study.n, BATCH):
+                net(inputs[i:i + BATCH].to(study.device))
+        if study.device == "cuda":
+            torch.cuda.synchronize()
+        total += time.perf_counter() - start
+    return total
+
+
+def extract_all(study: Study, cache: Path) -> list:
+    from extract import extract_run, store
+
+    return [store.open_run(extract_run(model_spec(arch, seed), inputs_spec(study.n, study.size), LAYERS, cache=cache,
+                                       batch_size=BATCH, name=name, device=study.device, progress=False))
+            for name, arch, seed in study.models]
+
+
+def decoded_read(cache: Path, names: list[str]) -> int:
+    """Read and decode every chunk the analysis reads, in its Dask task groups and threads, and nothing else."""
+    import dask
+
+    from analyze.engine import plan_analysis
+    from analyze.grams import checked_chunk
+    from extract import store
+
+    plan = plan_analysis(cache, names, use_gram_cache=False)
+
+    def read(ks):
+        return sum(checked_chunk(store.open_run(s.path), layer, k).nbytes for s in plan.sources for layer in s.layers
+                   for k in ks)
+
+    return sum(dask.compute(*[dask.delayed(read)(ks) for ks in plan.tasks], scheduler="threads"))
+
+
+def analysis(cache: Path, names: list[str], device: str, **options):
+    import analyze
+
+    return analyze.analyze(cache, names, progress=False, device=device, **options)
+
+
+# --------------------------------------------------------------------------- the other tools
+
+
+def ordered_loader(run, study: Study, labels: bool = True):
+    """The inputs in the run's stored order, in its minibatches (the same minibatches ckapipe used);
+    (input, label) pairs for torch-cka, inputs alone for ckatorch (it maps tuple items to forward's arguments)."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    inputs = bench_inputs(study.n, study.size)[torch.from_numpy(np.asarray(run.sample_ids()))]
+    items = (inputs, torch.zeros(len(inputs))) if labels else (inputs,)
+    return DataLoader(TensorDataset(*items), batch_size=BATCH, shuffle=False)
+
+
+def torch_cka_compare(study: Study, run_a, run_b, arch_a, arch_b) -> np.ndarray:
+    """torch-cka 0.21 as shipped (float32): one compare call, rerunning both models."""
+    import torch
+    from torch_cka import CKA
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tool = CKA(load_module(*arch_a), load_module(*arch_b), run_a.name, run_b.name,
+                   model1_layers=list(run_a.layer_names), model2_layers=list(run_b.layer_names), device=study.device)
+        with torch.no_grad():
+            tool.compare(ordered_loader(run_a, study))
+    return tool.export()["CKA"].cpu().numpy().astype(np.float64)
+
+
+def ckatorch_as_shipped(study: Study, run_a, run_b, arch_a, arch_b):
+    """ckatorch 1.0.3's CKA class, as shipped (one epoch): its result or the error it raises."""
+    from ckatorch import CKA
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tool = CKA(load_module(*arch_a), load_module(*arch_b), layers=list(run_a.layer_names),
+                   second_layers=list(run_b.layer_names), device=study.device)
+        return tool(ordered_loader(run_a, study, labels=False), epochs=1).cpu().numpy().astype(np.float64)
+
+
+def ckatorch_core(run_a, run_b, pairs) -> dict:
+    """ckatorch's cka_batch (float64 bmm + hsic1) on the stored, flattened features of some layer pairs."""
+    import torch
+    from ckatorch import cka_batch
+
+    def batched(run, layer):
+        x = run.layer(layer)[: run.n_chunks * BATCH]
+        return torch.from_numpy(x).reshape(run.n_chunks, BATCH, -1)
+
+    return {(la, lb): float(cka_batch(batched(run_a, la), batched(run_b, lb))) for la, lb in pairs}
+
+
+# --------------------------------------------------------------------------- one study
+
+
+def run_study(study: Study, workdir: Path) -> list[Row]:
+    """Every row of one workload."""
+    cache = workdir / study.workload
+    rows: list[Row] = []
+    add = rows.append
+    W = study.workload
+
+    t_forward = forward_only(study)
+    t_extract, runs = timed(lambda: extract_all(study, cache))
+    if isinstance(runs, Exception):
+        add(Row(W, "ckapipe extract", "extract", None, "forward", t_forward, note=f"ERROR: {runs}", ckapipe_failure=True))
+        return rows
+    names = [r.name for r in runs]
+    archs = {run.name: (arch, seed) for run, (_, arch, seed) in zip(runs, study.models)}
+    raw = sum(r.layer(layer).nbytes for r in runs for layer in r.layer_names)
+    disk = sum(sum(f.stat().st_size for f in Path(r.path).rglob("*") if f.is_file()) for r in runs)
+    t_write = bare_write(workdir / "bare-write.bin", disk)
+    (workdir / "bare-write.bin").unlink()
+    floor = max(t_forward, t_write)
+    add(Row(W, "extraction vs max(forward only, bare write)", "extract", t_extract,
+            "forward" if t_forward >= t_write else "bare write", floor, target="<= 1.3",
+            note=f"forward {t_forward:.2f} s, bare write {t_write:.2f} s of {disk / 1e6:.0f} MB"))
+    add(Row(W, "extraction write rate vs bare sequential write", "extract", disk / t_extract / 1e6, "bare write",
+            disk / t_write / 1e6, unit="MB/s", note=f"{raw / 1e9:.2f} GB of activations, {disk / 1e9:.2f} GB on disk"))
+
+    t_files, nread = bare_read_files([r.path for r in runs])
+    t_decode, _ = timed(lambda: decoded_read(cache, names), repeat=2)
+    t_plain, plain = timed(lambda: analysis(cache, names, study.device, use_gram_cache=False), repeat=2)
+    if isinstance(plain, Exception):
+        add(Row(W, "ckapipe analyze", "analyze", None, "read", t_decode, note=f"ERROR: {plain}", ckapipe_failure=True))
+        return rows
+    t_f32, fast = timed(lambda: analysis(cache, names, study.device, use_gram_cache=False, precision="float32"))
+    t_fill, _ = timed(lambda: analysis(cache, names, study.device))
+    t_again, again = timed(lambda: analysis(cache, names, study.device), repeat=3)
+    add(Row(W, "analysis vs bare read+decode of the same chunks", "analyze", t_plain, "read+decode", t_decode,
+            target="<= 1.3", note=f"same Dask tasks and threads; {raw / 1e9:.2f} GB decoded"))
+    add(Row(W, "analysis read rate vs bare sequential file read", "analyze", nread / t_plain / 1e6, "bare read",
+            nread / t_files / 1e6, unit="MB/s", note=f"{nread / 1e6:.0f} MB of store files"))
+    add(Row(W, "analysis, float32 products vs float64", "float32", t_f32, "float64", t_plain))
+    add(Row(W, "first analysis filling the Gram cache vs analysis", "fill", t_fill, "analyze", t_plain))
+    add(Row(W, "re-analysis from cached Grams vs first analysis", "first", t_fill, "re-analyze", t_again, target=">= 10"))
+
+    pairs = [(a, b) for a, b in itertools.combinations(names, 2)]
+    exact = reference_cka(runs, pairs)
+    dev64 = [max_deviation(plain.cka(a, b), exact[(a, b)]) for a, b in pairs]
+    dev32 = [max_deviation(fast.cka(a, b), exact[(a, b)]) for a, b in pairs]
+    again_same = all(np.array_equal(again.cka(a, b), plain.cka(a, b)) or
+                     max_deviation(again.cka(a, b), exact[(a, b)])[0] <= TOLERANCE for a, b in pairs)
+    rows += deviation_rows(W, "ckapipe (float64)", dev64, ckapipe=True)
+    rows += deviation_rows(W, "ckapipe --precision float32", dev32)
+    if not again_same:
+        add(Row(W, "re-analysis from Grams agrees", "", None, "", None, note="ERROR: differs", ckapipe_failure=True))
+
+    by_name = {r.name: r for r in runs}
+    t_torch, theirs = timed(lambda: {(a, b): torch_cka_compare(study, by_name[a], by_name[b], archs[a], archs[b])
+                                     for a, b in pairs})
+    calls = f"{len(pairs)} compare call{'s' * (len(pairs) > 1)}"
+    if isinstance(theirs, Exception):
+        add(Row(W, f"torch-cka 0.21 ({calls})", "torch-cka", None, "analyze", t_plain, note=f"ERROR: {theirs}"))
+    else:
+        add(Row(W, f"torch-cka ({calls}) vs analysis from cached activations", "torch-cka", t_torch, "analyze", t_plain,
+                target=">= 10"))
+        add(Row(W, f"torch-cka ({calls}) vs re-analysis from cached Grams", "torch-cka", t_torch, "re-analyze", t_again,
+                target=">= 100"))
+        add(Row(W, f"torch-cka ({calls}) vs ckapipe end to end (extract + analyze)", "torch-cka", t_torch,
+                "extract+analyze", t_extract + t_plain, target=study.end_to_end_target))
+        rows += deviation_rows(W, "torch-cka 0.21 (float32, as shipped)",
+                               [max_deviation(theirs[p], exact[p]) for p in pairs])
+
+    a, b = pairs[0]
+    t_ckt, shipped = timed(lambda: ckatorch_as_shipped(study, by_name[a], by_name[b], archs[a], archs[b]))
+    if isinstance(shipped, Exception):
+        add(Row(W, "ckatorch 1.0.3 CKA class as shipped", "ckatorch", None, "analyze", t_plain,
+                note=f"ERROR: {type(shipped).__name__}: {str(shipped).splitlines()[0][:90]}"))
+    else:
+        add(Row(W, "ckatorch CKA class (as shipped, 1 epoch) vs analysis", "ckatorch", t_ckt, "analyze", t_plain,
+                note="keeps only the last minibatch's CKA"))
+        rows += deviation_rows(W, "ckatorch CKA class (as shipped)", [max_deviation(shipped, exact[(a, b)])])
+    sample = list(itertools.product(by_name[a].layer_names, by_name[b].layer_names))[:: max(1, len(by_name[a].layer_names))][:CKATORCH_PAIRS]
+    t_core, core = timed(lambda: ckatorch_core(by_name[a], by_name[b], sample))
+    total_pairs = sum(len(by_name[x].layer_names) * len(by_name[y].layer_names) for x, y in pairs)
+    if isinstance(core, Exception):
+        add(Row(W, "ckatorch cka_batch core", "ckatorch", None, "analyze", t_plain, note=f"ERROR: {core}"))
+    else:
+        estimate = t_core / len(sample) * total_pairs
+        add(Row(W, "ckatorch cka_batch core on cached features vs analysis", "ckatorch", estimate, "analyze", t_plain,
+                note=f"timed on {len(sample)} of {total_pairs} layer pairs, scaled"))
+        la, lb = by_name[a].layer_names, by_name[b].layer_names
+        got = [max_deviation(np.array([v]), np.array([exact[(a, b)][la.index(x), lb.index(y)]])) for (x, y), v in core.items()]
+        rows += deviation_rows(W, "ckatorch cka_batch core (float64)", got)
+    return rows
+
+
+def deviation_rows(workload: str, tool: str, deviations, ckapipe: bool = False) -> list[Row]:
+    """Max |CKA - float64 reference| of one tool over every pair, NaN entries counted."""
+    worst = max((d for d, _ in deviations), default=float("nan"), key=lambda d: -1 if np.isnan(d) else d)
+    nans = sum(n for _, n in deviations)
+    note = f"NaN: {nans} entries NaN or inf" if nans else ""
+    failed = ckapipe and (nans > 0 or not worst <= TOLERANCE)
+    return [Row(workload, f"max |CKA - float64 reference|, {tool}", "deviation", worst, "tolerance", TOLERANCE,
+                unit="cka", target="<= 1", note=note, ckapipe_failure=failed)]
+
+
+# --------------------------------------------------------------------------- W4: memory as N grows
+
+
+def stage_in_subprocess(stage: str, study: Study, cache: Path) -> dict:
+    """Run one stage in a fresh interpreter: its wall time and peak memory."""
+    args = {"stage": stage, "models": study.models, "n": study.n, "size": study.size, "device": study.device,
+            "cache": str(cache)}
+    done = subprocess.run([sys.executable, "-m", "tests.bench.stage", json.dumps(args)], capture_output=True, text=True)
+    if done.returncode:
+        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def scaling(study: Study, sizes: list[int], workdir: Path) -> list[Row]:
+    """W4: each stage at every N in its own process; the largest N against the smallest."""
+    results = {}
+    for n in sizes:
+        cache = workdir / f"W4-{n}"
+        sized = Study(study.workload, study.models, n, study.size, study.device)
+        results[n] = {s: stage_in_subprocess(s, sized, cache) for s in ("extract", "analyze", "fill", "reanalyze")}
+        shutil.rmtree(cache, ignore_errors=True)
+        print(f"  [W4] N={n}: " + "; ".join(f"{s} {r.get('wall_s', float('nan')):.2f} s +{r.get('stage_peak_MB', 0):.0f} MB"
+                                            for s, r in results[n].items()), flush=True)
+    lo, hi = sizes[0], sizes[-1]
+    rows = []
+    for stage in ("extract", "analyze", "fill", "reanalyze"):
+        small, large = results[lo][stage], results[hi][stage]
+        if "error" in small or "error" in large:
+            rows.append(Row("W4", f"{stage} at N={hi}", stage, None, "", None,
+                            note=f"ERROR: {small.get('error') or large.get('error')}", ckapipe_failure=True))
+            continue
+        rows.append(Row("W4", f"{stage}: wall time at N={hi} vs N={lo}", f"N={hi}", large["wall_s"], f"N={lo}",
+                        small["wall_s"], note=f"N ratio {hi / lo:g}"))
+        rows.append(Row("W4", f"{stage}: peak host memory at N={hi} vs N={lo}", f"N={hi}", large["stage_peak_MB"],
+                        f"N={lo}", small["stage_peak_MB"], unit="MB", target="<= 1.2",
+                        note=f"fresh process per stage: RSS above its level after imports (ru_maxrss of the process "
+                             f"{small['peak_host_MB']:.0f} / {large['peak_host_MB']:.0f} MB)"))
+        if large.get("peak_device_MB"):
+            rows.append(Row("W4", f"{stage}: peak device memory at N={hi} vs N={lo}", f"N={hi}", large["peak_device_MB"],
+                            f"N={lo}", small["peak_device_MB"], unit="MB", target="<= 1.2"))
+    return rows
