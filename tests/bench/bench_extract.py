@@ -1,8 +1,19 @@
-"""Piece C of the bench: compression of real activations (the trained zoo CNN
-``cnn3`` and MLP ``mlp3`` on digits, every hidden stage, flattened, float32):
-bytes on disk against raw bytes, and write/read MB/s, for each codec ckapipe
-offers. This table chose the default (``extract.store.DEFAULT_COMPRESSION``).
-Extraction speed against the forward pass is measured by the workloads (W1-W3).
+"""Pieces C and E of the bench (``python -m tests.bench --only C,E``).
+
+C. Compression of real activations (the trained zoo CNN ``cnn3`` and MLP
+   ``mlp3`` on digits, every hidden stage, flattened, float32): bytes on disk
+   against raw bytes, and write/read MB/s, for each codec ckapipe offers. This
+   table chose the default (``extract.store.DEFAULT_COMPRESSION``).
+E. The same model over the same data, in one process: forward pass only, and a
+   full extraction (hooks, clones, value checks, compression, writes) into a
+   fresh cache with several codecs, interleaved for 3 rounds, the best time of
+   each compared. Target: extraction <= 1.3x the forward-only wall time.
+
+The model of E is a small ResNet (a 3 × 3 stem and one BasicBlock per stage at
+32, 64 and 128 channels) on digits upscaled to 32 × 32, enough compute for the
+forward pass to mean something on a CPU; its three stage outputs (57,344
+floats per sample) are recorded, flattened. The workloads W1-W3 measure the
+same ratio on torchvision's ResNets.
 """
 
 from __future__ import annotations
@@ -16,6 +27,41 @@ import numpy as np
 from tests.bench.common import BATCH, Row
 
 REPEATS = 3  # best of: the machine may be shared
+E_COMPRESSIONS = ("none", "blosc-lz4", "zstd1")
+
+
+# --------------------------------------------------------------------------- the bench model
+
+
+def bench_net():
+    """The bench's ResNet (factory for the model spec ``tests.bench.bench_extract:bench_net``)."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.relu = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if stride != 1 or cin != cout else nn.Identity()
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            out += self.down(x)
+            return self.relu(out)
+
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True)),
+        Block(32, 32, 1), Block(32, 64, 2), Block(64, 128, 2),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)),
+    )
+
+
+BENCH_MODEL = "tests.bench.bench_extract:bench_net"
+BENCH_DATA = "digits?size=32"
+BENCH_LAYERS = ["1", "2", "3"]
 
 
 # --------------------------------------------------------------------------- compression
@@ -73,3 +119,62 @@ def compression_rows(workdir: Path, dtype: str = "float32") -> list[Row]:
         rows.append(Row("C", f"{name}{default} {dtype}: size on disk vs raw", "disk", r["raw_MB"] / r["ratio"], "raw",
                         r["raw_MB"], unit="MB", note=f"write {r['write_MBps']:.0f} MB/s, read {r['read_MBps']:.0f} MB/s"))
     return rows
+
+
+# --------------------------------------------------------------------------- E. forward vs extraction
+
+
+def digits_forward(n_copies: int) -> tuple[float, int]:
+    """Wall time of the bare forward over the bench inputs in extraction order (data access included)."""
+    import torch
+
+    from extract.datasets import load_dataset
+    from extract.models import load_model
+    from extract.runner import sample_order
+
+    model = load_model(BENCH_MODEL).module
+    data = load_dataset(BENCH_DATA)
+    order = np.tile(sample_order(len(data), 0, None), n_copies)
+    batches = [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for x in data.batches(batches):
+            model(x)
+    return time.perf_counter() - start, len(order)
+
+
+def extraction(cache: Path, n_copies: int, compression: str) -> tuple[float, int, int]:
+    """Wall time of full extractions of the same inputs (one run per copy), the bytes they hold and store."""
+    from extract import extract_run, store
+
+    start = time.perf_counter()
+    paths = [
+        extract_run(BENCH_MODEL, BENCH_DATA, BENCH_LAYERS, cache=cache, batch_size=BATCH, order_seed=0, name=f"bench{i}",
+                    progress=False, compression=compression)
+        for i in range(n_copies)
+    ]
+    elapsed = time.perf_counter() - start
+    runs = [store.open_run(p) for p in paths]
+    raw = sum(run.layer(layer).nbytes for run in runs for layer in run.layer_names)
+    return elapsed, raw, sum(store.disk_size(p) for p in paths)
+
+
+def extraction_rows(workdir: Path, rounds: int = 3, compressions=E_COMPRESSIONS, n_copies: int = 1) -> list[Row]:
+    """Forward-only and extraction rounds, interleaved; the best time of each (load comes and goes)."""
+    from extract.store import DEFAULT_COMPRESSION
+
+    digits_forward(1)  # warm-up: threads, allocator
+    forwards, extractions = [], {c: [] for c in compressions}
+    for round_ in range(rounds):
+        forwards.append(digits_forward(n_copies)[0])
+        for compression in compressions:
+            cache = workdir / f"cache-{compression}-{round_}"
+            t, raw, disk = extraction(cache, n_copies, compression)
+            extractions[compression].append(t)
+            shutil.rmtree(cache)
+    t_forward = min(forwards)
+    return [Row("E", f"extraction ({c}{' default' if c == DEFAULT_COMPRESSION else ''}) vs forward only, small ResNet "
+                     f"on digits", "extract", min(times), "forward", t_forward,
+                target="<= 1.3" if c == DEFAULT_COMPRESSION else "",
+                note=f"best of {rounds} interleaved rounds; {raw / min(times) / 1e6:.0f} MB/s of activations")
+            for c, times in extractions.items()]

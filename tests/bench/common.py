@@ -7,7 +7,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,11 +63,6 @@ def timed(fn, repeat: int = 1):
             return time.perf_counter() - start, err
         best = min(best, time.perf_counter() - start)
     return best, value
-
-
-def peak_host_MB() -> float:
-    """Peak resident memory of this process so far (ru_maxrss, kB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --------------------------------------------------------------------------- rows of the table

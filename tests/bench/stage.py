@@ -3,9 +3,10 @@
     python -m tests.bench.stage '{"stage": "extract|analyze|fill|reanalyze", "models": [...], "n": N,
                                   "size": S, "device": "cpu", "cache": DIR}'
 
-prints one JSON line: wall_s, peak_host_MB (ru_maxrss), stage_peak_MB (the largest resident
-size sampled during the stage minus the size before it, after the imports) and, on CUDA,
-peak_device_MB.
+prints one JSON line: wall_s, peak_host_MB (the largest resident size sampled every 5 ms during
+the stage), stage_peak_MB (that minus the size before the stage, after the imports) and, on
+CUDA, peak_device_MB. Not ru_maxrss: Linux carries it across exec from the parent's fork,
+so a child of a large bench process reports the parent's peak.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ import os
 import sys
 import threading
 import time
-
-from tests.bench.common import peak_host_MB
-
 
 def resident_MB() -> float:
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -47,7 +45,7 @@ class ResidentPeak:
         return self.peak - self.base
 
 
-def run_stage(args: dict) -> float:
+def run_stage(args: dict) -> ResidentPeak:
     from tests.bench.workloads import Study, analysis, extract_all
 
     study = Study("W4", tuple(tuple(m) for m in args["models"]), args["n"], args["size"], args["device"])
@@ -63,7 +61,7 @@ def run_stage(args: dict) -> float:
 
     with ResidentPeak() as peak:
         stages[args["stage"]]()
-    return peak.increase_MB
+    return peak
 
 
 def peak_device_MB(device: str) -> float | None:
@@ -84,9 +82,9 @@ def peak_device_MB(device: str) -> float | None:
 def main(argv: list[str]) -> int:
     args = json.loads(argv[0])
     start = time.perf_counter()
-    increase = run_stage(args)
+    peak = run_stage(args)
     wall = time.perf_counter() - start
-    print(json.dumps({"wall_s": wall, "peak_host_MB": peak_host_MB(), "stage_peak_MB": increase, "peak_device_MB": peak_device_MB(args["device"])}))
+    print(json.dumps({"wall_s": wall, "peak_host_MB": peak.peak, "stage_peak_MB": peak.increase_MB, "peak_device_MB": peak_device_MB(args["device"])}))
     return 0
 
 
