@@ -32,6 +32,7 @@ from extract.store import Run, find_runs
 
 MINIBATCHES_PER_TASK = 4
 TASK_TRIANGLE_BYTES = 512 * 2**20  # a task's stacked Gram triangles stay under this (fewer minibatches if needed)
+TASK_ACTIVATION_BYTES = 512 * 2**20  # and one run's activations read by one task
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,23 @@ def resolve_runs(cache, runs: Sequence[str | Run]) -> list[Run]:
 
 def per_task(m: int, runs: Sequence[Run]) -> int:
     """Minibatches per task: MINIBATCHES_PER_TASK, fewer when their triangles
-    (layers × m(m-1)/2 float64 each) would exceed TASK_TRIANGLE_BYTES."""
+    (layers × m(m-1)/2 float64 each) would exceed TASK_TRIANGLE_BYTES or one run's
+    activations (m × D float32-or-wider per layer) would exceed TASK_ACTIVATION_BYTES.
+
+    The second bound also splits large-D studies into more tasks for the cores:
+    one 224 px ResNet-34 minibatch is 1.4 GB of float32 activations.
+    """
     one = sum(len(r.layer_names) for r in runs) * m * (m - 1) // 2 * 8
-    return max(1, min(MINIBATCHES_PER_TASK, TASK_TRIANGLE_BYTES // max(one, 1)))
+    activations = max((activation_bytes(r, m) for r in runs), default=0)
+    return max(1, min(MINIBATCHES_PER_TASK, TASK_TRIANGLE_BYTES // max(one, 1),
+                      TASK_ACTIVATION_BYTES // max(activations, 1)))
+
+
+def activation_bytes(run: Run, m: int) -> int:
+    """Bytes of one minibatch of m rows of every stored layer of a run (0 for a grams-only run)."""
+    if run.grams_only:
+        return 0
+    return sum(m * int(np.prod(run.layer(layer).shape[1:])) * run.layer(layer).dtype.itemsize for layer in run.layer_names)
 
 
 def task_groups(minibatches: Sequence[int], m: int, chunk_sizes: Sequence[int], per_task: int = MINIBATCHES_PER_TASK):
