@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from analyze.grams import RunSource, all_cached, plan_source, run_triangles
+from analyze.grams import RunSource, plan_source, run_triangles
 from analyze.kernels import PRODUCTS, hsic1_matrix
 from analyze.pairing import Pairing, analysis_batch_size, plan_pairing
 from analyze.results import Results, RunEntry, check_out, recorded_inputs, write_results
@@ -31,7 +31,6 @@ from extract.errors import CkapipeError
 from extract.store import Run, find_runs
 
 MINIBATCHES_PER_TASK = 4
-CACHED_MINIBATCHES_PER_TASK = 64  # when every Gram is cached: a task's reads are 256 KB per layer and minibatch
 TASK_TRIANGLE_BYTES = 512 * 2**20  # a task's stacked Gram triangles stay under this (fewer minibatches if needed)
 TASK_ACTIVATION_BYTES = 512 * 2**20  # and one run's activations read by one task
 
@@ -73,8 +72,7 @@ def plan_analysis(
     m = analysis_batch_size(resolved, batch_size)
     pairing = plan_pairing(resolved, m, pair_by_position, completed_only)
     sources = tuple(plan_source(run, m, use_gram_cache, fill_cache=precision == "float64") for run in resolved)
-    cached = all(all_cached(run, source, m, pairing.minibatches) for run, source in zip(resolved, sources))
-    tasks = task_groups(pairing.minibatches, m, [r.batch_size for r in resolved], per_task(m, resolved, cached))
+    tasks = task_groups(pairing.minibatches, m, [r.batch_size for r in resolved], per_task(m, resolved))
     return Plan(tuple(resolved), pairing, sources, tasks, precision)
 
 
@@ -86,10 +84,8 @@ def resolve_runs(cache, runs: Sequence[str | Run]) -> list[Run]:
     return find_runs(cache, [r.name if isinstance(r, Run) else r for r in runs])
 
 
-def per_task(m: int, runs: Sequence[Run], cached: bool = False) -> int:
-    """Minibatches per task: MINIBATCHES_PER_TASK (CACHED_MINIBATCHES_PER_TASK when
-    every Gram comes from the Gram cache, where each Zarr call's overhead outweighs
-    its 256 KB per layer and minibatch), fewer when their triangles
+def per_task(m: int, runs: Sequence[Run]) -> int:
+    """Minibatches per task: MINIBATCHES_PER_TASK, fewer when their triangles
     (layers × m(m-1)/2 float64 each) would exceed TASK_TRIANGLE_BYTES or one run's
     activations (m × D float32-or-wider per layer) would exceed TASK_ACTIVATION_BYTES.
 
@@ -97,9 +93,8 @@ def per_task(m: int, runs: Sequence[Run], cached: bool = False) -> int:
     one 224 px ResNet-34 minibatch is 1.4 GB of float32 activations.
     """
     one = sum(len(r.layer_names) for r in runs) * m * (m - 1) // 2 * 8
-    activations = 0 if cached else max((activation_bytes(r, m) for r in runs), default=0)
-    most = CACHED_MINIBATCHES_PER_TASK if cached else MINIBATCHES_PER_TASK
-    return max(1, min(most, TASK_TRIANGLE_BYTES // max(one, 1),
+    activations = max((activation_bytes(r, m) for r in runs), default=0)
+    return max(1, min(MINIBATCHES_PER_TASK, TASK_TRIANGLE_BYTES // max(one, 1),
                       TASK_ACTIVATION_BYTES // max(activations, 1)))
 
 

@@ -81,14 +81,6 @@ def plan_source(run: Run, m: int, use_gram_cache: bool, fill_cache: bool = True)
     return RunSource(**common, read_cache=True, write_cache=False, coarser=coarser)
 
 
-def all_cached(run: Run, source: RunSource, m: int, ks: Sequence[int]) -> bool:
-    """Whether every Gram of minibatches ks at m will come from the run's Gram cache."""
-    if not source.read_cache or source.coarser is not None:
-        return False
-    cache = gram_cache(run, m, create=False)
-    return bool(len(ks)) and bool(_cached_mask(cache, sorted(ks)).all())
-
-
 def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: str = "float64"):
     """(len(ks), layers, m(m-1)/2) float64 U-centred Gram triangles of one run
     (``product``: precision of the Gram products computed here, see kernels.gram_linear)."""
