@@ -122,10 +122,9 @@ def fmt_ratio(ratio: float | None) -> str:
 def markdown(rows: list[Row]) -> str:
     lines = ["| W | comparison | a | b | a / b | target | status | note |", "|---|---|---:|---:|---:|---|---|---|"]
     for r in rows:
-        lines.append(
-            f"| {r.workload} | {r.what} | {r.a_label}: {fmt(r.a, r.unit)} | {r.b_label}: {fmt(r.b, r.unit)} | "
-            f"{fmt_ratio(r.ratio)} | {r.target} | {r.status} | {r.note} |"
-        )
+        cells = [r.workload, r.what, f"{r.a_label}: {fmt(r.a, r.unit)}", f"{r.b_label}: {fmt(r.b, r.unit)}",
+                 fmt_ratio(r.ratio), r.target, r.status, r.note]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines)
 
 
