@@ -160,97 +160,139 @@ def ckatorch_core(run_a, run_b, pairs) -> dict:
 # --------------------------------------------------------------------------- one study
 
 
-def run_study(study: Study, workdir: Path) -> list[Row]:
-    """Every row of one workload."""
-    cache = workdir / study.workload
-    rows: list[Row] = []
-    add = rows.append
-    W = study.workload
+@dataclass
+class Ours:
+    """What ckapipe's side of a study measured, which the other tools are held against."""
 
+    runs: list
+    archs: dict  # run name -> (architecture, init seed)
+    pairs: list  # (run a, run b) names, every pair of runs
+    exact: dict  # pair -> (La, Lb) float64 reference CKA
+    t_extract: float
+    t_analysis: float
+    t_reanalysis: float
+
+    def run(self, name):
+        return next(r for r in self.runs if r.name == name)
+
+
+def run_study(study: Study, workdir: Path) -> list[Row]:
+    """Every row of one workload: ckapipe's extraction and analysis, then torch-cka and ckatorch."""
+    rows, ours = ckapipe_rows(study, workdir)
+    if ours is not None:
+        rows += torch_cka_rows(study, ours) + ckatorch_rows(study, ours)
+    return rows
+
+
+def ckapipe_rows(study: Study, workdir: Path) -> tuple[list[Row], Ours | None]:
+    """Extraction against forward and bare write, analysis against bare reads, deviations from float64."""
+    cache = workdir / study.workload
     t_forward, t_extract, runs = forward_and_extract(study, cache)
     if isinstance(runs, Exception):
-        add(Row(W, "ckapipe extract", "extract", None, "forward", t_forward, note=f"ERROR: {runs}", ckapipe_failure=True))
-        return rows
-    names = [r.name for r in runs]
-    archs = {run.name: (arch, seed) for run, (_, arch, seed) in zip(runs, study.models)}
+        return [Row(study.workload, "ckapipe extract", "extract", None, "forward", t_forward, note=f"ERROR: {runs}",
+                    ckapipe_failure=True)], None
+    rows = extraction_rows(study, workdir, runs, t_forward, t_extract)
+    analysed, ours = analysis_rows(study, cache, runs, t_extract)
+    return rows + analysed, ours
+
+
+def extraction_rows(study: Study, workdir: Path, runs, t_forward: float, t_extract: float) -> list[Row]:
+    W = study.workload
     raw = sum(r.layer(layer).nbytes for r in runs for layer in r.layer_names)
     disk = sum(sum(f.stat().st_size for f in Path(r.path).rglob("*") if f.is_file()) for r in runs)
     t_write = bare_write(workdir / "bare-write.bin", disk)
     (workdir / "bare-write.bin").unlink()
-    floor = max(t_forward, t_write)
-    add(Row(W, "extraction vs max(forward only, bare write)", "extract", t_extract,
-            "forward" if t_forward >= t_write else "bare write", floor, target="<= 1.3",
+    return [
+        Row(W, "extraction vs max(forward only, bare write)", "extract", t_extract,
+            "forward" if t_forward >= t_write else "bare write", max(t_forward, t_write), target="<= 1.3",
             note=f"models built in both; best of {study.rounds} interleaved rounds; forward {t_forward:.2f} s, "
-                 f"bare write {t_write:.2f} s of {disk / 1e6:.0f} MB"))
-    add(Row(W, "extraction write rate vs bare sequential write", "extract", disk / t_extract / 1e6, "bare write",
-            disk / t_write / 1e6, unit="MB/s", note=f"{raw / 1e9:.2f} GB of activations, {disk / 1e9:.2f} GB on disk"))
+                 f"bare write {t_write:.2f} s of {disk / 1e6:.0f} MB"),
+        Row(W, "extraction write rate vs bare sequential write", "extract", disk / t_extract / 1e6, "bare write",
+            disk / t_write / 1e6, unit="MB/s", note=f"{raw / 1e9:.2f} GB of activations, {disk / 1e9:.2f} GB on disk"),
+    ]
 
+
+def analysis_rows(study: Study, cache: Path, runs, t_extract: float) -> tuple[list[Row], Ours | None]:
+    W = study.workload
+    names = [r.name for r in runs]
+    raw = sum(r.layer(layer).nbytes for r in runs for layer in r.layer_names)
     t_files, nread = bare_read_files([r.path for r in runs])
     t_decode, _ = timed(lambda: decoded_read(cache, names), repeat=2)
     t_plain, plain = timed(lambda: analysis(cache, names, study.device, use_gram_cache=False), repeat=2)
     if isinstance(plain, Exception):
-        add(Row(W, "ckapipe analyze", "analyze", None, "read", t_decode, note=f"ERROR: {plain}", ckapipe_failure=True))
-        return rows
+        return [Row(W, "ckapipe analyze", "analyze", None, "read", t_decode, note=f"ERROR: {plain}",
+                    ckapipe_failure=True)], None
     t_f32, fast = timed(lambda: analysis(cache, names, study.device, use_gram_cache=False, precision="float32"))
     t_fill, _ = timed(lambda: analysis(cache, names, study.device))
     t_again, again = timed(lambda: analysis(cache, names, study.device), repeat=3)
-    add(Row(W, "analysis vs bare read+decode of the same chunks", "analyze", t_plain, "read+decode", t_decode,
-            target="<= 1.3", note=f"same Dask tasks and threads; {raw / 1e9:.2f} GB decoded"))
-    add(Row(W, "analysis read rate vs bare sequential file read", "analyze", nread / t_plain / 1e6, "bare read",
-            nread / t_files / 1e6, unit="MB/s", note=f"{nread / 1e6:.0f} MB of store files"))
-    add(Row(W, "analysis, float32 products vs float64", "float32", t_f32, "float64", t_plain))
-    add(Row(W, "first analysis filling the Gram cache vs analysis", "fill", t_fill, "analyze", t_plain))
-    add(Row(W, "re-analysis from cached Grams vs first analysis", "first", t_fill, "re-analyze", t_again, target=">= 10"))
-
-    pairs = [(a, b) for a, b in itertools.combinations(names, 2)]
+    rows = [
+        Row(W, "analysis vs bare read+decode of the same chunks", "analyze", t_plain, "read+decode", t_decode,
+            target="<= 1.3", note=f"same Dask tasks and threads; {raw / 1e9:.2f} GB decoded"),
+        Row(W, "analysis read rate vs bare sequential file read", "analyze", nread / t_plain / 1e6, "bare read",
+            nread / t_files / 1e6, unit="MB/s", note=f"{nread / 1e6:.0f} MB of store files"),
+        Row(W, "analysis, float32 products vs float64", "float32", t_f32, "float64", t_plain),
+        Row(W, "first analysis filling the Gram cache vs analysis", "fill", t_fill, "analyze", t_plain),
+        Row(W, "re-analysis from cached Grams vs first analysis", "first", t_fill, "re-analyze", t_again, target=">= 10"),
+    ]
+    pairs = list(itertools.combinations(names, 2))
     exact = reference_cka(runs, pairs)
-    dev64 = [max_deviation(plain.cka(a, b), exact[(a, b)]) for a, b in pairs]
-    dev32 = [max_deviation(fast.cka(a, b), exact[(a, b)]) for a, b in pairs]
-    again_same = all(np.array_equal(again.cka(a, b), plain.cka(a, b)) or
-                     max_deviation(again.cka(a, b), exact[(a, b)])[0] <= TOLERANCE for a, b in pairs)
-    rows += deviation_rows(W, "ckapipe (float64)", dev64, ckapipe=True)
-    rows += deviation_rows(W, "ckapipe --precision float32", dev32)
-    if not again_same:
-        add(Row(W, "re-analysis from Grams agrees", "", None, "", None, note="ERROR: differs", ckapipe_failure=True))
+    rows += deviation_rows(W, "ckapipe (float64)", [max_deviation(plain.cka(*p), exact[p]) for p in pairs], ckapipe=True)
+    rows += deviation_rows(W, "ckapipe --precision float32", [max_deviation(fast.cka(*p), exact[p]) for p in pairs])
+    if any(max_deviation(again.cka(*p), exact[p])[0] > TOLERANCE for p in pairs):
+        rows.append(Row(W, "re-analysis from cached Grams agrees with float64", "", None, "", None,
+                        note="ERROR: differs by more than 1e-6", ckapipe_failure=True))
+    archs = {run.name: (arch, seed) for run, (_, arch, seed) in zip(runs, study.models)}
+    return rows, Ours(runs, archs, pairs, exact, t_extract, t_plain, t_again)
 
-    by_name = {r.name: r for r in runs}
-    t_torch, theirs = timed(lambda: {(a, b): torch_cka_compare(study, by_name[a], by_name[b], archs[a], archs[b])
-                                     for a, b in pairs})
-    calls = f"{len(pairs)} compare call{'s' * (len(pairs) > 1)}"
+
+def torch_cka_rows(study: Study, ours: Ours) -> list[Row]:
+    """torch-cka's compare for every pair of runs, against ckapipe's analysis, re-analysis and end to end."""
+    W = study.workload
+    t_torch, theirs = timed(lambda: {(a, b): torch_cka_compare(study, ours.run(a), ours.run(b), ours.archs[a],
+                                                               ours.archs[b]) for a, b in ours.pairs})
+    calls = f"{len(ours.pairs)} compare call{'s' * (len(ours.pairs) > 1)}"
     if isinstance(theirs, Exception):
-        add(Row(W, f"torch-cka 0.21 ({calls})", "torch-cka", None, "analyze", t_plain, note=f"ERROR: {theirs}"))
-    else:
-        add(Row(W, f"torch-cka ({calls}) vs analysis from cached activations", "torch-cka", t_torch, "analyze", t_plain,
-                target=">= 10"))
-        add(Row(W, f"torch-cka ({calls}) vs re-analysis from cached Grams", "torch-cka", t_torch, "re-analyze", t_again,
-                target=">= 100"))
-        add(Row(W, f"torch-cka ({calls}) vs ckapipe end to end (extract + analyze)", "torch-cka", t_torch,
-                "extract+analyze", t_extract + t_plain, target=study.end_to_end_target))
-        rows += deviation_rows(W, "torch-cka 0.21 (float32, as shipped)",
-                               [max_deviation(theirs[p], exact[p]) for p in pairs])
+        return [Row(W, f"torch-cka 0.21 ({calls})", "torch-cka", None, "analyze", ours.t_analysis,
+                    note=f"ERROR: {theirs}")]
+    return [
+        Row(W, f"torch-cka ({calls}) vs analysis from cached activations", "torch-cka", t_torch, "analyze",
+            ours.t_analysis, target=">= 10"),
+        Row(W, f"torch-cka ({calls}) vs re-analysis from cached Grams", "torch-cka", t_torch, "re-analyze",
+            ours.t_reanalysis, target=">= 100"),
+        Row(W, f"torch-cka ({calls}) vs ckapipe end to end (extract + analyze)", "torch-cka", t_torch,
+            "extract+analyze", ours.t_extract + ours.t_analysis, target=study.end_to_end_target),
+    ] + deviation_rows(W, "torch-cka 0.21 (float32, as shipped)", [max_deviation(theirs[p], ours.exact[p])
+                                                                    for p in ours.pairs])
 
-    a, b = pairs[0]
-    t_ckt, shipped = timed(lambda: ckatorch_as_shipped(study, by_name[a], by_name[b], archs[a], archs[b]))
+
+def ckatorch_rows(study: Study, ours: Ours) -> list[Row]:
+    """ckatorch's CKA class as shipped on the first pair of runs, and its cka_batch core on sampled layer pairs."""
+    W = study.workload
+    a, b = ours.pairs[0]
+    run_a, run_b = ours.run(a), ours.run(b)
+    rows = []
+    t_class, shipped = timed(lambda: ckatorch_as_shipped(study, run_a, run_b, ours.archs[a], ours.archs[b]))
     if isinstance(shipped, Exception):
-        add(Row(W, "ckatorch 1.0.3 CKA class as shipped", "ckatorch", None, "analyze", t_plain,
-                note=f"ERROR: {type(shipped).__name__}: {str(shipped).splitlines()[0][:90]}"))
+        rows.append(Row(W, "ckatorch 1.0.3 CKA class as shipped", "ckatorch", None, "analyze", ours.t_analysis,
+                        note=f"ERROR: {type(shipped).__name__}: {str(shipped).splitlines()[0][:90]}"))
     else:
-        add(Row(W, "ckatorch CKA class (as shipped, 1 epoch) vs analysis", "ckatorch", t_ckt, "analyze", t_plain,
-                note="keeps only the last minibatch's CKA"))
-        rows += deviation_rows(W, "ckatorch CKA class (as shipped)", [max_deviation(shipped, exact[(a, b)])])
-    sample = list(itertools.product(by_name[a].layer_names, by_name[b].layer_names))[:: max(1, len(by_name[a].layer_names))][:CKATORCH_PAIRS]
-    t_core, core = timed(lambda: ckatorch_core(by_name[a], by_name[b], sample))
-    total_pairs = sum(len(by_name[x].layer_names) * len(by_name[y].layer_names) for x, y in pairs)
+        rows.append(Row(W, "ckatorch CKA class (as shipped, 1 epoch) vs analysis", "ckatorch", t_class, "analyze",
+                        ours.t_analysis, note="keeps only the last minibatch's CKA"))
+        rows += deviation_rows(W, "ckatorch CKA class (as shipped)", [max_deviation(shipped, ours.exact[(a, b)])])
+    la, lb = run_a.layer_names, run_b.layer_names
+    sample = list(itertools.product(la, lb))[:: max(1, len(la))][:CKATORCH_PAIRS]
+    t_core, core = timed(lambda: ckatorch_core(run_a, run_b, sample))
     if isinstance(core, Exception):
-        add(Row(W, "ckatorch cka_batch core", "ckatorch", None, "analyze", t_plain, note=f"ERROR: {core}"))
-    else:
-        estimate = t_core / len(sample) * total_pairs
-        add(Row(W, "ckatorch cka_batch core on cached features vs analysis", "ckatorch", estimate, "analyze", t_plain,
-                note=f"timed on {len(sample)} of {total_pairs} layer pairs, scaled"))
-        la, lb = by_name[a].layer_names, by_name[b].layer_names
-        got = [max_deviation(np.array([v]), np.array([exact[(a, b)][la.index(x), lb.index(y)]])) for (x, y), v in core.items()]
-        rows += deviation_rows(W, "ckatorch cka_batch core (float64)", got)
-    return rows
+        return rows + [Row(W, "ckatorch cka_batch core", "ckatorch", None, "analyze", ours.t_analysis,
+                           note=f"ERROR: {core}")]
+    total = sum(len(ours.run(x).layer_names) * len(ours.run(y).layer_names) for x, y in ours.pairs)
+    rows.append(Row(W, "ckatorch cka_batch core on cached features vs analysis", "ckatorch",
+                    t_core / len(sample) * total, "analyze", ours.t_analysis,
+                    note=f"timed on {len(sample)} of {total} layer pairs, scaled"))
+    exact = ours.exact[(a, b)]
+    return rows + deviation_rows(W, "ckatorch cka_batch core (float64)",
+                                 [max_deviation(np.array([v]), np.array([exact[la.index(x), lb.index(y)]]))
+                                  for (x, y), v in core.items()])
 
 
 def deviation_rows(workload: str, tool: str, deviations, ckapipe: bool = False) -> list[Row]:
