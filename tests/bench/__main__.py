@@ -34,8 +34,9 @@ def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", default=os.environ.get("CKAPIPE_BENCH_FULL") == "1",
                         help="issue 5's sizes (N = 10,240; W2 2,560 at 224 px): for a GPU machine")
-    parser.add_argument("--only", default="C,E,W1,W2,W3,W4",
-                        help="comma-separated pieces: C (codecs), E (extraction vs forward, digits), W1..W4")
+    parser.add_argument("--only", default="C,E,A,W1,W2,W3,W4",
+                        help="comma-separated pieces: C (codecs), E (extraction vs forward, digits), "
+                             "A (float32 accuracy against an offset), W1..W4")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", default="bench-results")
     return parser.parse_args(argv)
@@ -43,12 +44,14 @@ def parse(argv):
 
 def pieces(sizes: dict, device: str, workdir: Path) -> dict:
     """Each piece of the suite: a callable returning its rows."""
+    from tests.bench.accuracy import offset_rows
     from tests.bench.bench_extract import compression_rows, extraction_rows
     from tests.bench.workloads import Study, run_study, scaling
 
     return {
         "C": lambda: compression_rows(workdir / "C"),
         "E": lambda: extraction_rows(workdir / "E"),
+        "A": lambda: offset_rows(workdir / "A"),
         "W1": lambda: run_study(Study("W1", PAIR, sizes["W1"], 32, device), workdir),
         "W2": lambda: run_study(Study("W2", PAIR, sizes["W2"], 224, device, rounds=1), workdir),
         "W3": lambda: run_study(Study("W3", SIX, sizes["W3"], 32, device, end_to_end_target=">= 10"), workdir),
