@@ -75,11 +75,11 @@ def forward_and_extract(study: Study, cache: Path):
     return min(forwards), min(extractions), runs
 
 
-def extract_all(study: Study, cache: Path) -> list:
+def extract_all(study: Study, cache: Path, grams: bool = False) -> list:
     from extract import extract_run, store
 
     return [store.open_run(extract_run(model_spec(arch, seed), inputs_spec(study.n, study.size), LAYERS, cache=cache,
-                                       batch_size=BATCH, name=name, device=study.device, progress=False))
+                                       batch_size=BATCH, name=name, device=study.device, progress=False, grams=grams))
             for name, arch, seed in study.models]
 
 
