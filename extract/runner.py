@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from analyze.blas import single_threaded_blas
+
 from extract import store
 from extract.datasets import LoadedDataset, load_dataset
 from extract.errors import CkapipeError
@@ -153,7 +155,7 @@ def _extract_chunks(run, recorder, data: LoadedDataset, order, span, device, dty
     writer = ChunkWriter(run, dtype=dtype, grams=gram_group, threads=threads, progress=bar)
     try:
         batches = data.batches((order[run.chunk_slice(k)] for k in todo), workers)
-        with recorder.hooked():
+        with recorder.hooked(), single_threaded_blas(gram_group is not None):
             for k, inputs in zip(todo, batches):
                 features = recorder.forward(to_device(inputs, device))
                 writer.submit(k, features, device_grams(features) if gram_group is not None else None)
