@@ -97,46 +97,14 @@ def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: 
         raise StoreError(f"run {run.name} stores Grams only and lacks the Gram of minibatch {k} at m={m}")
     from_cache = [i for i in range(len(ks)) if cached[i]]
     computed = [i for i in range(len(ks)) if not cached[i]]
-    reads = task_run(run) if computed else run
     for li, layer in enumerate(source.layers):
         if from_cache:
             out[from_cache, li] = xp.asarray(_read_cached(cache, layer, [ks[i] for i in from_cache], run.name, m))
-        for i, x in zip(computed, minibatch_features(reads, layer, [ks[i] for i in computed], m)):
+        for i, x in zip(computed, minibatch_features(run, layer, [ks[i] for i in computed], m)):
             out[i, li] = ucentered_gram(xp.asarray(x), product)
     if source.write_cache and computed:
         _write_cache(run, m, source.layers, [ks[i] for i in computed], out[computed])
     return out
-
-
-class TaskGroup:
-    """A run's Zarr group as one task sees it: each node opened once, and the
-    completion markers read once when the task starts.
-
-    ``Run.read_chunk`` looks both up on every call: two Zarr round trips of
-    Python under the GIL per chunk, half of the Zarr calls of an analysis
-    (measured on the bench's W1 stores: the analysis went from 1.73 s to 1.3 s
-    of wall time). Reads still go through ``Run.read_chunk``, with its checks.
-    """
-
-    def __init__(self, group, done: np.ndarray):
-        self._group = group
-        self._nodes: dict[str, object] = {"done": done}
-
-    def __getitem__(self, path: str):
-        if path not in self._nodes:
-            self._nodes[path] = self._group[path]
-        return self._nodes[path]
-
-    def __contains__(self, path: str) -> bool:
-        return path in self._nodes or path in self._group
-
-    def __getattr__(self, name: str):
-        return getattr(self._group, name)
-
-
-def task_run(run: Run) -> Run:
-    """The same run, its group seen through a TaskGroup (for the reads of one task)."""
-    return Run(run.path, TaskGroup(run.group, run.done()))
 
 
 def minibatch_features(run: Run, layer: str, ks: Sequence[int], m: int) -> Iterator[np.ndarray]:

@@ -151,10 +151,13 @@ class LayerInfo:
 
 @dataclass
 class Run:
-    """A handle on one run's store: its path and the group, nothing cached but attrs."""
+    """A handle on one run's store: its path and group; it keeps the layer arrays it opened and the
+    completion markers it last read (markers only go from 0 to 1)."""
 
     path: Path
     group: zarr.Group = field(repr=False)
+    _arrays: dict = field(default_factory=dict, repr=False, compare=False)  # layer arrays, opened once
+    _done: np.ndarray | None = field(default=None, repr=False, compare=False)  # markers last read
 
     # ---- metadata
     @property
@@ -209,9 +212,11 @@ class Run:
         return slice(k * m, min((k + 1) * m, self.n_samples))
 
     def layer(self, name: str) -> zarr.Array:
-        if name not in self.layer_names:
-            raise StoreError(f"run {self.name} has no layer {name!r}{suggest(name, self.layer_names)}")
-        return self.group[f"layers/{name}"]
+        if name not in self._arrays:
+            if name not in self.layer_names:
+                raise StoreError(f"run {self.name} has no layer {name!r}{suggest(name, self.layer_names)}")
+            self._arrays[name] = self.group[f"layers/{name}"]
+        return self._arrays[name]
 
     def set_meta(self, **changes) -> None:
         meta = dict(self.meta)
@@ -233,9 +238,17 @@ class Run:
             self.layer(name)[rows] = arrays[name]
         self.group["done"][k] = 1
 
+    def chunk_done(self, k: int) -> bool:
+        """Completion marker of chunk k. Markers only ever go from 0 to 1, so the
+        markers read once are kept and read again only for a chunk not yet seen done
+        (a Zarr call per chunk read was half of an analysis's Zarr calls)."""
+        if self._done is None or not self._done[k]:
+            self._done = self.done()
+        return bool(self._done[k])
+
     def read_chunk(self, name: str, k: int) -> np.ndarray:
         """Rows of minibatch k of one layer; refuses a chunk that was never completed."""
-        if not self.group["done"][k]:
+        if not self.chunk_done(k):
             raise StoreError(f"chunk {k} of layer {name!r} in run {self.name} is missing (extraction incomplete)")
         return self.layer(name)[self.chunk_slice(k)]
 
