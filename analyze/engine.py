@@ -134,8 +134,16 @@ def source_triangles(source: RunSource, ks: Sequence[int], m: int, device: str =
 def group_hsic(triangles: Sequence[np.ndarray]) -> np.ndarray:
     """(len(ks), L, L) HSIC_1 of every pair of layers of every run, per minibatch, from the
     triangles of every run of one minibatch group (``source_triangles``, in run order)."""
-    stacked = np.concatenate(triangles, axis=1)
-    return np.stack([hsic1_matrix(t) for t in stacked])
+    ends = np.cumsum([t.shape[1] for t in triangles])
+    starts = ends - [t.shape[1] for t in triangles]
+    out = np.empty((triangles[0].shape[0], ends[-1], ends[-1]))
+    for a, ta in enumerate(triangles):  # block by block: no concatenated copy of every run's triangles
+        for b in range(a, len(triangles)):
+            rows, cols = slice(starts[a], ends[a]), slice(starts[b], ends[b])
+            for k in range(len(ta)):
+                out[k, rows, cols] = hsic1_matrix(ta[k], None if b == a else triangles[b][k])
+                out[k, cols, rows] = out[k, rows, cols].T
+    return out
 
 
 def minibatch_hsic(sources: Sequence[RunSource], ks: Sequence[int], m: int, device: str = "cpu",
