@@ -1,12 +1,11 @@
 """U-centred Grams of one run for a list of minibatches: from the Gram cache or
 from the activations, filling the cache on the way.
 
-The cache is the run's ``grams/m<m>`` group (``extract.store.Run.grams``): per
-layer a float64 array (N // m, m(m-1)/2) holding the strict upper triangle of
-U(X_k X_kᵀ) for every full minibatch k, and a ``done`` marker per minibatch,
-written after every layer of that minibatch. It lives inside the run's store,
-whose name carries the run's key, and records that key in its attributes: a
-changed run never gets another run's Grams.
+The cache is the run's ``grams/m<m>`` group (``extract.store.GramCache``): row k
+holds the strict upper triangle of U(X_k X_kᵀ) of every layer of full minibatch
+k, in one chunk, and a ``done`` marker set after the row. It lives inside the
+run's store, whose name carries the run's key, and records that key in its
+attributes: a changed run never gets another run's Grams.
 
 Activations are read with ``Run.read_chunk`` only, each stored chunk once per
 call (consecutive analysis minibatches inside one chunk share the read).
@@ -20,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from analyze.kernels import sub_triangles, ucentered_gram
-from extract.store import Run, StoreError, open_run
+from extract.store import GramCache, Run, StoreError, open_run
 
 KEY_ATTR = "run_key"
 
@@ -38,12 +37,14 @@ class RunSource:
     coarser: int | None = None  # grams-only run: cached size m' that m divides
 
 
-def gram_cache(run: Run, m: int, create: bool) -> object | None:
+def gram_cache(run: Run, m: int, create: bool) -> GramCache | None:
     """The run's Gram cache group at m, created (and stamped with its key) if asked;
     None when absent, not writable, or stamped with another run's key (an
     unstamped group, as the extraction stage writes it, belongs to its store)."""
     try:
         group = run.grams(m, create=create)
+    except StoreError:
+        raise
     except Exception:  # noqa: BLE001 - read-only store, or another analysis creating it now
         if not create:
             raise
@@ -91,19 +92,21 @@ def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: 
         _fill_from_coarser(run, source, ks, m, out, xp)
         return out
     cache = gram_cache(run, m, create=False) if source.read_cache else None
-    cached = _cached_mask(cache, ks)
+    cached = cache.done(ks) if cache is not None else np.zeros(len(ks), dtype=bool)
     if run.grams_only and not cached.all():
         k = ks[int(np.flatnonzero(~cached)[0])]
         raise StoreError(f"run {run.name} stores Grams only and lacks the Gram of minibatch {k} at m={m}")
     from_cache = [i for i in range(len(ks)) if cached[i]]
     computed = [i for i in range(len(ks)) if not cached[i]]
+    if from_cache:
+        out[from_cache] = xp.asarray(_read_cached(cache, [ks[i] for i in from_cache]))
     for li, layer in enumerate(source.layers):
-        if from_cache:
-            out[from_cache, li] = xp.asarray(_read_cached(cache, layer, [ks[i] for i in from_cache], run.name, m))
         for i, x in zip(computed, minibatch_features(run, layer, [ks[i] for i in computed], m)):
             out[i, li] = ucentered_gram(xp.asarray(x), product)
     if source.write_cache and computed:
-        _write_cache(run, m, source.layers, [ks[i] for i in computed], out[computed])
+        writable = gram_cache(run, m, create=False)
+        if writable is not None:
+            writable.write([ks[i] for i in computed], out[computed])
     return out
 
 
@@ -141,54 +144,15 @@ def checked_chunk(run: Run, layer: str, j: int) -> np.ndarray:
     return x
 
 
-def _cached_mask(cache, ks: Sequence[int]) -> np.ndarray:
-    if cache is None:
-        return np.zeros(len(ks), dtype=bool)
-    return np.concatenate([cache["done"][a:b] for a, b in spans(ks)]).astype(bool)
-
-
-def spans(ks: Sequence[int]) -> list[tuple[int, int]]:
-    """Sorted indices as [start, stop) runs of consecutive values (zarr slices are much
-    faster than orthogonal selections)."""
-    out: list[list[int]] = []
-    for k in ks:
-        if out and out[-1][1] == k:
-            out[-1][1] = k + 1
-        else:
-            out.append([k, k + 1])
-    return [(a, b) for a, b in out]
-
-
-def _read_cached(cache, layer: str, ks: Sequence[int], run_name: str, m: int) -> np.ndarray:
-    try:
-        tri = np.concatenate([cache[layer][a:b] for a, b in spans(ks)])
-    except Exception as err:  # noqa: BLE001
-        raise StoreError(
-            f"the Gram cache of run {run_name} (layer {layer!r}, m={m}) cannot be read ({type(err).__name__}): "
-            f"analyse with --no-gram-cache or delete its grams/m{m} folder"
-        ) from None
+def _read_cached(cache: GramCache, ks: Sequence[int]) -> np.ndarray:
+    """Rows ks of the Gram cache, refusing NaN in a row marked done."""
+    tri = cache.read(ks)
     if not np.isfinite(tri).all():
         raise StoreError(
-            f"the Gram cache of run {run_name} (layer {layer!r}, m={m}) holds NaN for a minibatch marked done: "
-            f"delete its grams/m{m} folder and analyse again"
+            f"the Gram cache of run {cache.run_name} (m={cache.m}) holds NaN for a minibatch marked done: "
+            f"delete its grams/m{cache.m} folder and analyse again"
         )
     return tri
-
-
-def _write_cache(run: Run, m: int, layers: Sequence[str], ks: Sequence[int], triangles) -> None:
-    """Store every layer's Grams of minibatches ks, then mark them done."""
-    cache = gram_cache(run, m, create=False)
-    if cache is None:
-        return
-    host = triangles.get() if hasattr(triangles, "get") else np.asarray(triangles)
-    segments = spans(ks)
-    for li, layer in enumerate(layers):
-        i = 0
-        for a, b in segments:
-            cache[layer][a:b] = host[i:i + b - a, li]
-            i += b - a
-    for a, b in segments:
-        cache["done"][a:b] = 1
 
 
 def _fill_from_coarser(run: Run, source: RunSource, ks: Sequence[int], m: int, out, xp) -> None:
@@ -197,13 +161,13 @@ def _fill_from_coarser(run: Run, source: RunSource, ks: Sequence[int], m: int, o
     ratio = big // m
     cache = gram_cache(run, big, create=False)
     parents = sorted({k // ratio for k in ks})
-    done = _cached_mask(cache, parents)
+    done = cache.done(parents)
     if not done.all():
         raise StoreError(
             f"run {run.name} stores Grams only and lacks the Gram of minibatch {parents[int(np.flatnonzero(~done)[0])]} at m={big}"
         )
-    for li, layer in enumerate(source.layers):
-        tri = xp.asarray(_read_cached(cache, layer, parents, run.name, big))
-        subs = {p: sub_triangles(t, m) for p, t in zip(parents, tri)}
+    rows = xp.asarray(_read_cached(cache, parents))
+    for li in range(len(source.layers)):
+        subs = {p: sub_triangles(t, m) for p, t in zip(parents, rows[:, li])}
         for i, k in enumerate(ks):
             out[i, li] = subs[k // ratio][k % ratio]

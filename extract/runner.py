@@ -145,20 +145,21 @@ def _extract_chunks(run, recorder, data: LoadedDataset, order, span, device, dty
     """Forward every missing minibatch of ``span`` and hand it to the writers."""
     if run.status == store.FAILED:
         run.set_meta(status=store.IN_PROGRESS, error=None)
-    gram_group = run.grams(run.batch_size, create=True) if want_grams else None
+    gram_cache = run.grams(run.batch_size, create=True) if want_grams else None
     done = run.done()
-    if gram_group is not None and not run.grams_only:
-        _grams_from_store(run, gram_group, [k for k in span if done[k] and k < gram_group["done"].shape[0] and not gram_group["done"][k]])
+    if gram_cache is not None and not run.grams_only:
+        have = gram_cache.done()
+        _grams_from_store(run, gram_cache, [k for k in span if done[k] and k < len(have) and not have[k]])
     todo = [k for k in span if not done[k]]
     rows = sum(run.chunk_slice(k).stop - run.chunk_slice(k).start for k in todo)
     bar = Progress(rows, progress, run.slug)
-    writer = ChunkWriter(run, dtype=dtype, grams=gram_group, threads=threads, progress=bar)
+    writer = ChunkWriter(run, dtype=dtype, grams=gram_cache, threads=threads, progress=bar)
     try:
         batches = data.batches((order[run.chunk_slice(k)] for k in todo), workers)
-        with recorder.hooked(), single_threaded_blas(gram_group is not None):
+        with recorder.hooked(), single_threaded_blas(gram_cache is not None):
             for k, inputs in zip(todo, batches):
                 features = recorder.forward(to_device(inputs, device))
-                writer.submit(k, features, device_grams(features) if gram_group is not None else None)
+                writer.submit(k, features, device_grams(features) if gram_cache is not None else None)
         writer.close()
     except ActivationError as err:
         writer.abort()
@@ -182,11 +183,10 @@ def _is_cached(run, span: range, want_grams: bool) -> bool:
         return False
     if not want_grams:
         return True
-    group = run.grams(run.batch_size)
-    if group is None:
+    grams = run.grams(run.batch_size)
+    if grams is None:
         return False
-    stop = min(span.stop, group["done"].shape[0])
-    return bool(group["done"][span.start:stop].astype(bool).all()) if span.start < stop else True
+    return bool(grams.done()[span.start:span.stop].all())
 
 
 def _model(model: str | nn.Module, cache, random_init: bool) -> LoadedModel:

@@ -11,8 +11,9 @@ plain ``zarr``)::
         layers/<layer>              (N, D), chunks (m, D): chunk k = minibatch k
         done                        uint8 (n_chunks,), chunks (1,): 1 once every
                                     layer of chunk k is written
-        grams/m<m>/<layer>          float64 (N // m, m(m-1)/2): upper triangle of
-                                    the U-centred Gram of every full minibatch
+        grams/m<m>/triangles        float64 (N // m, layers, m(m-1)/2), chunks (1, layers, ·):
+                                    upper triangle of the U-centred Gram of every layer
+                                    of every full minibatch, one chunk per minibatch
         grams/m<m>/done             uint8 (N // m,), chunks (1,)
       .locks/<slug>-<key>/A-B.lock  one file per live writer and chunk range [A, B)
 
@@ -29,6 +30,7 @@ import dataclasses
 import datetime
 import difflib
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -44,7 +46,7 @@ import zarr.errors
 
 from extract.errors import CkapipeError
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: the Gram cache holds every layer of a minibatch in one chunk
 ATTRS = "ckapipe"
 MIN_BATCH = 4  # the unbiased HSIC estimator divides by m(m-3)
 
@@ -259,25 +261,105 @@ class Run:
         return self.status
 
     # ---- the Gram cache
-    def grams(self, m: int, create: bool = False) -> zarr.Group | None:
-        """The Gram cache group for analysis minibatch size m (None if absent).
+    def grams(self, m: int, create: bool = False) -> "GramCache | None":
+        """The Gram cache for analysis minibatch size m (None if absent).
 
         ``create`` makes whatever is missing of it, so processes filling one
         run's Grams side by side (disjoint chunk ranges) may all ask for it.
         """
         path = f"grams/m{m}"
         if not create:
-            return self.group[path] if path in self.group else None
+            if path not in self.group:
+                return None
+            group = self.group[path]
+            return GramCache(group, self.layer_names, m, self.name) if GramCache.TRIANGLES in group else None
         if m < MIN_BATCH:
             raise StoreError(f"minibatch size {m} is under {MIN_BATCH}")
-        g = self.group.require_group(path)
-        n_mb = self.n_samples // m
-        width = m * (m - 1) // 2
-        for name in self.layer_names:
-            _create_missing(g, name, shape=(n_mb, width), chunks=(1, width), dtype="float64",
-                            fill_value=float("nan"), compressors=None, config={"write_empty_chunks": True})
-        _create_missing(g, "done", shape=(n_mb,), chunks=(1,), dtype="uint8", fill_value=0)
-        return g
+        group = self.group.require_group(path)
+        if "done" in group and GramCache.TRIANGLES not in group:
+            raise StoreError(
+                f"the Gram cache of run {self.name} at m={m} has the per-layer layout of ckapipe store version 1: "
+                f"delete {self.path / path} and it is filled again"
+            )
+        n_mb, width = self.n_samples // m, m * (m - 1) // 2
+        _create_missing(group, GramCache.TRIANGLES, shape=(n_mb, len(self.layer_names), width),
+                        chunks=(1, len(self.layer_names), width), dtype="float64", fill_value=float("nan"),
+                        compressors=None, config={"write_empty_chunks": True})
+        _create_missing(group, "done", shape=(n_mb,), chunks=(1,), dtype="uint8", fill_value=0)
+        return GramCache(group, self.layer_names, m, self.name)
+
+
+@dataclass
+class GramCache:
+    """The U-centred Grams of one run at one minibatch size m, every layer of a minibatch in one chunk.
+
+    Row k holds, for every layer in the run's order, the strict upper triangle of
+    U(X_k X_kᵀ) (m(m-1)/2 float64 numbers); the ``done`` marker of k is set once
+    the whole row is written. One chunk per minibatch means one file and one
+    read for all layers (per-layer arrays cost a Zarr call per layer and
+    minibatch, most of a re-analysis's time).
+    """
+
+    TRIANGLES = "triangles"
+
+    group: zarr.Group = field(repr=False)
+    layers: list[str]
+    m: int
+    run_name: str
+
+    @property
+    def attrs(self):
+        return self.group.attrs
+
+    @functools.cached_property
+    def _triangles(self) -> zarr.Array:
+        return self.group[self.TRIANGLES]
+
+    @property
+    def n_minibatches(self) -> int:
+        return self._triangles.shape[0]
+
+    def done(self, ks: Sequence[int] | None = None) -> np.ndarray:
+        """Boolean marker per minibatch (all of them, or those of ks)."""
+        marks = self.group["done"]
+        if ks is None:
+            return marks[:].astype(bool)
+        if not len(ks):
+            return np.zeros(0, dtype=bool)
+        return np.concatenate([marks[a:b] for a, b in spans(ks)]).astype(bool)
+
+    def read(self, ks: Sequence[int]) -> np.ndarray:
+        """(len(ks), layers, m(m-1)/2) triangles of minibatches ks (sorted); a clear error if unreadable."""
+        try:
+            rows = [self._triangles[a:b] for a, b in spans(ks)]
+        except Exception as err:  # noqa: BLE001 - codecs and stores raise many types
+            raise StoreError(
+                f"the Gram cache of run {self.run_name} (m={self.m}) cannot be read ({type(err).__name__}): "
+                f"analyse with --no-gram-cache or delete its grams/m{self.m} folder"
+            ) from None
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+    def write(self, ks: Sequence[int], triangles) -> None:
+        """Rows ks (sorted; (len(ks), layers, width), NumPy or CuPy), then their markers."""
+        host = triangles.get() if hasattr(triangles, "get") else np.asarray(triangles)
+        i = 0
+        for a, b in spans(ks):
+            self._triangles[a:b] = host[i:i + b - a]
+            i += b - a
+        for a, b in spans(ks):
+            self.group["done"][a:b] = 1
+
+
+def spans(ks: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted indices as [start, stop) runs of consecutive values (a Zarr slice per run of
+    consecutive chunks is much faster than an orthogonal selection)."""
+    out: list[list[int]] = []
+    for k in ks:
+        if out and out[-1][1] == k:
+            out[-1][1] = k + 1
+        else:
+            out.append([k, k + 1])
+    return [(a, b) for a, b in out]
 
 
 def _create_missing(group: zarr.Group, name: str, **array) -> None:

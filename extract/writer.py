@@ -95,7 +95,7 @@ class ChunkWriter:
     """Writer threads fed through a bounded queue; the first error stops them and is re-raised."""
 
     def __init__(self, run: Run, *, dtype: str, grams=None, threads: int = 2, depth: int = 4, progress: Progress | None = None):
-        self.run, self.dtype, self.gram_group = run, dtype, grams
+        self.run, self.dtype, self.gram_cache = run, dtype, grams
         self.progress = progress
         self.queue: queue.Queue[Chunk | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
@@ -154,8 +154,8 @@ class ChunkWriter:
             chunk.ready.synchronize()
         raw = {name: t.numpy() for name, t in chunk.features.items()}
         arrays = {name: check_values(a, self.dtype, name, chunk.k) for name, a in raw.items()}
-        if self.gram_group is not None and chunk.k < self.n_gram_chunks:
-            write_grams(self.gram_group, chunk.k, chunk.grams or compute_grams(raw))
+        if self.gram_cache is not None and chunk.k < self.n_gram_chunks:
+            write_grams(self.gram_cache, chunk.k, chunk.grams or compute_grams(raw))
         self.run.write_chunk(chunk.k, arrays)
         if self.progress is not None:
             rows = next(iter(arrays.values())).shape[0] if arrays else 0
@@ -210,11 +210,9 @@ def device_grams(features: dict[str, torch.Tensor]) -> dict[str, np.ndarray] | N
     return compute_grams({name: cupy.from_dlpack(t) for name, t in features.items()})
 
 
-def write_grams(group, k: int, grams: dict[str, np.ndarray]) -> None:
-    """Gram row k of every layer, then its marker."""
-    for name, tri in grams.items():
-        group[name][k] = tri
-    group["done"][k] = 1
+def write_grams(cache, k: int, grams: dict[str, np.ndarray]) -> None:
+    """Gram row k of every layer (a store.GramCache), then its marker."""
+    cache.write([k], np.stack([grams[name] for name in cache.layers])[None])
 
 
 def _explain(err: BaseException, k: int, run: Run) -> BaseException:

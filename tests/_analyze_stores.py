@@ -32,9 +32,7 @@ def make_run(cache, name, layers, m, sample_ids=None, complete=True, chunks=None
     for k in todo:
         rows = run.chunk_slice(k)
         if grams is not None and rows.stop - rows.start == m:
-            for layer, x in layers.items():
-                grams[layer][k] = ucentered_gram(x[rows])
-            grams["done"][k] = 1
+            grams.write([k], np.stack([ucentered_gram(layers[layer][rows]) for layer in grams.layers])[None])
         run.write_chunk(k, {layer: x[rows] for layer, x in layers.items()})
     if complete and chunks is None:
         run.refresh_status()

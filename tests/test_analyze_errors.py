@@ -92,6 +92,14 @@ def test_grams_only_run_needs_a_cached_size(cache, layers):
     refused(r"stores Grams only.*cached for minibatch sizes 16", cache, ["grams"], batch_size=32)
 
 
+def test_a_gram_cache_of_the_old_per_layer_layout_is_named(cache, layers):
+    run = make_run(cache, "net", layers, 16)
+    old = run.group.require_group("grams/m16")  # store version 1: an array per layer next to done
+    old.create_array("done", shape=(4,), chunks=(1,), dtype="uint8", fill_value=1)
+    message = refused(r"Gram cache of run net-\w+ at m=16 has the per-layer layout.*delete .*grams/m16", cache, ["net"])
+    assert "grams/m16" in message
+
+
 def test_cuda_without_a_gpu_is_refused(cache, layers):
     from analyze.engine import resolve_device
 
