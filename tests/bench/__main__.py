@@ -24,7 +24,7 @@ from pathlib import Path
 from tests.bench.common import machine, markdown, print_row, require_torchvision, write_table
 
 FULL = {"G": 10240, "W1": 10240, "W2": 2560, "W3": 10240, "W4": [2560, 5120, 10240, 20480]}
-REDUCED = {"G": 2560, "W1": 5120, "W2": 512, "W3": 2048, "W4": [1024, 2048, 4096, 8192]}
+REDUCED = {"G": 2560, "W1": 5120, "W2": 512, "W3": 2048, "W4": [2560, 5120, 10240, 20480]}
 PAIR = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0))
 SIX = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0), ("resnet50", "resnet50", 0),
        ("wide_resnet50_2", "wide_resnet50_2", 0), ("resnet18-seed1", "resnet18", 1), ("resnet18-seed2", "resnet18", 2))

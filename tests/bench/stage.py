@@ -3,6 +3,7 @@
     python -m tests.bench.stage '{"stage": "extract|analyze|fill|reanalyze", "models": [...], "n": N,
                                   "size": S, "device": "cpu", "cache": DIR}'
 
+sets up malloc as the ``ckapipe`` command does (pipelines.cli.one_malloc_arena) and
 prints one JSON line: wall_s, peak_host_MB (the largest resident size sampled every 5 ms during
 the stage), stage_peak_MB (that minus the size before the stage, after the imports) and, on
 CUDA, peak_device_MB. Not ru_maxrss: Linux carries it across exec from the parent's fork,
@@ -80,6 +81,9 @@ def peak_device_MB(device: str) -> float | None:
 
 
 def main(argv: list[str]) -> int:
+    from pipelines.cli import one_malloc_arena
+
+    one_malloc_arena()  # as the ckapipe command does, before any thread starts
     args = json.loads(argv[0])
     start = time.perf_counter()
     peak = run_stage(args)
