@@ -98,7 +98,9 @@ def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: 
         raise StoreError(f"run {run.name} stores Grams only and lacks the Gram of minibatch {k} at m={m}")
     from_cache = [i for i in range(len(ks)) if cached[i]]
     computed = [i for i in range(len(ks)) if not cached[i]]
-    if from_cache:
+    if len(from_cache) == len(ks) and xp is np:
+        _read_cached(cache, ks, out)  # every Gram cached: straight into the task's array
+    elif from_cache:
         out[from_cache] = xp.asarray(_read_cached(cache, [ks[i] for i in from_cache]))
     for li, layer in enumerate(source.layers):
         for i, x in zip(computed, minibatch_features(run, layer, [ks[i] for i in computed], m)):
@@ -144,9 +146,9 @@ def checked_chunk(run: Run, layer: str, j: int) -> np.ndarray:
     return x
 
 
-def _read_cached(cache: GramCache, ks: Sequence[int]) -> np.ndarray:
-    """Rows ks of the Gram cache, refusing NaN in a row marked done."""
-    tri = cache.read(ks)
+def _read_cached(cache: GramCache, ks: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+    """Rows ks of the Gram cache (into ``out`` when given), refusing NaN in a row marked done."""
+    tri = cache.read(ks, out)
     if not np.isfinite(tri).all():
         raise StoreError(
             f"the Gram cache of run {cache.run_name} (m={cache.m}) holds NaN for a minibatch marked done: "

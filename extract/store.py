@@ -328,16 +328,28 @@ class GramCache:
             return np.zeros(0, dtype=bool)
         return np.concatenate([marks[a:b] for a, b in spans(ks)]).astype(bool)
 
-    def read(self, ks: Sequence[int]) -> np.ndarray:
-        """(len(ks), layers, m(m-1)/2) triangles of minibatches ks (sorted); a clear error if unreadable."""
+    def read(self, ks: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """(len(ks), layers, m(m-1)/2) triangles of minibatches ks (sorted); a clear error if unreadable.
+
+        Zarr decodes straight into ``out`` (C-contiguous float64 of that shape) when given:
+        no second task-sized buffer, which the allocator would keep around.
+        """
+        from zarr.core.buffer import default_buffer_prototype
+
+        if out is None:
+            out = np.empty((len(ks), *self._triangles.shape[1:]), dtype=np.float64)
+        nd_buffer = default_buffer_prototype().nd_buffer
         try:
-            rows = [self._triangles[a:b] for a, b in spans(ks)]
+            i = 0
+            for a, b in spans(ks):
+                self._triangles.get_basic_selection(slice(a, b), out=nd_buffer.from_numpy_array(out[i:i + b - a]))
+                i += b - a
         except Exception as err:  # noqa: BLE001 - codecs and stores raise many types
             raise StoreError(
                 f"the Gram cache of run {self.run_name} (m={self.m}) cannot be read ({type(err).__name__}): "
                 f"analyse with --no-gram-cache or delete its grams/m{self.m} folder"
             ) from None
-        return rows[0] if len(rows) == 1 else np.concatenate(rows)
+        return out
 
     def write(self, ks: Sequence[int], triangles) -> None:
         """Rows ks (sorted; (len(ks), layers, width), NumPy or CuPy), then their markers."""
