@@ -75,10 +75,12 @@ def forward_and_extract(study: Study, cache: Path):
     return min(forwards), min(extractions), runs
 
 
-def extract_all(study: Study, cache: Path, grams: bool = False) -> list:
+def extract_all(study: Study, cache: Path, grams: bool = False, dataset: str | None = None) -> list:
+    """Extract every model of the study over its inputs (``dataset``: another spec of the same inputs)."""
     from extract import extract_run, store
 
-    return [store.open_run(extract_run(model_spec(arch, seed), inputs_spec(study.n, study.size), LAYERS, cache=cache,
+    dataset = dataset or inputs_spec(study.n, study.size)
+    return [store.open_run(extract_run(model_spec(arch, seed), dataset, LAYERS, cache=cache,
                                        batch_size=BATCH, name=name, device=study.device, progress=False, grams=grams))
             for name, arch, seed in study.models]
 
@@ -340,8 +342,9 @@ def scaling(study: Study, sizes: list[int], workdir: Path) -> list[Row]:
                         small["wall_s"], note=f"N ratio {hi / lo:g}"))
         rows.append(Row("W4", f"{stage}: peak host memory at N={hi} vs N={lo}", f"N={hi}", large["stage_peak_MB"],
                         f"N={lo}", small["stage_peak_MB"], unit="MB", target="<= 1.2",
-                        note=f"fresh process per stage, resident size sampled every 5 ms, above its level after "
-                             f"the imports (whole process: {small['peak_host_MB']:.0f} / {large['peak_host_MB']:.0f} MB)"))
+                        note=f"fresh process per stage (one malloc arena, as the ckapipe command), anonymous resident "
+                             f"size sampled every 5 ms, above its level after the imports (whole process: "
+                             f"{small['peak_host_MB']:.0f} / {large['peak_host_MB']:.0f} MB); inputs memory-mapped from .npy"))
         if large.get("peak_device_MB"):
             rows.append(Row("W4", f"{stage}: peak device memory at N={hi} vs N={lo}", f"N={hi}", large["peak_device_MB"],
                             f"N={lo}", small["peak_device_MB"], unit="MB", target="<= 1.2"))
