@@ -78,7 +78,9 @@ def run_command(study: Study, stage: str, extra: list[str], shell_tail: str = ""
 def script_text(study: Study, name: str, settings: dict, header: list[str], command: str) -> str:
     lines = ["#!/bin/bash", f"#SBATCH --job-name=ckapipe-{name}-{study.name}", *header, *directives(settings),
              "", "# written by `ckapipe run --slurm`; resubmitting the study resubmits what did not finish",
-             "set -euo pipefail", *settings.get("setup", []), f"cd {shlex.quote(str(Path.cwd()))}",
+             "set -euo pipefail",
+             "export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-1}  # also for Dask worker processes (pipelines.cli.one_malloc_arena)",
+             *settings.get("setup", []), f"cd {shlex.quote(str(Path.cwd()))}",
              f"exec {command}", ""]
     return "\n".join(lines)
 
