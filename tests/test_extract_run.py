@@ -241,3 +241,23 @@ def test_token_mean_honours_the_padding_mask_end_to_end(tmp_path):
     assert run.layer("encoder").attrs["reduction"] == "mean"
     with pytest.raises(CkapipeError, match="'encoder' is selected twice, with different selectors or reductions"):
         _extract(tmp_path, model="tests.extract_fixtures:tokens", dataset="tests.extract_fixtures:token_rows", layers=["encoder:mean", "encoder:cls"], batch_size=4)
+
+
+def test_gram_cache_rows_round_trip_by_minibatch(tmp_path):
+    """GramCache: rows written for minibatches 0, 1 and 3 (two runs of consecutive minibatches) read
+    back, into a given array too; minibatch 2 stays unmarked and reads as NaN."""
+    from tests._analyze_stores import make_run, random_layers
+
+    run = make_run(tmp_path, "net", random_layers(np.random.default_rng(3), 80, [6, 9, 4]), 16)
+    cache = run.grams(8, create=True)
+    assert cache.n_minibatches == 10 and not cache.done().any()
+    rows = np.random.default_rng(4).standard_normal((3, 3, 8 * 7 // 2))
+    cache.write([0, 1, 3], rows)
+    again = run.grams(8)
+    assert list(again.done()) == [True, True, False, True] + [False] * 6
+    assert list(again.done([1, 2, 3])) == [True, False, True]
+    np.testing.assert_array_equal(again.read([0, 1, 3]), rows)
+    into = np.zeros((2, 3, 28))
+    assert again.read([1, 3], into) is into
+    np.testing.assert_array_equal(into, rows[1:])
+    assert np.isnan(again.read([2])).all()
