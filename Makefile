@@ -4,6 +4,7 @@
 #                            run again in .venv-extras, with torchvision, timm and transformers
 #   make bench               benchmarks (in .venv-extras: torchvision's ResNets); ratios measured in one run
 #   make submit              the same as SLURM jobs (ckapipe run PIPELINE --slurm)
+#   make device-wheels       wheels for a GPU node's Python 3.12 (then: bash tests/gpu_check.sh there)
 # Another study:   make extract analyze PIPELINE=pipelines/examples/resnets-cifar10.yaml
 
 PYTHON   ?= python3.11
@@ -17,7 +18,7 @@ CKAPIPE  := $(VENV)/bin/ckapipe
 XVENV    ?= .venv-extras
 XPY      := $(XVENV)/bin/python
 
-.PHONY: install install-extras extract analyze submit test bench clean
+.PHONY: install install-extras extract analyze submit test bench device-wheels clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +54,15 @@ test: install install-extras
 
 bench: install-extras
 	$(XPY) -m tests.bench
+
+# What a GPU node with CUDA, CuPy, torch and torchvision (Python 3.12) lacks, at
+# the versions .venv-extras tests, as wheels in .whl/ for tests/gpu_check.sh.
+DEVICE_WHEELS := zarr|numcodecs|donfig|google-crc32c|dask|distributed|partd|locket|tblib|zict|tornado|torch-cka|ckatorch
+device-wheels: install-extras
+	$(XPY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d .whl \
+	  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+	  $$($(XPY) -m pip freeze | grep -i -E '^($(DEVICE_WHEELS))==')
 
 clean:
 	rm -rf cache results bench-results
