@@ -24,7 +24,7 @@ import numpy as np
 
 from analyze.blas import single_threaded_blas
 from analyze.grams import RunSource, plan_source, run_triangles
-from analyze.kernels import PRODUCTS, hsic1_matrix
+from analyze.kernels import PRODUCTS, hsic1_matrix, to_host
 from analyze.pairing import Pairing, analysis_batch_size, plan_pairing
 from analyze.results import Results, RunEntry, check_out, recorded_inputs, write_results
 from extract.errors import CkapipeError
@@ -127,15 +127,15 @@ def source_triangles(source: RunSource, ks: Sequence[int], m: int, device: str =
     moving them to the task that multiplies them costs little, and the runs of a
     minibatch group are read and reduced side by side instead of in one task.
     """
-    triangles = run_triangles(source, ks, m, array_namespace(device), precision)
-    return triangles.get() if hasattr(triangles, "get") else triangles
+    return to_host(run_triangles(source, ks, m, array_namespace(device), precision))
 
 
 def group_hsic(triangles: Sequence[np.ndarray]) -> np.ndarray:
     """(len(ks), L, L) HSIC_1 of every pair of layers of every run, per minibatch, from the
     triangles of every run of one minibatch group (``source_triangles``, in run order)."""
-    ends = np.cumsum([t.shape[1] for t in triangles])
-    starts = ends - [t.shape[1] for t in triangles]
+    sizes = [t.shape[1] for t in triangles]
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
     out = np.empty((triangles[0].shape[0], ends[-1], ends[-1]))
     for a, ta in enumerate(triangles):  # block by block: no concatenated copy of every run's triangles
         for b in range(a, len(triangles)):

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from analyze.kernels import sub_triangles, ucentered_gram
+from analyze.kernels import sub_triangles, to_host, ucentered_gram
 from extract.store import GramCache, Run, StoreError, open_run
 
 KEY_ATTR = "run_key"
@@ -105,10 +105,8 @@ def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: 
     for li, layer in enumerate(source.layers):
         for i, x in zip(computed, minibatch_features(run, layer, [ks[i] for i in computed], m)):
             out[i, li] = ucentered_gram(xp.asarray(x), product)
-    if source.write_cache and computed:
-        writable = gram_cache(run, m, create=False)
-        if writable is not None:
-            writable.write([ks[i] for i in computed], out[computed])
+    if source.write_cache and computed and cache is not None:  # None: stamped with another run's key
+        cache.write([ks[i] for i in computed], to_host(out[computed]))
     return out
 
 

@@ -212,7 +212,7 @@ def cka(hsic_ab, hsic_aa, hsic_bb, names_a=None, names_b=None):
     hsic_aa = xp.asarray(hsic_aa, dtype=xp.float64)
     hsic_bb = xp.asarray(hsic_bb, dtype=xp.float64)
     for diag, names in ((hsic_aa, names_a), (hsic_bb, names_b)):
-        dead = np.flatnonzero(np.asarray(_to_host(diag)) <= 0)
+        dead = np.flatnonzero(to_host(diag) <= 0)
         if dead.size:
             which = ", ".join(str(names[i]) if names is not None else str(i) for i in dead)
             warnings.warn(f"CKA is undefined for layers with constant activations (HSIC(K, K) = 0): {which}", stacklevel=2)
@@ -222,5 +222,6 @@ def cka(hsic_ab, hsic_aa, hsic_bb, names_a=None, names_b=None):
     return xp.where(denom > 0, out, xp.nan)
 
 
-def _to_host(x):
-    return x.get() if hasattr(x, "get") else x
+def to_host(x) -> np.ndarray:
+    """A NumPy array of x: copied from the GPU for a CuPy array, as is otherwise."""
+    return x.get() if hasattr(x, "get") else np.asarray(x)

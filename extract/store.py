@@ -315,18 +315,21 @@ class GramCache:
     def _triangles(self) -> zarr.Array:
         return self.group[self.TRIANGLES]
 
+    @functools.cached_property
+    def _markers(self) -> zarr.Array:
+        return self.group["done"]
+
     @property
     def n_minibatches(self) -> int:
         return self._triangles.shape[0]
 
     def done(self, ks: Sequence[int] | None = None) -> np.ndarray:
         """Boolean marker per minibatch (all of them, or those of ks)."""
-        marks = self.group["done"]
         if ks is None:
-            return marks[:].astype(bool)
+            return self._markers[:].astype(bool)
         if not len(ks):
             return np.zeros(0, dtype=bool)
-        return np.concatenate([marks[a:b] for a, b in spans(ks)]).astype(bool)
+        return np.concatenate([self._markers[a:b] for a, b in spans(ks)]).astype(bool)
 
     def read(self, ks: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """(len(ks), layers, m(m-1)/2) triangles of minibatches ks (sorted); a clear error if unreadable.
@@ -351,15 +354,14 @@ class GramCache:
             ) from None
         return out
 
-    def write(self, ks: Sequence[int], triangles) -> None:
-        """Rows ks (sorted; (len(ks), layers, width), NumPy or CuPy), then their markers."""
-        host = triangles.get() if hasattr(triangles, "get") else np.asarray(triangles)
+    def write(self, ks: Sequence[int], triangles: np.ndarray) -> None:
+        """Rows ks (sorted; (len(ks), layers, width) on the host), then their markers."""
         i = 0
         for a, b in spans(ks):
-            self._triangles[a:b] = host[i:i + b - a]
+            self._triangles[a:b] = triangles[i:i + b - a]
             i += b - a
         for a, b in spans(ks):
-            self.group["done"][a:b] = 1
+            self._markers[a:b] = 1
 
 
 def spans(ks: Sequence[int]) -> list[tuple[int, int]]:

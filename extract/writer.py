@@ -190,13 +190,9 @@ class _Aborted(Exception):
 
 def compute_grams(features: dict) -> dict[str, np.ndarray]:
     """Upper triangles of the U-centred Grams of one minibatch, per layer (NumPy or CuPy in, host out)."""
-    from analyze.kernels import ucentered_gram
+    from analyze.kernels import to_host, ucentered_gram
 
-    out = {}
-    for name, x in features.items():
-        tri = ucentered_gram(x)
-        out[name] = tri.get() if hasattr(tri, "get") else np.asarray(tri)
-    return out
+    return {name: to_host(ucentered_gram(x)) for name, x in features.items()}
 
 
 def device_grams(features: dict[str, torch.Tensor]) -> dict[str, np.ndarray] | None:
