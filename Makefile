@@ -4,7 +4,7 @@
 #                            run again in .venv-extras, with torchvision, timm and transformers
 #   make bench               benchmarks (in .venv-extras: torchvision's ResNets); ratios measured in one run
 #   make submit              the same as SLURM jobs (ckapipe run PIPELINE --slurm)
-#   make device-wheels       wheels for a GPU node's Python 3.12 (then: bash tests/gpu_check.sh there)
+#   make device-wheels       wheels for a GPU node's Python 3.12 (then: bash scripts/gpu_check.sh there)
 # Another study:   make extract analyze PIPELINE=pipelines/examples/resnets-cifar10.yaml
 
 PYTHON   ?= python3.11
@@ -53,10 +53,10 @@ test: install install-extras
 	$(XPY) -m pytest -q -m extras
 
 bench: install-extras
-	$(XPY) -m tests.bench
+	$(XPY) -m bench
 
 # What a GPU node with CUDA, CuPy, torch and torchvision (Python 3.12) lacks, at
-# the versions .venv-extras tests, as wheels in .whl/ for tests/gpu_check.sh.
+# the versions .venv-extras tests, as wheels in .whl/ for scripts/gpu_check.sh.
 DEVICE_WHEELS := zarr|numcodecs|donfig|google-crc32c|dask|distributed|partd|locket|tblib|zict|tornado|torch-cka|ckatorch
 device-wheels: install-extras
 	$(XPY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d .whl \

@@ -1,23 +1,39 @@
-"""Stage 2 of ckapipe: minibatch CKA over cached runs with Dask (NumPy or CuPy).
+"""Stage 2 of ckapipe, ``ckapipe.analyze``: minibatch CKA over cached runs with Dask
+(NumPy or CuPy). Runs without torch::
 
-Runs without torch::
-
-    import analyze
-    results = analyze.analyze("cache", ["resnet18@cifar10", "resnet34@cifar10"], out="results/depth")
+    from ckapipe import analyze                  # this package; calling it calls analyze.analyze
+    results = analyze("cache", ["resnet18@cifar10", "resnet34@cifar10"], out="results/depth")
     results.cka("resnet18@cifar10", "resnet34@cifar10")   # (La, Lb) CKA matrix
-    print(results.summary())
-    analyze.plot_results("results/depth")
+    plot_results("results/depth")
 """
 
-from analyze.engine import analyze, is_up_to_date, plan_analysis
-from analyze.results import Results, load_results
+if __name__ != "ckapipe.analyze":  # this folder is installed as ckapipe.analyze, never as a top-level module
+    raise ImportError(f"the folder analyze/ is the package ckapipe.analyze: import ckapipe.analyze, not {__name__}")
+
+import inspect  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
+from ckapipe.analyze.engine import analyze, is_up_to_date, plan_analysis  # noqa: E402
+from ckapipe.analyze.results import Results, load_results  # noqa: E402
 
 
 def plot_results(results_or_path, out_dir=None, **options):
-    """Heatmaps and per-minibatch CKA views as PNG and PDF; see ``analyze.plots.plot_results``."""
-    from analyze.plots import plot_results as _plot
+    """Heatmaps and per-minibatch CKA views; see ``ckapipe.analyze.plots.plot_results``."""
+    from ckapipe.analyze.plots import plot_results as _plot
 
     return _plot(results_or_path, out_dir, **options)
 
+
+class _CallablePackage(types.ModuleType):
+    """``ckapipe.analyze`` names both this package and the API function ``analyze``
+    (``from ckapipe import analyze``): calling the package calls the function."""
+
+    def __call__(self, *args, **kwargs):
+        return analyze(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
+__signature__ = inspect.signature(analyze)
 
 __all__ = ["analyze", "is_up_to_date", "plan_analysis", "load_results", "plot_results", "Results"]

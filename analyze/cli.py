@@ -1,13 +1,14 @@
-"""``ckapipe analyze`` and ``ckapipe plot``: thin layers over ``analyze.analyze`` and
-``analyze.plot_results``."""
+"""``ckapipe analyze`` and ``ckapipe plot``: thin layers over ``ckapipe.analyze``."""
 
 from __future__ import annotations
 
 import click
 
+from ckapipe.options import cache_option, quiet_option
+
 
 @click.command()
-@click.option("--cache", required=True, type=click.Path(file_okay=False), help="The activation cache directory.")
+@cache_option()
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--out", required=True, type=click.Path(), help="Results directory to write (must not exist).")
 @click.option("--pair-by-position", is_flag=True, help="Pair minibatch k with minibatch k when runs hold different samples.")
@@ -20,11 +21,11 @@ import click
 @click.option("--no-gram-cache", is_flag=True, help="Neither read nor write the U-centred Gram cache.")
 @click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
               help="Gram products of the float64-centred features: float32 products are up to ~2x faster on CPU, ~1e-9 off in CKA.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary.")
+@quiet_option
 def analyze(cache, runs, out, pair_by_position, batch_size, device, scheduler, scheduler_file, completed_only,
             overwrite, no_gram_cache, precision, quiet):
     """Minibatch CKA of every pair of layers of RUNS (names or globs in the cache)."""
-    from analyze import analyze as run_analysis
+    from ckapipe.analyze import analyze as run_analysis
 
     results = run_analysis(
         cache, list(runs), out=out, pair_by_position=pair_by_position, batch_size=batch_size, device=device,
@@ -41,9 +42,12 @@ def analyze(cache, runs, out, pair_by_position, batch_size, device, scheduler, s
 @click.option("--pair", nargs=2, default=None, metavar="A B", help="Runs of the per-minibatch view (default: first two).")
 @click.option("--layers", nargs=2, default=None, metavar="LA LB", help="Layer pair of the per-minibatch view.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the figures (default: RESULTS/plots).")
-def plot(results, pair, layers, out_dir):
+@quiet_option
+def plot(results, pair, layers, out_dir, quiet):
     """Heatmaps (PNG and PDF) of a results directory, and per-minibatch CKA of one layer pair."""
-    from analyze import plot_results
+    from ckapipe.analyze import plot_results
 
-    for path in plot_results(results, out_dir, pair=pair, layers=layers):
-        click.echo(str(path))
+    paths = plot_results(results, out_dir, pair=pair, layers=layers)
+    if not quiet:
+        for path in paths:
+            click.echo(str(path))

@@ -22,13 +22,15 @@ from typing import Sequence
 
 import numpy as np
 
-from analyze.blas import single_threaded_blas
-from analyze.grams import RunSource, plan_source, run_triangles
-from analyze.kernels import PRODUCTS, hsic1_matrix, to_host
-from analyze.pairing import Pairing, analysis_batch_size, plan_pairing
-from analyze.results import Results, RunEntry, check_out, recorded_inputs, write_results
-from extract.errors import CkapipeError
-from extract.store import Run, find_runs
+from ckapipe.blas import single_threaded_blas
+from ckapipe.analyze.grams import RunSource, create_gram_caches, plan_source, run_triangles
+from ckapipe.kernels import PRODUCTS, hsic1_matrix, to_host
+from ckapipe.analyze.pairing import Pairing, analysis_batch_size, plan_pairing
+from ckapipe.analyze.results import Results, RunEntry, check_out, recorded_inputs, write_results
+from ckapipe.devices import resolve_device
+from ckapipe.errors import CkapipeError
+from ckapipe.progress import Progress
+from ckapipe.store import Run, find_runs
 
 MINIBATCHES_PER_TASK = 4
 TASK_TRIANGLE_BYTES = 512 * 2**20  # a task's stacked Gram triangles stay under this (fewer minibatches if needed)
@@ -146,12 +148,6 @@ def group_hsic(triangles: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def minibatch_hsic(sources: Sequence[RunSource], ks: Sequence[int], m: int, device: str = "cpu",
-                   precision: str = "float64") -> np.ndarray:
-    """(len(ks), L, L) HSIC_1 of every pair of layers of every run, per minibatch, in one call."""
-    return group_hsic([source_triangles(s, ks, m, device, precision) for s in sources])
-
-
 def compute(plan: Plan, device: str = "cpu", scheduler=None, scheduler_file=None, progress=True) -> np.ndarray:
     """Run the plan's tasks on Dask; (n_minibatches, L, L) in minibatch order.
 
@@ -164,11 +160,12 @@ def compute(plan: Plan, device: str = "cpu", scheduler=None, scheduler_file=None
     import dask
 
     m = plan.pairing.m
+    sources = create_gram_caches(plan.sources, m)  # execution writes; the plan only read
     tasks = [
         dask.delayed(group_hsic, pure=True)(
             [dask.delayed(source_triangles, pure=True)(source, ks, m, device, plan.precision,
                                                        dask_key_name=f"triangles-{i}-{j}")
-             for j, source in enumerate(plan.sources)],
+             for j, source in enumerate(sources)],
             dask_key_name=f"minibatch-hsic-{i}",
         )
         for i, ks in enumerate(plan.tasks)
@@ -226,35 +223,16 @@ def _compute_distributed(tasks, scheduler, scheduler_file, progress):
 
 
 def _bar(total, progress):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="analyze", unit="task", disable=not progress or total < 2, file=sys.stderr)
+    return Progress(total, "analyze", "tasks", enabled=progress and total > 1)
 
 
 def array_namespace(device: str):
     """numpy for "cpu", cupy for "cuda"."""
-    if device == "cuda":
+    if device.startswith("cuda"):
         import cupy
 
         return cupy
     return np
-
-
-def resolve_device(device: str = "auto") -> str:
-    """"cuda" when asked or (for "auto") when CuPy sees a GPU, else "cpu"."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise CkapipeError(f"device {device!r} is not one of auto, cpu, cuda")
-    if device == "cpu":
-        return "cpu"
-    try:
-        import cupy
-
-        has_gpu = cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001 - no cupy, no driver, no device
-        has_gpu = False
-    if device == "cuda" and not has_gpu:
-        raise CkapipeError("--device cuda needs CuPy and a CUDA GPU: install ckapipe[gpu] or use --device cpu")
-    return "cuda" if has_gpu else "cpu"
 
 
 # --------------------------------------------------------------------------- the API
@@ -282,7 +260,7 @@ def analyze(
     if progress:
         for note in plan.pairing.notes:
             print(f"ckapipe: note: {note}", file=sys.stderr)
-    hsic = compute(plan, resolve_device(device), scheduler, scheduler_file, progress)
+    hsic = compute(plan, resolve_device(device, "cupy"), scheduler, scheduler_file, progress)
     entries = [RunEntry(r.name, r.slug, r.key, tuple(r.layer_names), str(r.path)) for r in plan.runs]
     results = Results(entries, hsic, np.asarray(plan.pairing.minibatches), plan.inputs, list(plan.pairing.notes))
     results.cka_all  # warns once about constant layers (CKA undefined, NaN)

@@ -1,11 +1,10 @@
 """U-centred Grams of one run for a list of minibatches: from the Gram cache or
 from the activations, filling the cache on the way.
 
-The cache is the run's ``grams/m<m>`` group (``extract.store.GramCache``): row k
+The cache is the run's ``grams/m<m>`` group (``ckapipe.store.GramCache``): row k
 holds the strict upper triangle of U(X_k X_kᵀ) of every layer of full minibatch
-k, in one chunk, and a ``done`` marker set after the row. It lives inside the
-run's store, whose name carries the run's key, and records that key in its
-attributes: a changed run never gets another run's Grams.
+k, in one chunk, and a ``done`` marker set after the row. It is stamped with
+the run's key and layer list when created, so a run never gets another's Grams.
 
 Activations are read with ``Run.read_chunk`` only, each stored chunk once per
 call (consecutive analysis minibatches inside one chunk share the read).
@@ -13,16 +12,16 @@ call (consecutive analysis minibatches inside one chunk share the read).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from analyze.kernels import sub_triangles, to_host, ucentered_gram
-from extract.store import GramCache, Run, StoreError, open_run
-
-KEY_ATTR = "run_key"
-
+from ckapipe.kernels import sub_triangles, to_host, ucentered_gram
+from ckapipe.errors import StoreError
+from ckapipe.store import GramCache, Run, open_run
 
 @dataclass(frozen=True)
 class RunSource:
@@ -37,49 +36,45 @@ class RunSource:
     coarser: int | None = None  # grams-only run: cached size m' that m divides
 
 
-def gram_cache(run: Run, m: int, create: bool) -> GramCache | None:
-    """The run's Gram cache group at m, created (and stamped with its key) if asked;
-    None when absent, not writable, or stamped with another run's key (an
-    unstamped group, as the extraction stage writes it, belongs to its store)."""
-    try:
-        group = run.grams(m, create=create)
-    except StoreError:
-        raise
-    except Exception:  # noqa: BLE001 - read-only store, or another analysis creating it now
-        if not create:
-            raise
-        return None
-    if group is None:
-        return None
-    key = group.attrs.get(KEY_ATTR)
-    if key is None and create:
-        group.attrs[KEY_ATTR] = run.key
-    return group if key in (None, run.key) else None
-
-
-def cached_sizes(run: Run) -> list[int]:
-    """Minibatch sizes m with a Gram cache in the run's store."""
-    if "grams" not in run.group:
-        return []
-    return sorted(int(name[1:]) for name in run.group["grams"].group_keys() if name.startswith("m"))
-
-
 def plan_source(run: Run, m: int, use_gram_cache: bool, fill_cache: bool = True) -> RunSource:
-    """How to get the run's Grams at m; a grams-only run must have them cached at m
-    or at a multiple of m. ``fill_cache=False`` reads the cache but never writes it."""
+    """How to get the run's Grams at m, deciding without writing anything.
+
+    A grams-only run must have them cached at m or at a multiple of m.
+    ``fill_cache=False`` reads the cache but never writes it. A Gram cache that
+    is not this run's is refused here, before any work (``Run.grams``).
+    """
     common = dict(path=str(run.path), name=run.name, layers=tuple(run.layer_names), chunk=run.batch_size)
     if not run.grams_only:
-        writable = use_gram_cache and fill_cache and gram_cache(run, m, create=True) is not None
+        if use_gram_cache:
+            run.grams(m)  # refuses a foreign cache
+        writable = use_gram_cache and fill_cache and os.access(run.path, os.W_OK)
         return RunSource(**common, read_cache=use_gram_cache, write_cache=writable)
-    sizes = [s for s in cached_sizes(run) if s % m == 0 and gram_cache(run, s, create=False) is not None]
+    sizes = [s for s in run.gram_sizes() if s % m == 0 and run.grams(s) is not None]
     if not sizes:
-        have = ", ".join(map(str, cached_sizes(run))) or "none"
+        have = ", ".join(map(str, run.gram_sizes())) or "none"
         raise StoreError(
             f"run {run.name} stores Grams only (no activations), cached for minibatch sizes {have}: "
             f"analyse it at one of these sizes or a divisor of one (--batch-size)"
         )
     coarser = None if m in sizes else sizes[0]
     return RunSource(**common, read_cache=True, write_cache=False, coarser=coarser)
+
+
+def create_gram_caches(sources: Sequence[RunSource], m: int) -> list[RunSource]:
+    """Execution's first step: create (and stamp) the Gram caches the plan will fill.
+
+    Done once, before the tasks start, so that tasks only ever open them; a
+    store that turns out not to be writable is read but not filled.
+    """
+    out = []
+    for source in sources:
+        if source.write_cache:
+            try:
+                open_run(source.path).grams(m, create=True)
+            except (OSError, PermissionError):
+                source = dataclasses.replace(source, write_cache=False)
+        out.append(source)
+    return out
 
 
 def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: str = "float64"):
@@ -91,7 +86,7 @@ def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: 
     if source.coarser is not None:
         _fill_from_coarser(run, source, ks, m, out, xp)
         return out
-    cache = gram_cache(run, m, create=False) if source.read_cache else None
+    cache = run.grams(m) if source.read_cache else None
     cached = cache.done(ks) if cache is not None else np.zeros(len(ks), dtype=bool)
     if run.grams_only and not cached.all():
         k = ks[int(np.flatnonzero(~cached)[0])]
@@ -105,7 +100,7 @@ def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: 
     for li, layer in enumerate(source.layers):
         for i, x in zip(computed, minibatch_features(run, layer, [ks[i] for i in computed], m)):
             out[i, li] = ucentered_gram(xp.asarray(x), product)
-    if source.write_cache and computed and cache is not None:  # None: stamped with another run's key
+    if source.write_cache and computed and cache is not None:
         cache.write([ks[i] for i in computed], to_host(out[computed]))
     return out
 
@@ -159,7 +154,7 @@ def _fill_from_coarser(run: Run, source: RunSource, ks: Sequence[int], m: int, o
     """Grams at m from a Gram cache at a multiple m' of m (sub-blocks, re-U-centred)."""
     big = source.coarser
     ratio = big // m
-    cache = gram_cache(run, big, create=False)
+    cache = run.grams(big)
     parents = sorted({k // ratio for k in ks})
     done = cache.done(parents)
     if not done.all():

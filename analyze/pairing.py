@@ -19,7 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from extract.store import MIN_BATCH, Run, StoreError
+from ckapipe.errors import StoreError
+from ckapipe.kernels import MIN_MINIBATCH, check_minibatch_size
+from ckapipe.store import Run
 
 SAMPLE_IDS, POSITION = "sample_ids", "position"
 
@@ -49,10 +51,7 @@ def analysis_batch_size(runs: Sequence[Run], batch_size: int | None = None) -> i
                 f"the runs store minibatches of {_sizes(runs)} samples: give --batch-size M that divides "
                 f"every stored size or is a multiple of it (for example {_common_choices(sizes)})"
             )
-    if batch_size < MIN_BATCH:
-        raise StoreError(
-            f"minibatch size {batch_size} is too small: the unbiased HSIC needs at least {MIN_BATCH} samples per minibatch"
-        )
+    check_minibatch_size(batch_size)
     for run in runs:
         c = run.batch_size
         if c % batch_size and batch_size % c:
@@ -144,5 +143,5 @@ def _sizes(runs: Sequence[Run]) -> str:
 def _common_choices(sizes: Sequence[int]) -> str:
     gcd = math.gcd(*sizes)
     lcm = math.lcm(*sizes)
-    choices = [str(v) for v in (gcd, lcm) if v >= MIN_BATCH]
+    choices = [str(v) for v in (gcd, lcm) if v >= MIN_MINIBATCH]
     return " or ".join(choices) if choices else "re-extract with a common --batch-size"

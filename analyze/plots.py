@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analyze.results import Results, load_results
+from ckapipe.analyze.results import Results, load_results
 
 MAX_TICKS = 40
 

@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -31,12 +30,14 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from analyze.kernels import cka as cka_from_sums
-from extract.errors import CkapipeError
-from extract.store import suggest
+from ckapipe.atomic import atomic_path
+from ckapipe.errors import CkapipeError, suggest
+from ckapipe.kernels import cka as cka_from_sums
+from ckapipe.store import library_versions, now
 
 ATTRS = "ckapipe_results"
 RESULTS_VERSION = 1
+ANALYSIS_LIBRARIES = ("ckapipe", "numpy", "zarr", "dask", "cupy-cuda12x")
 
 
 @dataclass(frozen=True)
@@ -235,9 +236,13 @@ def write_results(results: Results, out: str | os.PathLike, overwrite: bool = Fa
     """Write the results store, then swap it into place (a half-written store is never visible)."""
     out = Path(out)
     check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.writing-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_path(out, replace=True) as tmp:
+        _write_store(results, tmp)
+    results.path = out
+    return out
+
+
+def _write_store(results: Results, tmp: Path) -> None:
     group = zarr.open_group(tmp, mode="w")
     L = results.hsic.shape[1]
     group.create_array("hsic", data=results.hsic, chunks=(1, L, L))
@@ -252,19 +257,14 @@ def write_results(results: Results, out: str | os.PathLike, overwrite: bool = Fa
         "runs": [r.to_dict() for r in results.runs],
         "inputs": results.inputs,
         "notes": results.notes,
-        "created": _now(),
-        "versions": _versions(),
+        "created": now(),
+        "versions": library_versions(ANALYSIS_LIBRARIES),
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results.to_json(tmp / "cka.json")
         results.to_csv(tmp / "cka.csv")
         (tmp / "summary.txt").write_text(results.summary() + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
-    results.path = out
-    return out
 
 
 def check_out(out: str | os.PathLike, overwrite: bool) -> None:
@@ -297,21 +297,3 @@ def recorded_inputs(path: str | os.PathLike) -> dict | None:
 
 def _nan_to_none(matrix: np.ndarray) -> list:
     return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]
-
-
-def _now() -> str:
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for dist in ("ckapipe", "numpy", "zarr", "dask", "cupy-cuda12x"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return out

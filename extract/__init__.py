@@ -1,17 +1,19 @@
-"""Stage 1 of ckapipe: run a model once over a dataset and cache per-layer,
-per-minibatch activations in chunked Zarr stores (see ``extract.store``).
+"""Stage 1 of ckapipe, ``ckapipe.extract``: run a model once over a dataset and cache
+per-layer, per-minibatch activations in chunked Zarr stores (see ``ckapipe.store``).
 
-This package imports torch lazily: ``extract.store`` and ``extract.errors`` are
-used by the analysis stage, which runs without torch.
+torch is imported on first use of ``extract_run`` or ``list_layers``, so that
+``import ckapipe.extract`` stays cheap.
 """
+
+if __name__ != "ckapipe.extract":  # this folder is installed as ckapipe.extract, never as a top-level module
+    raise ImportError(f"the folder extract/ is the package ckapipe.extract: import ckapipe.extract, not {__name__}")
 
 __all__ = ["extract_run", "list_layers"]
 
 
 def __getattr__(name: str):
-    """``extract.extract_run`` and ``extract.list_layers`` import torch on first use only."""
     if name in __all__:
-        from extract import runner
+        from ckapipe.extract import runner
 
         return getattr(runner, name)
-    raise AttributeError(f"module 'extract' has no attribute {name!r}")
+    raise AttributeError(f"module 'ckapipe.extract' has no attribute {name!r}")

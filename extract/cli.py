@@ -6,23 +6,34 @@ torch is imported inside the commands only, so ``ckapipe ls`` and
 
 from __future__ import annotations
 
+import json
+
 import click
 
-from extract import store
+from ckapipe import store
+from ckapipe.codecs import COMPRESSION_CHOICES, DEFAULT_COMPRESSION
+from ckapipe.options import cache_option, quiet_option
 
-
-CACHE_OPTION = click.option("--cache", default="cache", show_default=True, type=click.Path(file_okay=False), help="The activation cache directory.")
 RANDOM_OPTION = click.option("--random-init", is_flag=True, help="Random weights (torchvision/timm/hf/zoo), reproducible from init_seed=0.")
+
+
+def require_torch():
+    """The extraction stage's torch, or a one-line error naming the extra that brings it."""
+    from ckapipe.extract.specs import require
+
+    return require("torch", "torch")
 
 
 @click.command()
 @click.argument("model")
 @click.option("--dataset", default=None, help="Take example inputs from this dataset spec.")
-@CACHE_OPTION
+@cache_option()
 @RANDOM_OPTION
-def layers(model, dataset, cache, random_init):
+@quiet_option
+def layers(model, dataset, cache, random_init, quiet):
     """List MODEL's hookable layers (per call) with their per-sample output shapes."""
-    from extract.runner import list_layers
+    require_torch()
+    from ckapipe.extract.runner import list_layers
 
     rows = list_layers(model, dataset, cache=cache, random_init=random_init, with_types=True)
     width = max((len(name) for name, _, _ in rows), default=4)
@@ -45,40 +56,46 @@ def parse_chunks(ctx, param, value):
 @click.option("--dataset", "-d", default="digits", show_default=True, help="digits, NAME:ROOT, imagefolder:DIR, hf:DIR, FILE.npy, STORE.zarr, package.module:callable.")
 @click.option("--layers", "-l", "layer_items", multiple=True, help="PATTERN[@SELECT][:REDUCTION], repeatable or comma-separated; default: top-level children.")
 @click.option("--batch-size", "-b", default=256, show_default=True, type=int, help="Minibatch size m = chunk rows (>= 4).")
-@CACHE_OPTION
+@cache_option()
 @click.option("--order-seed", default=0, show_default=True, type=int, help="Seed of the sample permutation.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "float64"]))
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(store.DTYPES))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:i.")
 @click.option("--reduction", default="flatten", show_default=True, type=click.Choice(["flatten", "mean", "cls"]), help="Default reduction of every layer.")
-@click.option("--name", default=None, help="Readable run name (default MODEL@DATASET).")
+@click.option("--name", default=None, help="Readable run name (default MODEL-OPTIONS@DATASET).")
 @click.option("--limit", default=None, type=int, help="Keep the first N samples of the permutation.")
 @click.option("--chunks", default=None, callback=parse_chunks, help="Extract minibatches A:B only (disjoint ranges run side by side).")
 @click.option("--grams", is_flag=True, help="Also fill the Gram cache for m = batch size.")
 @click.option("--grams-only", is_flag=True, help="Keep only the Gram cache, no activations (linear CKA at m = batch size only).")
-@click.option("--compression", default=store.DEFAULT_COMPRESSION, show_default=True, type=click.Choice(store.COMPRESSION_CHOICES))
+@click.option("--compression", default=DEFAULT_COMPRESSION, show_default=True, type=click.Choice(COMPRESSION_CHOICES))
 @click.option("--workers", default=0, show_default=True, type=int, help="DataLoader worker processes for map-style datasets.")
 @RANDOM_OPTION
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@quiet_option
 def extract(model, dataset, layer_items, batch_size, cache, order_seed, dtype, device, reduction, name, limit, chunks,
-            grams, grams_only, compression, workers, random_init, no_progress):
+            grams, grams_only, compression, workers, random_init, quiet):
     """Run MODEL over DATASET once and cache per-layer minibatch activations (resumable; a rerun is a cache hit)."""
-    from extract.runner import extract_run
+    require_torch()
+    from ckapipe.extract.runner import extract_run
 
     path = extract_run(
         model, dataset, list(layer_items) or None, cache=cache, batch_size=batch_size, order_seed=order_seed,
         dtype=dtype, device=device, reduction=reduction, name=name, limit=limit, chunks=chunks, grams=grams,
-        grams_only=grams_only, progress=not no_progress, random_init=random_init, compression=compression, workers=workers,
+        grams_only=grams_only, progress=not quiet, random_init=random_init, compression=compression, workers=workers,
     )
     run = store.open_run(path)
     click.echo(f"{run.name}: {run.status}, {int(run.done().sum())}/{run.n_chunks} minibatches, {len(run.layer_names)} layers")
 
 
 @click.command()
-@CACHE_OPTION
+@cache_option()
 @click.option("--layers", "show_layers", is_flag=True, help="Also list each run's layers.")
-def ls(cache, show_layers):
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per run (its provenance), as a list.")
+@quiet_option
+def ls(cache, show_layers, as_json, quiet):
     """List the cached runs: model, dataset, layers, N, m, Gram caches, size, status."""
     runs = store.list_runs(cache)
+    if as_json:
+        click.echo(json.dumps([_record(run) for run in runs], indent=1))
+        return
     if not runs:
         click.echo(f"no runs in {cache}")
         return
@@ -92,18 +109,24 @@ def ls(cache, show_layers):
             click.echo(f"{run.name}: {', '.join(run.layer_names)}")
 
 
+def _record(run: store.Run) -> dict:
+    meta = run.meta
+    return {"name": run.name, "slug": run.slug, "key": run.key, "path": str(run.path), "aliases": run.aliases(),
+            "model": run.spec.model, "dataset": run.spec.dataset, "layers": run.layer_names,
+            "n_samples": run.n_samples, "batch_size": run.batch_size, "dtype": run.spec.dtype,
+            "grams": run.gram_sizes(), "grams_only": run.grams_only, "bytes": store.disk_size(run.path),
+            "status": run.status, "done": int(run.done().sum()), "n_chunks": run.n_chunks,
+            "created": meta.get("created"), "completed": meta.get("completed")}
+
+
 def _row(run: store.Run) -> tuple[str, ...]:
     spec = run.spec
     done = int(run.done().sum())
     status = run.status if run.status != store.IN_PROGRESS else f"{run.status} {done}/{run.n_chunks}"
-    return (run.name, spec.model, spec.dataset, str(len(run.layer_names)), str(run.n_samples), str(run.batch_size),
-            _grams(run), _size(store.disk_size(run.path)), status)
-
-
-def _grams(run: store.Run) -> str:
-    """Minibatch sizes of the run's Gram cache, ``-`` when it has none."""
-    sizes = sorted(int(name[1:]) for name in run.group["grams"].group_keys()) if "grams" in run.group else []
-    return ",".join(f"m{m}" for m in sizes) or "-"
+    name = run.name + "".join(f" ({alias})" for alias in run.aliases())
+    grams = ",".join(f"m{m}" for m in run.gram_sizes()) or "-"
+    return (name, spec.model, spec.dataset, str(len(run.layer_names)), str(run.n_samples), str(run.batch_size),
+            grams, _size(store.disk_size(run.path)), status)
 
 
 def _size(nbytes: int) -> str:
@@ -112,6 +135,3 @@ def _size(nbytes: int) -> str:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
     raise AssertionError
-
-
-

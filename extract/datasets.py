@@ -26,8 +26,9 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from extract.specs import MissingExtra, SpecError, import_object, looks_importable, module_exists, require, split_spec
-from extract.store import suggest
+from ckapipe.errors import MissingExtra, SpecError
+from ckapipe.extract.specs import import_object, looks_importable, module_exists, require, split_spec
+from ckapipe.errors import suggest
 
 SOURCES = ("digits", "imagefolder", "hf", "npy", "zarr")
 LABEL_COLUMNS = ("label", "labels", "target", "targets", "idx", "id")
@@ -88,7 +89,7 @@ def load_dataset(spec: str) -> LoadedDataset:
 
 
 def _digits(spec: str, params: dict) -> LoadedDataset:
-    from extract.zoo import digits_tensors
+    from ckapipe.extract.zoo import digits_tensors
 
     x, _ = digits_tensors()
     transform = "scale(1/16)"

@@ -31,14 +31,10 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from extract.errors import CkapipeError
-from extract.store import LayerInfo, LayerSpec, suggest
+from ckapipe.errors import LayerError, suggest
+from ckapipe.store import LayerInfo, LayerSpec
 
 REDUCTIONS = ("flatten", "mean", "cls")
-
-
-class LayerError(CkapipeError):
-    """A layer selection that cannot be recorded."""
 
 
 @dataclass(frozen=True)

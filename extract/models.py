@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from extract.specs import SpecError, import_object, looks_importable, module_exists, require, split_spec
-from extract.store import suggest
+from ckapipe.errors import SpecError, suggest
+from ckapipe.extract.specs import import_object, looks_importable, module_exists, require, split_spec
 
 HUBS = ("zoo", "torchvision", "timm", "hf")
 RANDOM = ("none", "random", None, False)
@@ -81,7 +81,7 @@ def _build(head: str, params: dict, cache) -> nn.Module:
 
 
 def _zoo(name: str, params: dict, cache) -> nn.Module:
-    from extract import zoo
+    from ckapipe.extract import zoo
 
     zoo.build(name)  # unknown names fail before any training
     if params.get("weights", "trained") in RANDOM:

@@ -17,14 +17,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from analyze.blas import single_threaded_blas
-
-from extract import store
-from extract.datasets import LoadedDataset, load_dataset
-from extract.errors import CkapipeError
-from extract.layers import default_selection, observe, parse_selection, prepare
-from extract.models import LoadedModel, load_model, weights_hash
-from extract.writer import ActivationError, ChunkWriter, Progress, compute_grams, device_grams, write_grams
+from ckapipe import store
+from ckapipe.blas import single_threaded_blas
+from ckapipe.codecs import DEFAULT_COMPRESSION, compressors
+from ckapipe.devices import resolve_device
+from ckapipe.errors import ActivationError, CkapipeError
+from ckapipe.extract.datasets import LoadedDataset, load_dataset
+from ckapipe.extract.layers import default_selection, observe, parse_selection, prepare
+from ckapipe.extract.models import LoadedModel, load_model, weights_hash
+from ckapipe.extract.writer import ChunkWriter, compute_grams, device_grams, write_grams
+from ckapipe.kernels import check_minibatch_size
+from ckapipe.locks import writer_lock
+from ckapipe.progress import Progress
 
 PROBE_BATCH = 4
 
@@ -43,11 +47,12 @@ def extract_run(
     name: str | None = None,
     limit: int | None = None,
     chunks: tuple[int, int] | None = None,
+    share: tuple[int, int] | None = None,
     grams: bool = False,
     grams_only: bool = False,
     progress: bool = True,
     random_init: bool = False,
-    compression: str = store.DEFAULT_COMPRESSION,
+    compression: str = DEFAULT_COMPRESSION,
     workers: int = 0,
     writer_threads: int = 2,
 ) -> Path:
@@ -55,18 +60,21 @@ def extract_run(
 
     ``layers``: selection items ``PATTERN[@SELECT][:REDUCTION]`` (see extract.layers),
     default the model's top-level children. ``chunks=(A, B)`` extracts minibatches
-    A..B-1 only (disjoint ranges may run side by side). ``grams`` fills the Gram
+    A..B-1 only (disjoint ranges may run side by side); ``share=(i, n)`` extracts
+    the i-th of n disjoint shares of the run's minibatches (a SLURM array task). ``grams`` fills the Gram
     cache for m = batch_size while the activations are in memory; ``grams_only``
     keeps only the Grams (no activation arrays), never the default.
     """
-    _check_options(batch_size, dtype, compression)
+    check_minibatch_size(batch_size)
+    store.check_dtype(dtype)
+    codecs = compressors(compression)
     store.ensure_cache(cache)  # an unwritable cache fails before any model is loaded
     loaded = _model(model, cache, random_init)
     data = load_dataset(dataset)
     if limit is not None and limit >= len(data):
         limit = None  # the whole dataset: the same run as without a limit
     order = sample_order(len(data), order_seed, limit)
-    device = resolve_device(device)
+    device = torch.device(resolve_device(device, "torch"))
     module = loaded.module.to(device)
     selections = parse_selection([layers] if isinstance(layers, str) else layers, reduction) if layers else default_selection(module, reduction)
     probe_inputs = to_device(next(data.batches([order[:PROBE_BATCH]])), device)
@@ -76,13 +84,13 @@ def extract_run(
         order_seed=order_seed, batch_size=batch_size, layers=tuple(recorder.specs[n] for n in infos),
         dtype=dtype, limit=limit, grams_only=grams_only, name=name,
     )
-    run = store.create_run(cache, spec, order, infos, compressors=store.compressors(compression))
+    run = store.create_run(cache, spec, order, infos, compressors=codecs)
     want_grams = grams or grams_only
-    span = chunk_range(chunks, run.n_chunks)
+    span = store.share_range(*share, run.n_chunks) if share else chunk_range(chunks, run.n_chunks)
     if _is_cached(run, span, want_grams):
         run.refresh_status()  # a process killed after its last marker left the status behind
         return run.path
-    with store.writer_lock(run.path, span):
+    with writer_lock(run.path, span):
         _extract_chunks(run, recorder, data, order, span, device, dtype, want_grams, progress, workers, writer_threads)
     return run.path
 
@@ -123,18 +131,6 @@ def chunk_range(chunks: tuple[int, int] | None, n_chunks: int) -> range:
     return range(start, min(stop, n_chunks))  # may be empty: a share of a split run with nothing left
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise CkapipeError(f"unknown device {device!r}: use auto, cpu or cuda[:i]") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CkapipeError(f"device {device} asked for but no CUDA GPU is available: use --device cpu")
-    return resolved
-
-
 def to_device(inputs: Any, device: torch.device) -> Any:
     if isinstance(inputs, dict):
         return {k: to_device(v, device) for k, v in inputs.items()}
@@ -152,7 +148,7 @@ def _extract_chunks(run, recorder, data: LoadedDataset, order, span, device, dty
         _grams_from_store(run, gram_cache, [k for k in span if done[k] and k < len(have) and not have[k]])
     todo = [k for k in span if not done[k]]
     rows = sum(run.chunk_slice(k).stop - run.chunk_slice(k).start for k in todo)
-    bar = Progress(rows, progress, run.slug)
+    bar = Progress(rows, f"extract {run.slug}", "samples", enabled=progress)
     writer = ChunkWriter(run, dtype=dtype, grams=gram_cache, threads=threads, progress=bar)
     try:
         batches = data.batches((order[run.chunk_slice(k)] for k in todo), workers)
@@ -203,14 +199,3 @@ def _example_inputs(spec: str) -> Any:
     if source == "hf":
         return {"input_ids": torch.ones(2, 16, dtype=torch.long), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
     return torch.rand(2, 3, 224, 224)
-
-
-def _check_options(batch_size: int, dtype: str, compression: str) -> None:
-    if batch_size < store.MIN_BATCH:
-        raise store.StoreError(
-            f"batch size {batch_size} is too small: the unbiased HSIC needs minibatches of at least "
-            f"{store.MIN_BATCH} samples (use --batch-size >= {store.MIN_BATCH})"
-        )
-    if dtype not in ("float32", "float16", "float64"):
-        raise CkapipeError(f"dtype {dtype!r} is not supported: use float32 (default), float16 or float64")
-    store.compressors(compression)

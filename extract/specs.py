@@ -11,15 +11,7 @@ import ast
 import importlib
 from urllib.parse import parse_qsl
 
-from extract.errors import CkapipeError
-
-
-class SpecError(CkapipeError):
-    """A model or dataset spec that cannot be resolved."""
-
-
-class MissingExtra(CkapipeError):
-    """An optional dependency is missing; the message names the extra to install."""
+from ckapipe.errors import MissingExtra, SpecError
 
 
 def split_spec(spec: str) -> tuple[str, dict]:
@@ -43,7 +35,8 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError:
         raise MissingExtra(
-            f"{module} is not installed: install the {extra!r} extra with pip install 'ckapipe[{extra}]'"
+            f"{module} is not installed: install ckapipe's {extra!r} extra (pip install 'ckapipe[{extra}]', "
+            f"or pip install -e '.[{extra}]' in a clone)"
         ) from None
 
 

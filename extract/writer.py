@@ -13,20 +13,16 @@ from __future__ import annotations
 import errno
 import queue
 import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from extract.errors import CkapipeError
-from extract.store import Run, StoreError
+from ckapipe.errors import ActivationError, StoreError
+from ckapipe.progress import Progress
+from ckapipe.store import Run
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-
-class ActivationError(CkapipeError):
-    """Activations that cannot be stored faithfully (NaN/Inf, beyond float16)."""
 
 
 @dataclass
@@ -67,36 +63,13 @@ def check_values(array: np.ndarray, dtype: str, layer: str, k: int) -> np.ndarra
     return array.astype(dtype, copy=False)
 
 
-class Progress:
-    """A tqdm bar over samples with the write rate in MB/s; silent when disabled."""
-
-    def __init__(self, total: int, enabled: bool, desc: str):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="samples", unit_scale=True, desc=desc, dynamic_ncols=True)
-        self.bytes, self.start, self.lock = 0, time.perf_counter(), threading.Lock()
-
-    def advance(self, samples: int, nbytes: int) -> None:
-        with self.lock:
-            self.bytes += nbytes
-            if self.bar is not None:
-                rate = self.bytes / max(time.perf_counter() - self.start, 1e-9) / 1e6
-                self.bar.set_postfix_str(f"{rate:.1f} MB/s", refresh=False)
-                self.bar.update(samples)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 class ChunkWriter:
     """Writer threads fed through a bounded queue; the first error stops them and is re-raised."""
 
     def __init__(self, run: Run, *, dtype: str, grams=None, threads: int = 2, depth: int = 4, progress: Progress | None = None):
         self.run, self.dtype, self.gram_cache = run, dtype, grams
         self.progress = progress
+        self.written_bytes, self.count_lock = 0, threading.Lock()
         self.queue: queue.Queue[Chunk | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.n_gram_chunks = run.n_samples // run.batch_size
@@ -159,7 +132,10 @@ class ChunkWriter:
         self.run.write_chunk(chunk.k, arrays)
         if self.progress is not None:
             rows = next(iter(arrays.values())).shape[0] if arrays else 0
-            self.progress.advance(rows, sum(a.nbytes for a in arrays.values()) if not self.run.grams_only else 0)
+            with self.count_lock:
+                self.written_bytes += sum(a.nbytes for a in arrays.values()) if not self.run.grams_only else 0
+                rate = self.written_bytes / max(self.progress.elapsed(), 1e-9) / 1e6
+            self.progress.update(rows, f"{rate:.1f} MB/s")
 
     def _put_stop(self) -> None:
         while True:
@@ -190,7 +166,7 @@ class _Aborted(Exception):
 
 def compute_grams(features: dict) -> dict[str, np.ndarray]:
     """Upper triangles of the U-centred Grams of one minibatch, per layer (NumPy or CuPy in, host out)."""
-    from analyze.kernels import to_host, ucentered_gram
+    from ckapipe.kernels import to_host, ucentered_gram
 
     return {name: to_host(ucentered_gram(x)) for name, x in features.items()}
 

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from extract.specs import SpecError, require
-from extract.store import suggest
+from ckapipe.atomic import atomic_path
+from ckapipe.errors import SpecError, suggest
+from ckapipe.extract.specs import require
 
 WIDTH = 32
 EPOCHS = 20
@@ -126,10 +127,8 @@ def load(name: str, seed: int, cache: str | os.PathLike) -> nn.Module:
         model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
         return model.eval()
     model = train(name, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)  # atomic: concurrent trainers never leave half a file
+    with atomic_path(path, replace=True) as tmp:  # concurrent trainers never leave half a file
+        torch.save(model.state_dict(), tmp)
     return model
 
 

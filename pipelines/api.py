@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from pipelines.study import PipelineError, Study, load_study
+from ckapipe.errors import PipelineError
+from ckapipe.pipelines.study import Study, load_study
 
 STAGES = ("extract", "analyze", "all")
 
@@ -39,7 +40,9 @@ def run_study(
     if stage not in STAGES:
         raise PipelineError(f"unknown stage {stage!r}: choose {', '.join(STAGES)}")
     study = load_study(path, cache=cache, results=results)
-    if slurm or dry_run:
+    if dry_run and not slurm:
+        raise PipelineError("dry_run shows the SLURM job scripts: it goes with slurm=True")
+    if slurm:
         return submit_study(study, stage, tasks=tasks, slurm_options=slurm_options or {}, scheduler=scheduler,
                             scheduler_file=scheduler_file, dask_cluster=dask_cluster, dask_workers=dask_workers,
                             dry_run=dry_run, wait=wait, say=say)
@@ -49,7 +52,7 @@ def run_study(
 
 def run_here(study: Study, stage: str, *, tasks, scheduler, scheduler_file, dask_cluster, dask_workers,
              progress, say) -> dict:
-    from pipelines import local
+    from ckapipe.pipelines import local
 
     if stage in ("extract", "all"):
         local.extract_stage(study, tasks=tasks, progress=progress, say=say)
@@ -61,7 +64,7 @@ def run_here(study: Study, stage: str, *, tasks, scheduler, scheduler_file, dask
 
 def submit_study(study: Study, stage: str, *, tasks, slurm_options, scheduler, scheduler_file, dask_cluster,
                  dask_workers, dry_run, wait, say) -> list:
-    from pipelines import slurm
+    from ckapipe.pipelines import slurm
 
     dask_args = slurm.analysis_dask_args(study, scheduler, scheduler_file, dask_cluster, dask_workers)
     jobs = slurm.plan_jobs(study, stage, tasks=tasks, overrides=slurm_options, dask_args=dask_args)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from pipelines.api import STAGES, run_study
+from ckapipe.options import cache_option, quiet_option
+from ckapipe.pipelines.api import STAGES, run_study
 
 
 def parse_tasks(ctx, param, value: str | None) -> list[int] | None:
@@ -25,11 +26,11 @@ def parse_tasks(ctx, param, value: str | None) -> list[int] | None:
 @click.argument("pipeline", type=click.Path(dir_okay=False))
 @click.option("--stage", type=click.Choice(STAGES), default="all", show_default=True,
               help="Which stage to run.")
-@click.option("--cache", type=click.Path(file_okay=False), default=None, help="Override the pipeline's cache directory.")
+@cache_option(default=None, help="Override the pipeline's cache directory.")
 @click.option("--results", type=click.Path(file_okay=False), default=None,
               help="Override the pipeline's results directory (results go to RESULTS/STUDY/).")
 @click.option("--slurm", is_flag=True, help="Submit the stages as SLURM jobs instead of running them here.")
-@click.option("--dry-run", is_flag=True, help="Print the SLURM job scripts that --slurm would submit.")
+@click.option("--dry-run", is_flag=True, help="With --slurm: print the job scripts instead of submitting them.")
 @click.option("--wait", is_flag=True, help="With --slurm: wait until the jobs have finished.")
 @click.option("--task", "--tasks", "tasks", callback=parse_tasks, default=None, metavar="LIST",
               help="Extraction tasks by index (1,4-6): run them here, or with --slurm resubmit them.")
@@ -46,9 +47,9 @@ def parse_tasks(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--dask-cluster", type=click.Choice(["threads", "local", "slurm"]), default=None,
               help="Start a Dask cluster for the analysis (default: the pipeline's dask.cluster).")
 @click.option("--dask-workers", type=int, default=None, help="Workers of the started Dask cluster.")
-@click.option("--progress/--no-progress", default=True, help="Progress bars.")
+@quiet_option
 def run(pipeline, stage, cache, results, slurm, dry_run, wait, tasks, partition, account, time_limit, mem, gres,
-        cpus_per_task, extra, scheduler, scheduler_file, dask_cluster, dask_workers, progress):
+        cpus_per_task, extra, scheduler, scheduler_file, dask_cluster, dask_workers, quiet):
     """Run the study in PIPELINE (a YAML file): extract its runs, then analyze its comparisons.
 
     Both stages are idempotent: cached runs are skipped, interrupted ones resume,
@@ -60,9 +61,11 @@ def run(pipeline, stage, cache, results, slurm, dry_run, wait, tasks, partition,
       ckapipe run study.yaml --slurm --dry-run
       ckapipe run study.yaml --slurm --partition gpu --gres gpu:1 --time 04:00:00
     """
+    if (dry_run or wait) and not slurm:
+        raise click.UsageError(f"--{'dry-run' if dry_run else 'wait'} goes with --slurm")
     slurm_options = {"partition": partition, "account": account, "time": time_limit, "mem": mem, "gres": gres,
                      "cpus_per_task": cpus_per_task, "extra": list(extra)}
     run_study(pipeline, stage, cache=cache, results=results, slurm=slurm, dry_run=dry_run, tasks=tasks,
               slurm_options=slurm_options, scheduler=scheduler, scheduler_file=scheduler_file,
-              dask_cluster=dask_cluster, dask_workers=dask_workers, wait=wait, progress=progress,
-              say=click.echo)
+              dask_cluster=dask_cluster, dask_workers=dask_workers, wait=wait, progress=not quiet,
+              say=(lambda line: None) if quiet else click.echo)

@@ -23,7 +23,7 @@ import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from pipelines.study import PipelineError
+from ckapipe.errors import PipelineError
 
 
 @contextmanager

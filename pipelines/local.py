@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipelines.dask_cluster import dask_scheduler
-from pipelines.manifest import record_store, store_names
-from pipelines.report import write_study_report
-from pipelines.study import Comparison, PipelineError, RunConfig, Study
+from ckapipe.pipelines.dask_cluster import dask_scheduler
+from ckapipe.pipelines.manifest import record_store, store_names
+from ckapipe.pipelines.report import write_study_report
+from ckapipe.errors import PipelineError
+from ckapipe.pipelines.study import Comparison, RunConfig, Study
 
 Say = Callable[[str], None]
 
@@ -38,29 +39,14 @@ def extract_tasks(study: Study) -> list[ExtractTask]:
     return [ExtractTask(name, part, parts) for name in study.runs for part in range(parts)]
 
 
-def task_chunks(task: ExtractTask, n: int) -> tuple[int, int]:
-    """The minibatches [A, B) of a task, of a run of n minibatches."""
-    return task.part * n // task.parts, (task.part + 1) * n // task.parts
-
-
-def n_chunks(run: RunConfig) -> int:
-    """Number of minibatches of a run, from the dataset's length (no forward pass)."""
-    from extract.datasets import load_dataset
-
-    n = len(load_dataset(run.dataset))
-    if run.limit is not None:
-        n = min(n, run.limit)
-    return -(-n // run.batch_size)
-
-
 def extract_one(study: Study, task: ExtractTask, *, progress: bool = True) -> Path:
     """Extract one task's chunks (a no-op when cached) and record the run's store."""
-    from extract import extract_run
+    from ckapipe.extract import extract_run
 
     run = study.runs[task.run]
     layers = list(run.layers) if run.layers else None
-    chunks = task_chunks(task, n_chunks(run)) if task.parts > 1 else None
-    store = extract_run(run.model, run.dataset, layers, cache=study.cache, chunks=chunks, progress=progress,
+    share = (task.part, task.parts) if task.parts > 1 else None
+    store = extract_run(run.model, run.dataset, layers, cache=study.cache, share=share, progress=progress,
                         **run.extract_kwargs())
     record_store(study, run, store)
     return Path(store)
@@ -97,7 +83,7 @@ def analysis_options(study: Study, comparison: Comparison) -> dict:
 def analyze_comparison(study: Study, comparison: Comparison, *, scheduler=None, scheduler_file=None,
                        progress: bool = True, say: Say = print):
     """Analyze one comparison unless its results are up to date; plot it. Returns the results."""
-    import analyze as stage
+    import ckapipe.analyze as stage
 
     out = study.comparison_dir(comparison)
     runs = store_names(study, list(comparison.runs))

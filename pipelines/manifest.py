@@ -12,10 +12,11 @@ One file per run: SLURM array tasks write their own and never collide.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from pipelines.study import PipelineError, RunConfig, Study
+from ckapipe.atomic import atomic_path
+from ckapipe.errors import PipelineError
+from ckapipe.pipelines.study import RunConfig, Study
 
 
 def record_path(study: Study, run: RunConfig) -> Path:
@@ -24,11 +25,8 @@ def record_path(study: Study, run: RunConfig) -> Path:
 
 def record_store(study: Study, run: RunConfig, store: Path) -> None:
     """Remember that ``run`` lives in ``store`` (atomic write)."""
-    path = record_path(study, run)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"run": run.name, "store": Path(store).name, "fingerprint": run.fingerprint}))
-    os.replace(tmp, path)
+    with atomic_path(record_path(study, run), replace=True) as tmp:
+        tmp.write_text(json.dumps({"run": run.name, "store": Path(store).name, "fingerprint": run.fingerprint}))
 
 
 def recorded_store(study: Study, run: RunConfig) -> str | None:

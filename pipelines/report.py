@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
-from pipelines.study import Study
+from ckapipe.pipelines.study import Study
 
 
 def study_rows(study: Study, results: dict) -> list[dict]:

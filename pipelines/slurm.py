@@ -20,6 +20,7 @@ at absolute paths: they must lie on a filesystem the compute nodes share.
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -28,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipelines.local import ExtractTask, extract_tasks, task_chunks
-from pipelines.manifest import recorded_store
-from pipelines.study import PipelineError, Study
+from ckapipe.pipelines.local import ExtractTask, extract_tasks
+from ckapipe.pipelines.manifest import recorded_store
+from ckapipe.errors import PipelineError, StoreError
+from ckapipe.pipelines.study import Study
 
 JOB_KEYS = ("partition", "account", "time", "mem", "gres", "cpus_per_task")
 
@@ -55,6 +57,27 @@ class Submitted:
 # --------------------------------------------------------------------------- scripts
 
 
+SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")  # sbatch --time: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
+SLURM_MEM = re.compile(r"^\d+[KMGT]?B?$", re.IGNORECASE)
+SLURM_GRES = re.compile(r"^[A-Za-z_][\w.-]*(:[\w.-]+)*(,[A-Za-z_][\w.-]*(:[\w.-]+)*)*$")
+
+
+def check_job_settings(settings: dict) -> dict:
+    """SLURM directives checked before anything is written or submitted: a one-line error naming the option."""
+    checks = {"time": (SLURM_TIME, "a SLURM time such as 30, 02:00:00 or 1-12:00:00"),
+              "mem": (SLURM_MEM, "a size such as 16G or 4000M"),
+              "gres": (SLURM_GRES, "generic resources such as gpu:1 or gpu:a100:2")}
+    for key, (pattern, what) in checks.items():
+        if key in settings and not pattern.match(str(settings[key])):
+            raise PipelineError(f"--{key} {settings[key]!r} is not {what}")
+    if "cpus_per_task" in settings and int(settings["cpus_per_task"]) < 1:
+        raise PipelineError(f"--cpus-per-task {settings['cpus_per_task']} must be at least 1")
+    for extra in settings.get("extra", []):
+        if not str(extra).startswith("--"):
+            raise PipelineError(f"--sbatch-extra {extra!r} is not an sbatch option (write it as --name=value)")
+    return settings
+
+
 def directives(settings: dict) -> list[str]:
     lines = [f"#SBATCH --{key.replace('_', '-')}={settings[key]}" for key in JOB_KEYS if key in settings]
     return lines + [f"#SBATCH {extra}" for extra in settings.get("extra", [])]
@@ -65,13 +88,13 @@ def ckapipe_command() -> str:
     exe = Path(sys.executable).parent / "ckapipe"
     if exe.exists():
         return shlex.quote(str(exe))
-    return f"{shlex.quote(sys.executable)} -c 'from pipelines.cli import main; main()'"
+    return f"{shlex.quote(sys.executable)} -m ckapipe"
 
 
 def run_command(study: Study, stage: str, extra: list[str], shell_tail: str = "") -> str:
     """The job's ``ckapipe run`` line; ``shell_tail`` is appended unquoted (shell variables)."""
     args = [str(study.path), "--stage", stage, "--cache", str(study.cache), "--results", str(study.results.parent),
-            "--no-progress", *extra]
+            *extra]
     return f"{ckapipe_command()} run {' '.join(shlex.quote(a) for a in args)}{shell_tail}"
 
 
@@ -79,7 +102,7 @@ def script_text(study: Study, name: str, settings: dict, header: list[str], comm
     lines = ["#!/bin/bash", f"#SBATCH --job-name=ckapipe-{name}-{study.name}", *header, *directives(settings),
              "", "# written by `ckapipe run --slurm`; resubmitting the study resubmits what did not finish",
              "set -euo pipefail",
-             "export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-1}  # also for Dask worker processes (pipelines.cli.one_malloc_arena)",
+             "export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-1}  # also for Dask worker processes (ckapipe.cli.one_malloc_arena)",
              *settings.get("setup", []), f"cd {shlex.quote(str(Path.cwd()))}",
              f"exec {command}", ""]
     return "\n".join(lines)
@@ -140,7 +163,7 @@ def pending_tasks(study: Study) -> list[int]:
 
 
 def task_done(study: Study, task: ExtractTask) -> bool:
-    from extract.store import StoreError, open_run
+    from ckapipe.store import open_run, share_range
 
     run = study.runs[task.run]
     store = recorded_store(study, run)
@@ -148,7 +171,7 @@ def task_done(study: Study, task: ExtractTask) -> bool:
         return False
     try:
         cached = open_run(study.cache / store)
-        chunks = range(*task_chunks(task, cached.n_chunks))
+        chunks = share_range(task.part, task.parts, cached.n_chunks)
         missing = set(cached.missing_chunks())
     except StoreError:
         return False
@@ -162,6 +185,8 @@ def plan_jobs(study: Study, stage: str, *, tasks: list[int] | None = None, overr
               dask_args: list[str] | None = None) -> list[JobScript]:
     """The job scripts a submission of ``stage`` needs (extraction only for unfinished tasks)."""
     overrides = overrides or {}
+    for kind in ("extract", "analyze"):
+        check_job_settings(study.job_settings(kind, overrides))
     jobs = []
     if stage in ("extract", "all"):
         todo = pending_tasks(study) if tasks is None else tasks

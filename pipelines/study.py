@@ -36,19 +36,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from extract.errors import CkapipeError
-from extract.store import suggest
-
-
-class PipelineError(CkapipeError):
-    """A pipeline file that cannot be used; the message names file, line and key."""
+from ckapipe.errors import PipelineError, suggest
+from ckapipe.kernels import MIN_MINIBATCH
+from ckapipe.store import DTYPES, RUN_NAME, default_cache
 
 
 # --------------------------------------------------------------------------- the model
@@ -134,12 +130,10 @@ class Study:
 
 # --------------------------------------------------------------------------- schema
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 EXTRACT_KEYS: dict[str, type | tuple] = {
     "dataset": str, "layers": list, "batch_size": int, "order_seed": int, "dtype": str, "device": str,
     "reduction": str, "limit": (int, type(None)), "grams": bool, "grams_only": bool,
 }
-DTYPES = ("float32", "float16", "float64")
 KINDS = ("runs", "teacher", "ensemble", "pairs")
 ANALYZE_KEYS = {"batch_size": (int, type(None)), "device": str, "completed_only": bool, "use_gram_cache": bool}
 DASK_KEYS = {
@@ -238,7 +232,7 @@ def load_study(path: str | os.PathLike, *, cache: str | os.PathLike | None = Non
     comparisons = load_comparisons(source, top.get("comparisons"), runs)
     return Study(
         name=name, path=path.resolve(),
-        cache=Path(cache or values.get("cache", "cache")).resolve(),
+        cache=Path(cache or values.get("cache") or default_cache()).resolve(),
         results=(Path(results or values.get("results", "results")) / name).resolve(),
         runs=runs, comparisons=comparisons,
         analyze=load_flat(source, top.get("analyze"), "analyze", ANALYZE_KEYS),
@@ -289,8 +283,9 @@ def load_extract_value(source: Source, node: yaml.Node, where: str, key: str) ->
     value = source.typed(node, where, EXTRACT_KEYS[key])
     if key == "dtype" and value not in DTYPES:
         raise source.error(node, where, f"{value!r} is not one of {', '.join(DTYPES)}")
-    if key == "batch_size" and value < 4:
-        raise source.error(node, where, f"{value} is under 4: the unbiased HSIC needs minibatches of at least 4")
+    if key == "batch_size" and value < MIN_MINIBATCH:
+        raise source.error(node, where, f"{value} is under {MIN_MINIBATCH}: the unbiased HSIC needs minibatches of "
+                                        f"at least {MIN_MINIBATCH}")
     if key == "limit" and value is not None and value < 1:
         raise source.error(node, where, f"{value} is not a positive number of samples")
     return value
@@ -307,7 +302,7 @@ def load_runs(source: Source, node: yaml.Node, defaults: dict) -> dict[str, RunC
 def load_run(source: Source, name: str, key_node, node: yaml.Node, defaults: dict) -> RunConfig:
     where = f"runs.{name}"
     if not RUN_NAME.match(name):
-        raise source.error(key_node, where, "a run name may hold letters, digits and _ . + - only")
+        raise source.error(key_node, where, "a run name may hold letters, digits and _ . + @ = - only")
     if isinstance(node, yaml.ScalarNode):
         settings = {"model": (node, source.typed(node, where, str))}
     else:
@@ -341,7 +336,7 @@ def load_comparisons(source: Source, entry, runs: dict[str, RunConfig]) -> dict[
 def load_comparison(source: Source, name: str, node: yaml.Node, runs: dict[str, RunConfig]) -> Comparison:
     where = f"comparisons.{name}"
     if not RUN_NAME.match(name):
-        raise source.error(node, where, "a comparison name may hold letters, digits and _ . + - only")
+        raise source.error(node, where, "a comparison name may hold letters, digits and _ . + @ = - only")
     schema = {"runs": (list, str), "teacher": str, "students": list, "ensemble": list, "pairs": list,
               "pair_by_position": bool, "batch_size": int}
     items = source.mapping(node, where, schema)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from extract.store import COMPLETE, LayerInfo, LayerSpec, RunSpec, create_run
+from ckapipe.store import COMPLETE, LayerInfo, LayerSpec, RunSpec, create_run
 
 
 def make_run(cache, name, layers, m, sample_ids=None, complete=True, chunks=None, grams_only=False, seed=0,
@@ -14,7 +14,7 @@ def make_run(cache, name, layers, m, sample_ids=None, complete=True, chunks=None
     ``chunks`` limits the chunks written (the others stay missing); ``grams_only``
     writes no activations but fills the Gram cache at m from the given arrays.
     """
-    from analyze.kernels import ucentered_gram
+    from ckapipe.kernels import ucentered_gram
 
     n = len(next(iter(layers.values())))
     ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import run_study
-from pipelines.study import load_study
+from ckapipe.pipelines import run_study
+from ckapipe.pipelines.study import load_study
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT = REPO / "pipelines" / "default.yaml"

@@ -11,8 +11,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import analyze
-from extract.store import Run, find_runs
+import ckapipe.analyze as analyze
+from ckapipe.errors import StoreError
+from ckapipe.store import Run, find_runs
 from tests._analyze_stores import make_run, minibatch_cka_reference, random_layers
 
 M = 16
@@ -198,7 +199,7 @@ def test_cupy_path_agrees_with_numpy(cache, study):
 
 
 def test_tasks_group_minibatches_without_splitting_chunks():
-    from analyze.engine import task_groups
+    from ckapipe.analyze.engine import task_groups
 
     groups = task_groups(range(20), 8, [32, 16])
     assert all(len(g) == 4 for g in groups)
@@ -216,8 +217,8 @@ def test_float32_products_stay_within_1e6_and_are_never_cached(cache, study, rea
 
 
 def test_large_minibatches_make_smaller_tasks(cache):
-    from analyze.engine import per_task
-    from extract.store import find_runs
+    from ckapipe.analyze.engine import per_task
+    from ckapipe.store import find_runs
 
     make_run(cache, "wide", random_layers(np.random.default_rng(12), 64, [4] * 8), 16)
     runs = find_runs(cache, ["wide"])
@@ -225,13 +226,14 @@ def test_large_minibatches_make_smaller_tasks(cache):
     assert per_task(4096, runs) == 1  # 8 layers x 8.4e6 triangle entries x 8 bytes > 512 MiB for 4 minibatches
 
 
-def test_grams_stamped_with_another_key_are_never_served(cache, study, reads):
+def test_grams_stamped_with_another_key_are_refused(cache, study, reads):
     analyze.analyze(cache, ["net-a"], progress=False)
     run = find_runs(cache, ["net-a"])[0]
     run.grams(M).attrs["run_key"] = "0123456789"  # as if the store had been copied over another run's
     reads.clear()
-    analyze.analyze(cache, ["net-a"], progress=False)
-    assert len(reads) == 3 * (100 // M)
+    with pytest.raises(StoreError, match=rf"Gram cache of run {run.name} at m={M} is not this run's \(run key 0123456789\)"):
+        analyze.analyze(cache, ["net-a"], progress=False)
+    assert not reads  # refused while planning, before any chunk is read
 
 
 def test_a_large_offset_in_float64_stores_changes_nothing(cache):

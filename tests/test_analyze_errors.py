@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import analyze
-from extract.errors import CkapipeError
+import ckapipe.analyze as analyze
+from ckapipe.errors import CkapipeError
 from tests._analyze_stores import make_run, random_layers
 
 
@@ -101,16 +101,16 @@ def test_a_gram_cache_of_the_old_per_layer_layout_is_named(cache, layers):
 
 
 def test_cuda_without_a_gpu_is_refused(cache, layers):
-    from analyze.engine import resolve_device
+    from ckapipe.devices import gpu_available
 
-    if resolve_device("auto") == "cuda":
+    if gpu_available("cupy"):
         pytest.skip("this machine has CuPy and a GPU")
     make_run(cache, "net", layers, 16)
     refused("--device cuda needs CuPy and a CUDA GPU", cache, ["net"], device="cuda")
 
 
 def test_cli_prints_one_line_and_exits_2(cache, layers, capsys):
-    from pipelines.cli import main
+    from ckapipe.cli import main
 
     make_run(cache, "net", layers, 16)
     with pytest.raises(SystemExit) as exit_info:

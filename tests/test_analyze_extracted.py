@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import zarr
 
-import analyze
-from extract.store import Run, open_run
+import ckapipe.analyze as analyze
+from ckapipe.store import Run, open_run
 from tests._analyze_stores import minibatch_cka_reference
 
 pytest.importorskip("torch")
@@ -20,7 +20,7 @@ M = 64
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
     """An MLP (with its Grams filled during extraction) and a CNN over the same 384 digits."""
-    from extract.runner import extract_run
+    from ckapipe.extract.runner import extract_run
 
     cache = tmp_path_factory.mktemp("extracted")
     paths = [

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
-import analyze
+import ckapipe.analyze as analyze
 from tests._analyze_stores import make_run, random_layers
 
 
@@ -77,7 +77,7 @@ def test_is_up_to_date_tracks_the_inputs(study):
 
 
 def test_plots_put_the_first_run_on_the_y_axis_bottom_to_top(study, tmp_path):
-    from analyze.plots import heatmap_figure
+    from ckapipe.analyze.plots import heatmap_figure
 
     _, out, results = study
     paths = analyze.plot_results(out, tmp_path / "plots", pair=("small", "big"), layers=("l1", "stage1"))
@@ -94,7 +94,7 @@ def test_plots_put_the_first_run_on_the_y_axis_bottom_to_top(study, tmp_path):
 
 
 def test_cli_analyze_then_plot(tmp_path, study, capsys):
-    from pipelines.cli import main
+    from ckapipe.cli import main
 
     cache, _, results = study
     out = tmp_path / "cli-results"
@@ -110,7 +110,7 @@ def test_analysis_imports_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['torch'] = None; import analyze, analyze.cli, analyze.plots; "
+    code = ("import sys; sys.modules['torch'] = None; import ckapipe.analyze, ckapipe.analyze.cli, ckapipe.analyze.plots; "
             "print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "ok", done.stderr

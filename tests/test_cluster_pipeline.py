@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import run_study
+from ckapipe.pipelines import run_study
 from tests.pipeline_helpers import DEFAULT, assert_same_results, default_study, study_pairs
 
 distributed = pytest.importorskip("distributed", reason="needs the cluster extra (distributed)")

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from pipelines.cli import main
+from ckapipe.cli import main
 
 
 def ckapipe(capsys, *args) -> tuple[int, str, str]:
@@ -24,7 +24,7 @@ def test_layers_extract_ls(capsys, tmp_path):
     cache = str(tmp_path)
     code, out, _ = ckapipe(capsys, "layers", "zoo:mlp2", "--cache", cache)
     assert code == 0 and "block1.1  Linear" in out and out.splitlines()[-1].split() == ["head", "Linear", "10"]
-    code, out, _ = ckapipe(capsys, "extract", "-m", "zoo:mlp2", "-l", "block*,head:mean", "-b", "100", "--limit", "500", "--cache", cache, "--no-progress")
+    code, out, _ = ckapipe(capsys, "extract", "-m", "zoo:mlp2", "-l", "block*,head:mean", "-b", "100", "--limit", "500", "--cache", cache, "-q")
     assert code == 0 and "complete, 5/5 minibatches, 3 layers" in out
     code, out, _ = ckapipe(capsys, "ls", "--cache", cache, "--layers")
     lines = out.splitlines()
@@ -54,5 +54,5 @@ def test_chunks_option_is_validated(capsys, tmp_path):
 
 
 def test_package_import_does_not_import_torch():
-    code = "import sys, extract, extract.store, extract.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, ckapipe.extract, ckapipe.store, ckapipe.extract.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

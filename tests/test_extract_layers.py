@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from extract.layers import LayerError, glob_match, parse_selection, prepare, reduce
-from extract.runner import list_layers
+from ckapipe.extract.layers import LayerError, glob_match, parse_selection, prepare, reduce
+from ckapipe.extract.runner import list_layers
 from tests.extract_fixtures import BlockNet, Structured
 
 

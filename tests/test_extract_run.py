@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from analyze.kernels import ucentered_gram
-from extract import store
-from extract.errors import CkapipeError
-from extract.runner import extract_run
-from extract.zoo import digits_tensors
+from ckapipe.kernels import ucentered_gram
+from ckapipe import store
+from ckapipe.locks import writer_lock
+from ckapipe.errors import CkapipeError
+from ckapipe.extract.runner import extract_run
+from ckapipe.extract.zoo import digits_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 MLP = "zoo:mlp2?seed=0"
@@ -46,7 +47,7 @@ def _extract(cache, **kw):
 
 def test_chunks_hold_the_permuted_samples_through_the_model(zoo_cache, tmp_path):
     run = _extract(_cache(zoo_cache, tmp_path), batch_size=100)
-    from extract.models import load_model
+    from ckapipe.extract.models import load_model
 
     model = load_model(MLP, cache=zoo_cache).module
     x, _ = digits_tensors()
@@ -76,9 +77,9 @@ def test_same_spec_twice_gives_identical_order_and_chunks(zoo_cache, tmp_path):
 def test_second_extract_is_a_cache_hit(zoo_cache, tmp_path, monkeypatch):
     cache = _cache(zoo_cache, tmp_path)
     first = _extract(cache)
-    import extract.runner
+    import ckapipe.extract.runner
 
-    monkeypatch.setattr(extract.runner, "_extract_chunks", lambda *a, **k: pytest.fail("cache hit ran a forward"))
+    monkeypatch.setattr(ckapipe.extract.runner, "_extract_chunks", lambda *a, **k: pytest.fail("cache hit ran a forward"))
     assert _extract(cache).path == first.path
 
 
@@ -149,7 +150,7 @@ def test_concurrent_extract_refused_disjoint_chunks_allowed(zoo_cache, tmp_path)
     cache = _cache(zoo_cache, tmp_path)
     first = _extract(cache, chunks=(0, 2))
     assert list(first.done()) == [True, True] + [False] * 27
-    with store.writer_lock(first.path, range(0, 10)):  # another live writer holds chunks 0-9
+    with writer_lock(first.path, range(0, 10)):  # another live writer holds chunks 0-9
         with pytest.raises(store.StoreError, match="being extracted by another process.*disjoint --chunks"):
             _extract(cache, chunks=(5, 12))
         run = _extract(cache, chunks=(10, 29))
@@ -173,16 +174,16 @@ def test_grams_match_the_kernel_and_grams_only_keeps_no_activations(zoo_cache, t
 def test_grams_added_to_a_complete_run_from_its_store(zoo_cache, tmp_path, monkeypatch):
     cache = _cache(zoo_cache, tmp_path)
     run = _extract(cache)
-    import extract.writer
+    import ckapipe.extract.writer
 
-    monkeypatch.setattr(extract.writer.ChunkWriter, "submit", lambda *a: pytest.fail("activations were recomputed"))
+    monkeypatch.setattr(ckapipe.extract.writer.ChunkWriter, "submit", lambda *a: pytest.fail("activations were recomputed"))
     again = _extract(cache, grams=True)
     assert again.path == run.path and again.grams(64).done().all()
 
 
 SCRIPT = """
 import sys
-from extract.runner import extract_run
+from ckapipe.extract.runner import extract_run
 extract_run("tests.extract_fixtures:slow?delay={delay}", "digits", cache=sys.argv[1], batch_size=8, limit=320, progress=False)
 """
 
@@ -229,7 +230,7 @@ def test_module_object_and_a_limit_beyond_the_dataset(tmp_path):
 
 
 def test_token_mean_honours_the_padding_mask_end_to_end(tmp_path):
-    from extract.models import load_model
+    from ckapipe.extract.models import load_model
     from tests.extract_fixtures import token_rows
 
     run = _extract(tmp_path, model="tests.extract_fixtures:tokens", dataset="tests.extract_fixtures:token_rows", layers=["encoder:mean", "embed"], batch_size=4)

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from extract.datasets import load_dataset
-from extract.models import load_model, weights_hash
-from extract.runner import extract_run, list_layers
-from extract.specs import MissingExtra, SpecError
-from extract import store
+from ckapipe.extract.datasets import load_dataset
+from ckapipe.extract.models import load_model, weights_hash
+from ckapipe.extract.runner import extract_run, list_layers
+from ckapipe.extract.specs import MissingExtra, SpecError
+from ckapipe import store
 from tests.extract_fixtures import BlockNet
 
 FIXTURES = "tests.extract_fixtures"

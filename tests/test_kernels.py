@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from analyze.kernels import (
+from ckapipe.kernels import (
     center_gram, cka, gram_linear, hsic1_matrix, square_from_triangle, sub_triangles, ucentered_gram, upper_triangle,
 )
 from tests._analyze_stores import hsic1_reference, minibatch_cka_reference

@@ -8,11 +8,12 @@ import shutil
 import numpy as np
 import pytest
 
-import analyze
-from extract.store import list_runs, open_run
-from pipelines import run_study
-from pipelines.local import ExtractTask, extract_tasks, n_chunks, task_chunks
-from pipelines.study import PipelineError, load_study
+import ckapipe.analyze as analyze
+from ckapipe.store import list_runs, open_run
+from ckapipe.pipelines import run_study
+from ckapipe.pipelines.local import ExtractTask, extract_tasks
+from ckapipe.store import share_range
+from ckapipe.pipelines.study import PipelineError, load_study
 from tests.pipeline_helpers import DEFAULT, copy_models, default_study
 
 
@@ -87,8 +88,8 @@ def test_chunk_range_tasks_fill_one_run_between_them(study, tmp_path):
     loaded = load_study(pipeline, cache=cache, results=tmp_path / "r")
     tasks = extract_tasks(loaded)
     assert tasks[:3] == [ExtractTask("cnn3-s0", k, 3) for k in range(3)]
-    ranges = [task_chunks(t, n_chunks(loaded.runs["cnn3-s0"])) for t in tasks[:3]]
-    assert ranges == [(0, 9), (9, 19), (19, 29)]  # 1797 digits in minibatches of 64: 29 chunks
+    ranges = [share_range(t.part, t.parts, 29) for t in tasks[:3]]  # 1797 digits in minibatches of 64: 29 chunks
+    assert ranges == [range(0, 9), range(9, 19), range(19, 29)]
     for index in (2, 0):
         run_study(pipeline, "extract", tasks=[index], cache=cache, results=tmp_path / "r", progress=False, say=quiet)
     (run,) = list_runs(cache)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipelines import run_study
+from ckapipe.pipelines import run_study
 
 REPO = Path(__file__).resolve().parent.parent
 LARGE = REPO / "pipelines" / "examples" / "large-run-slurm.yaml"

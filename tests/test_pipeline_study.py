@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.study import PipelineError, load_study
+from ckapipe.pipelines.study import PipelineError, load_study
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -127,8 +127,8 @@ def test_a_missing_pipeline_file(tmp_path):
 
 def test_the_command_line_prints_the_error_on_one_line_and_exits_2(tmp_path):
     path = write(tmp_path, BAD["unknown run in comparison"][0])
-    proc = subprocess.run([sys.executable, "-c", "from pipelines.cli import main; main()", "run", str(path),
-                           "--dry-run"], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-c", "from ckapipe.cli import main; main()", "run", str(path),
+                           "--slurm", "--dry-run"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"ckapipe: error: {path}:7: comparisons.c.runs[1]: no run 'b' in this study; did you mean: bb?"]

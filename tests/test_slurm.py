@@ -1,4 +1,4 @@
-"""The default study as SLURM jobs on a real local cluster (started by tests/slurm_setup.sh).
+"""The default study as SLURM jobs on a real local cluster (started by .ci/slurm_setup.sh).
 
 The jobs run this venv's ckapipe by absolute path, with the cache and results
 in temporary directories on the local (shared) filesystem.
@@ -12,25 +12,25 @@ import subprocess
 import numpy as np
 import pytest
 
-import analyze
-from extract.store import open_run
-from pipelines import run_study
-from pipelines.manifest import recorded_store
-from pipelines.slurm import pending_tasks
+import ckapipe.analyze as analyze
+from ckapipe.store import open_run
+from ckapipe.pipelines import run_study
+from ckapipe.pipelines.manifest import recorded_store
+from ckapipe.pipelines.slurm import pending_tasks
 from tests.pipeline_helpers import DEFAULT, assert_same_results, copy_models, default_study, study_pairs
 
 
 def slurm_unavailable() -> str | None:
     """Why SLURM cannot take jobs here, or None when it can."""
     if shutil.which("sbatch") is None:
-        return "sbatch not found (CI installs and starts SLURM with tests/slurm_setup.sh)"
+        return "sbatch not found (CI installs and starts SLURM with .ci/slurm_setup.sh)"
     try:
         proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=5)
     except subprocess.TimeoutExpired:
-        return "sinfo does not answer: slurmctld is not running (start it with tests/slurm_setup.sh)"
+        return "sinfo does not answer: slurmctld is not running (start it with .ci/slurm_setup.sh)"
     states = proc.stdout.split()
     if proc.returncode != 0 or not any(s.rstrip("*~#") in ("idle", "mixed", "allocated") for s in states):
-        return f"no usable SLURM node (sinfo: {(proc.stdout or proc.stderr).strip() or 'nothing'}); see tests/slurm_setup.sh"
+        return f"no usable SLURM node (sinfo: {(proc.stdout or proc.stderr).strip() or 'nothing'}); see .ci/slurm_setup.sh"
     return None
 
 
@@ -99,7 +99,7 @@ def test_a_failed_task_is_resubmitted_alone_and_resumes(on_slurm, tmp_path):
 
 
 def run_study_loaded(on_slurm):
-    from pipelines.study import load_study
+    from ckapipe.pipelines.study import load_study
 
     return load_study(DEFAULT, cache=on_slurm["cache"], results=on_slurm["results"])
 

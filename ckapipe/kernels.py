@@ -25,6 +25,20 @@ import warnings
 
 import numpy as np
 
+from ckapipe.errors import CkapipeError
+
+MIN_MINIBATCH = 4  # HSIC_1 divides by m(m - 3), and U-centering by (m - 1)(m - 2)
+
+
+def check_minibatch_size(m: int, option: str = "--batch-size") -> int:
+    """m, or a one-line error: the unbiased HSIC needs minibatches of at least 4 samples."""
+    if m < MIN_MINIBATCH:
+        raise CkapipeError(
+            f"minibatch size {m} is too small: the unbiased HSIC needs minibatches of at least "
+            f"{MIN_MINIBATCH} samples (use {option} >= {MIN_MINIBATCH})"
+        )
+    return m
+
 
 def array_module(x):
     """``cupy`` for CuPy arrays, ``numpy`` for everything else.
@@ -67,8 +81,8 @@ def gram_linear(x, product="float64"):
 
     ``product="float32"`` multiplies in float32 (up to ~2x faster on CPUs). Only
     for centred features, where the products carry no large common offset:
-    the rounding is then relative to the signal, about 1e-9 in CKA on ResNet
-    features (README, "Accuracy"); the U-centering and HSIC stay in float64.
+    the rounding is then relative to the signal (about 1e-9 in CKA on ResNet
+    features); the U-centering and HSIC stay in float64.
     """
     if product == "float32":
         xp = array_module(x)
@@ -86,9 +100,7 @@ def center_gram(gram):
     Needs m >= 4.
     """
     xp = array_module(gram)
-    m = gram.shape[0]
-    if m < 4:
-        raise ValueError(f"U-centering needs a minibatch of at least 4 samples, got {m}")
+    m = check_minibatch_size(gram.shape[0])
     u = xp.array(gram, dtype=xp.float64, copy=True)
     xp.fill_diagonal(u, 0)
     means = u.sum(axis=0) / (m - 2)
@@ -127,11 +139,9 @@ def centered_gram(x, product="float64", block=FEATURE_BLOCK):
     """Gram matrix of the centred features, (X - 1 meanᵀ)(X - 1 meanᵀ)ᵀ, in float64.
 
     The same numbers as ``gram_linear(center_features(x), product)`` up to the
-    order of the float64 sums, but the float64 copy, the centring and the
-    product go through ``block`` columns at a time, so the copy stays in the
-    CPU cache instead of costing three passes over an m × D float64 array
-    (measured on the bench CPU, one BLAS thread: 27 ms instead of 32 ms for 256 × 16,384 float32).
-    Centring is per column, so blocks of columns are centred independently.
+    order of the float64 sums, but ``block`` columns at a time, so the float64
+    copy stays in the CPU cache instead of costing three passes over an m × D
+    array. Centring is per column, so blocks of columns are centred independently.
     CuPy arrays go in one block (the GPU has the memory bandwidth).
     """
     xp = array_module(x)

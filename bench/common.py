@@ -213,7 +213,7 @@ def bench_inputs(n: int = 2560, size: int = 32, seed: int = 0):
 
 
 def inputs_spec(n: int, size: int) -> str:
-    return f"tests.bench.common:bench_inputs?n={n}&size={size}"
+    return f"bench.common:bench_inputs?n={n}&size={size}"
 
 
 def model_spec(arch: str, seed: int = 0) -> str:

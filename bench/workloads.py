@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.bench.common import (
+from bench.common import (
     BATCH, TOLERANCE, Row, bare_read_files, bare_write, bench_inputs, inputs_spec, max_deviation, model_spec,
     reference_cka, timed,
 )
@@ -40,7 +40,7 @@ class Study:
 
 
 def load_module(arch: str, seed: int):
-    from extract.models import load_model
+    from ckapipe.extract.models import load_model
 
     return load_model(model_spec(arch, seed)).module.eval()
 
@@ -77,7 +77,7 @@ def forward_and_extract(study: Study, cache: Path):
 
 def extract_all(study: Study, cache: Path, grams: bool = False, dataset: str | None = None) -> list:
     """Extract every model of the study over its inputs (``dataset``: another spec of the same inputs)."""
-    from extract import extract_run, store
+    from ckapipe.extract import extract_run, store
 
     dataset = dataset or inputs_spec(study.n, study.size)
     return [store.open_run(extract_run(model_spec(arch, seed), dataset, LAYERS, cache=cache,
@@ -90,8 +90,8 @@ def decoded_read(cache: Path, names: list[str]) -> int:
     array opened once per task, and nothing else (no checks, no arithmetic): the analysis's floor."""
     import dask
 
-    from analyze.engine import plan_analysis
-    from extract import store
+    from ckapipe.analyze.engine import plan_analysis
+    from ckapipe import store
 
     plan = plan_analysis(cache, names, use_gram_cache=False)
 
@@ -103,7 +103,7 @@ def decoded_read(cache: Path, names: list[str]) -> int:
 
 
 def analysis(cache: Path, names: list[str], device: str, **options):
-    import analyze
+    import ckapipe.analyze as analyze
 
     return analyze.analyze(cache, names, progress=False, device=device, **options)
 
@@ -314,7 +314,7 @@ def stage_in_subprocess(stage: str, study: Study, cache: Path, live: bool = Fals
     """Run one stage in a fresh interpreter: its wall time and peak memory (``live``: traced instead)."""
     args = {"stage": stage, "models": study.models, "n": study.n, "size": study.size, "device": study.device,
             "cache": str(cache), "live": live}
-    done = subprocess.run([sys.executable, "-m", "tests.bench.stage", json.dumps(args)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "bench.stage", json.dumps(args)], capture_output=True, text=True)
     if done.returncode:
         return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.bench.common import TOLERANCE, Row, inputs_spec, model_spec
+from bench.common import TOLERANCE, Row, inputs_spec, model_spec
 
 OFFSETS = (0.0, 1e2, 1e3, 1e4)
 N, BATCH = 2048, 256
@@ -21,7 +21,7 @@ N, BATCH = 2048, 256
 
 def last_blocks(cache: Path) -> tuple[np.ndarray, np.ndarray]:
     """The flattened last residual-block outputs of ResNet-18 and ResNet-34 on the same inputs."""
-    from extract import extract_run, store
+    from ckapipe.extract import extract_run, store
 
     features = []
     for arch, layer in (("resnet18", "layer4.1"), ("resnet34", "layer4.2")):
@@ -32,7 +32,7 @@ def last_blocks(cache: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ckapipe_cka(a: np.ndarray, b: np.ndarray) -> float:
-    from analyze.kernels import cka, hsic1_matrix, ucentered_gram
+    from ckapipe.kernels import cka, hsic1_matrix, ucentered_gram
 
     s = sum(hsic1_matrix(np.stack([ucentered_gram(a[k:k + BATCH]), ucentered_gram(b[k:k + BATCH])]))
             for k in range(0, len(a), BATCH))

@@ -1,6 +1,6 @@
 """The analysis against its floor, alone, for before/after comparisons of analysis changes:
 
-    python -m tests.bench.floor [--cache /tmp/ckapipe-floor] [--n 2560] [--size 32] [--rounds 3]
+    python -m bench.floor [--cache /tmp/ckapipe-floor] [--n 2560] [--size 32] [--rounds 3]
 
 extracts W1's two runs once into ``--cache`` (kept for the next call), then prints,
 round by round, wall and CPU seconds of the bare read of every chunk (each array
@@ -15,8 +15,8 @@ import argparse
 import time
 from pathlib import Path
 
-from tests.bench.__main__ import PAIR
-from tests.bench.workloads import Study, analysis, decoded_read, extract_all
+from bench.__main__ import PAIR
+from bench.workloads import Study, analysis, decoded_read, extract_all
 
 
 def wall_and_cpu(fn) -> str:

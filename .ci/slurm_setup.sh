@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Start a single-node SLURM cluster on this machine, for the tests marked `slurm`.
 #
-#   sudo tests/slurm_setup.sh            # install (if needed), configure, start
-#   tests/slurm_setup.sh --no-install    # configure and start only
+#   sudo .ci/slurm_setup.sh            # install (if needed), configure, start
+#   .ci/slurm_setup.sh --no-install    # configure and start only
 #
 # What works on these machines (Debian 12, slurm-wlm 22.05, containers without
 # a usable cgroup hierarchy): proctrack/linuxproc, task/none, select/cons_tres,
@@ -51,7 +51,7 @@ write_conf() {
     mem=$(( mem * 9 / 10 ))
     mkdir -p "$CONF_DIR" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
     cat >"$CONF" <<EOF
-# Written by ckapipe tests/slurm_setup.sh: a one-node cluster for the tests.
+# Written by ckapipe .ci/slurm_setup.sh: a one-node cluster for the tests.
 ClusterName=ckapipe-local
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root

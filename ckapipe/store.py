@@ -21,40 +21,52 @@ plain ``zarr``)::
 dataset, transform, order seed, minibatch size, layers and reductions, dtype),
 so a changed run gets a new store and a stale cache is never served.
 
-The module depends on NumPy and zarr only: the analysis imports it without torch.
+This module is the floor both stages stand on: it depends on NumPy and zarr
+only, and imports neither stage (the analysis imports it without torch).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import difflib
 import fnmatch
 import functools
 import hashlib
 import json
 import os
-import socket
-from contextlib import contextmanager
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
+from urllib.parse import parse_qsl
 
 import numpy as np
 import zarr
 import zarr.errors
 
-from extract.errors import CkapipeError
+from ckapipe.atomic import atomic_path
+from ckapipe.errors import StoreError, suggest
+from ckapipe.kernels import check_minibatch_size
 
 STORE_VERSION = 2  # 2: the Gram cache holds every layer of a minibatch in one chunk
 ATTRS = "ckapipe"
-MIN_BATCH = 4  # the unbiased HSIC estimator divides by m(m-3)
+DTYPES = ("float32", "float16", "float64")  # what a layer array may hold
+GRAM_KEY, GRAM_LAYERS = "run_key", "layers"  # the stamp of a Gram cache: whose Grams, of which layers
 
 IN_PROGRESS, COMPLETE, FAILED = "in_progress", "complete", "failed"
+CACHE_ENV = "CKAPIPE_CACHE"  # the cache directory when none is given (else ./cache)
 
 
-class StoreError(CkapipeError):
-    """A cache, run or chunk that cannot be used as asked; the message says why."""
+def default_cache() -> str:
+    """The cache directory when none is given: ``$CKAPIPE_CACHE``, else ``cache``."""
+    return os.environ.get(CACHE_ENV) or "cache"
+
+
+def check_dtype(dtype: str) -> str:
+    """The dtype, or a one-line error listing those a store can hold."""
+    if dtype not in DTYPES:
+        raise StoreError(f"dtype {dtype!r} is not supported: use float32 (default), float16 or float64")
+    return dtype
 
 
 # --------------------------------------------------------------------------- specs
@@ -90,13 +102,10 @@ class RunSpec:
     name: str | None = None  # readable slug chosen by the user; not part of the key
 
     def __post_init__(self):
-        if self.batch_size < MIN_BATCH:
-            raise StoreError(
-                f"batch size {self.batch_size} is too small: the unbiased HSIC needs "
-                f"minibatches of at least {MIN_BATCH} samples (use --batch-size >= {MIN_BATCH})"
-            )
-        if self.dtype not in ("float32", "float16", "float64"):
-            raise StoreError(f"dtype {self.dtype!r} is not supported: use float32, float16 or float64")
+        check_minibatch_size(self.batch_size)
+        check_dtype(self.dtype)
+        if self.name is not None:
+            check_run_name(self.name)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -119,12 +128,39 @@ class RunSpec:
 
     @property
     def slug(self) -> str:
-        """Readable run name: ``model@dataset`` unless the user named the run."""
-        return self.name or f"{short_name(self.model)}@{short_name(self.dataset)}"
+        """Readable run name: ``MODEL-OPTIONS@DATASET-OPTIONS`` unless the user named the run."""
+        if self.name:
+            return self.name
+        return f"{spec_slug(self.model)[:SLUG_LENGTH // 2]}@{spec_slug(self.dataset)[:SLUG_LENGTH // 2 - 1]}"
 
     @property
     def dirname(self) -> str:
         return f"{self.slug}-{self.key}"
+
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+@=-]*$")
+SLUG_LENGTH = 80
+
+
+def check_run_name(name: str) -> str:
+    """A run name that stays a plain, visible directory in the cache, or a one-line error."""
+    if not RUN_NAME.match(name) or ".." in name or len(name) > SLUG_LENGTH:
+        raise StoreError(
+            f"run name {name!r} is not usable: use up to {SLUG_LENGTH} letters, digits and _ . + @ = -, "
+            f"starting with a letter or digit (no '/', no '..')"
+        )
+    return name
+
+
+def spec_slug(spec: str) -> str:
+    """A readable name for a model or dataset spec that keeps what tells runs apart:
+    ``zoo:cnn3?seed=1`` -> ``cnn3-seed1``, ``mymodels:tiny_resnet?depth=2`` -> ``tiny_resnet-depth2``,
+    ``cifar10:/data?split=test`` -> ``cifar10-splittest``."""
+    head, _, query = spec.partition("?")
+    words = [short_name(head)]
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        words.append(_safe(key) + _safe(short_name(value) if (":" in value or "/" in value) else value))
+    return "-".join(w for w in words if w)
 
 
 def short_name(spec: str) -> str:
@@ -136,8 +172,11 @@ def short_name(spec: str) -> str:
         named_by_rest = source in ("torchvision", "timm", "hf", "zoo") or ("." in source and rest.isidentifier())
         head = rest if named_by_rest else source  # package.module:factory -> factory
     head = head.rstrip("/").split("/")[-1] or head
-    safe = "".join(c if c.isalnum() or c in "-_.+" else "-" for c in head)
-    return safe.strip("-") or "run"
+    return _safe(head) or "run"
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "_.+" else "-" for c in str(text)).strip("-.")
 
 
 # --------------------------------------------------------------------------- runs
@@ -176,7 +215,13 @@ class Run:
 
     @property
     def slug(self) -> str:
-        return self.spec.slug
+        """The readable part of the store's name (the name without ``-key``)."""
+        name, _, key = self.name.rpartition("-")
+        return name if key == self.meta.get("key") and name else self.spec.slug
+
+    def aliases(self) -> list[str]:
+        """Other names given to this run (``--name`` for a key already cached)."""
+        return sorted(alias for alias, target in read_aliases(self.path.parent).items() if target == self.name)
 
     @property
     def key(self) -> str:
@@ -257,36 +302,61 @@ class Run:
     def refresh_status(self) -> str:
         """Set status to complete once every chunk has its marker; return the status."""
         if self.status != FAILED and self.done().all():
-            self.set_meta(status=COMPLETE, completed=_now())
+            self.set_meta(status=COMPLETE, completed=now())
         return self.status
 
     # ---- the Gram cache
+    def gram_sizes(self) -> list[int]:
+        """Minibatch sizes m with a Gram cache in this run's store."""
+        if "grams" not in self.group:
+            return []
+        return sorted(int(name[1:]) for name in self.group["grams"].group_keys() if name[1:].isdigit())
+
     def grams(self, m: int, create: bool = False) -> "GramCache | None":
         """The Gram cache for analysis minibatch size m (None if absent).
 
-        ``create`` makes whatever is missing of it, so processes filling one
-        run's Grams side by side (disjoint chunk ranges) may all ask for it.
+        Whoever creates it stamps it with this run's key and layer list, and a
+        cache whose stamp disagrees (copied from another run, or left unstamped)
+        is refused: its rows are positional, so another run's Grams would give
+        numbers under the wrong labels. ``create`` makes whatever is missing, so
+        processes filling one run's Grams side by side may all ask for it.
         """
         path = f"grams/m{m}"
-        if not create:
-            if path not in self.group:
+        if path not in self.group:
+            if not create:
                 return None
+            check_minibatch_size(m)
+            group = self._create_gram_group(path)
+        else:
             group = self.group[path]
-            return GramCache(group, self.layer_names, m, self.name) if GramCache.TRIANGLES in group else None
-        if m < MIN_BATCH:
-            raise StoreError(f"minibatch size {m} is under {MIN_BATCH}")
-        group = self.group.require_group(path)
         if "done" in group and GramCache.TRIANGLES not in group:
             raise StoreError(
                 f"the Gram cache of run {self.name} at m={m} has the per-layer layout of ckapipe store version 1: "
                 f"delete {self.path / path} and it is filled again"
             )
-        n_mb, width = self.n_samples // m, m * (m - 1) // 2
-        _create_missing(group, GramCache.TRIANGLES, shape=(n_mb, len(self.layer_names), width),
-                        chunks=(1, len(self.layer_names), width), dtype="float64", fill_value=float("nan"),
-                        compressors=None, config={"write_empty_chunks": True})
-        _create_missing(group, "done", shape=(n_mb,), chunks=(1,), dtype="uint8", fill_value=0)
+        stamp = group.attrs.get(GRAM_KEY), group.attrs.get(GRAM_LAYERS)
+        if stamp != (self.key, self.layer_names):
+            whose = f"run key {stamp[0]}" if stamp[0] != self.key else "another layer list"
+            raise StoreError(
+                f"the Gram cache of run {self.name} at m={m} is not this run's ({whose if stamp[0] else 'no stamp'}): "
+                f"delete {self.path / path} and it is filled again"
+            )
+        if create:
+            n_mb, width = self.n_samples // m, m * (m - 1) // 2
+            _create_missing(group, GramCache.TRIANGLES, shape=(n_mb, len(self.layer_names), width),
+                            chunks=(1, len(self.layer_names), width), dtype="float64", fill_value=float("nan"),
+                            compressors=None, config={"write_empty_chunks": True})
+            _create_missing(group, "done", shape=(n_mb,), chunks=(1,), dtype="uint8", fill_value=0)
+        elif GramCache.TRIANGLES not in group:
+            return None
         return GramCache(group, self.layer_names, m, self.name)
+
+    def _create_gram_group(self, path: str) -> zarr.Group:
+        """The Gram cache's group, created with its stamp in the same write (or the one another process made)."""
+        try:
+            return self.group.create_group(path, attributes={GRAM_KEY: self.key, GRAM_LAYERS: self.layer_names})
+        except (zarr.errors.ContainsArrayError, zarr.errors.ContainsGroupError):
+            return self.group[path]
 
 
 @dataclass
@@ -407,42 +477,40 @@ def create_run(
         if run.key != spec.key:
             raise StoreError(f"store {path} holds run {run.key}, not {spec.key}: remove it or choose another cache")
         return run
-    tmp = cache / f".{spec.dirname}.creating-{os.getpid()}"
-    group = zarr.open_group(tmp, mode="w")
+    cached = store_with_key(cache, spec.key)
+    if cached is not None:  # the same contents under another name: one store, this name an alias of it
+        run = open_run(cached)
+        if spec.name and spec.name != run.slug:
+            add_alias(cache, spec.name, run.name)
+        return run
     n, m = len(sample_ids), spec.batch_size
-    ids = group.create_array("sample_ids", shape=(n,), chunks=(m,), dtype="int64", fill_value=-1)
-    ids[:] = np.asarray(sample_ids, dtype="int64")
-    for layer in spec.layers:
-        info = layers[layer.name]
-        if grams_only:
-            continue
-        arr = group.create_array(
-            f"layers/{layer.name}", shape=(n, info.dim), chunks=(m, info.dim), dtype=spec.dtype,
-            fill_value=float("nan"), compressors=compressors, config={"write_empty_chunks": True},
-        )
-        arr.attrs.update(
-            name=layer.name, output_shape=list(info.output_shape), reduction=layer.reduction,
-            select=layer.select, dtype=spec.dtype,
-        )
-    group.create_array("done", shape=(-(-n // m),), chunks=(1,), dtype="uint8", fill_value=0)
-    group.attrs[ATTRS] = {
-        "store_version": STORE_VERSION,
-        "spec": spec.to_dict(),
-        "key": spec.key,
-        "layers": [layer.name for layer in spec.layers],
-        "n_samples": n,
-        "batch_size": m,
-        "grams_only": grams_only,
-        "status": IN_PROGRESS,
-        "created": _now(),
-        "versions": library_versions(),
-    }
-    try:
-        os.rename(tmp, path)  # atomic: a half-created store is never visible
-    except OSError:  # another process created it first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_path(path) as tmp:  # a half-created store is never visible; a second creator's is discarded
+        group = zarr.open_group(tmp, mode="w")
+        ids = group.create_array("sample_ids", shape=(n,), chunks=(m,), dtype="int64", fill_value=-1)
+        ids[:] = np.asarray(sample_ids, dtype="int64")
+        for layer in spec.layers if not grams_only else ():
+            info = layers[layer.name]
+            arr = group.create_array(
+                f"layers/{layer.name}", shape=(n, info.dim), chunks=(m, info.dim), dtype=spec.dtype,
+                fill_value=float("nan"), compressors=compressors, config={"write_empty_chunks": True},
+            )
+            arr.attrs.update(
+                name=layer.name, output_shape=list(info.output_shape), reduction=layer.reduction,
+                select=layer.select, dtype=spec.dtype,
+            )
+        group.create_array("done", shape=(-(-n // m),), chunks=(1,), dtype="uint8", fill_value=0)
+        group.attrs[ATTRS] = {
+            "store_version": STORE_VERSION,
+            "spec": spec.to_dict(),
+            "key": spec.key,
+            "layers": [layer.name for layer in spec.layers],
+            "n_samples": n,
+            "batch_size": m,
+            "grams_only": grams_only,
+            "status": IN_PROGRESS,
+            "created": now(),
+            "versions": library_versions(),
+        }
     return open_run(path)
 
 
@@ -483,121 +551,84 @@ def list_runs(cache: str | os.PathLike) -> list[Run]:
     return runs
 
 
+def share_range(part: int, parts: int, n_chunks: int) -> range:
+    """The minibatches of part ``part`` of ``parts`` disjoint shares of a run (SLURM array tasks)."""
+    return range(part * n_chunks // parts, (part + 1) * n_chunks // parts)
+
+
+def store_with_key(cache: str | os.PathLike, key: str) -> Path | None:
+    """The store in the cache whose name ends with ``-key``, if any."""
+    hits = sorted(p for p in Path(cache).glob(f"*-{key}") if p.is_dir() and not p.name.startswith("."))
+    return hits[0] if hits else None
+
+
+def alias_dir(cache: str | os.PathLike) -> Path:
+    """``CACHE/.aliases/NAME`` holds the store name that NAME stands for."""
+    return Path(cache) / ".aliases"
+
+
+def add_alias(cache: str | os.PathLike, alias: str, store_name: str) -> None:
+    """Let ``alias`` name the store ``store_name`` (one small file, written atomically)."""
+    check_run_name(alias)
+    with atomic_path(alias_dir(cache) / alias, replace=True) as tmp:
+        tmp.write_text(store_name + "\n")
+
+
+def read_aliases(cache: str | os.PathLike) -> dict[str, str]:
+    """alias -> store name, for every alias in the cache."""
+    folder = alias_dir(cache)
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for file in folder.iterdir():
+        if not file.name.startswith("."):
+            try:
+                out[file.name] = file.read_text().strip()
+            except OSError:
+                continue
+    return out
+
+
 def find_runs(cache: str | os.PathLike, patterns: Sequence[str]) -> list[Run]:
     """Resolve run names to stores, in the order given.
 
-    A pattern matches a store's full name (``slug-key``), its key, or its slug,
-    with shell globs (``student-*@digits``). A slug shared by several stores is
-    ambiguous and refused with the full names to choose from.
+    A pattern is a store's full name (``slug-key``), its key, its slug or an
+    alias, or a shell glob over any of these (``student-*``). A slug or alias
+    that names several stores is ambiguous and refused with the candidates.
     """
     runs = list_runs(cache)
+    aliases = read_aliases(cache)
     chosen: list[Run] = []
     for pattern in patterns:
-        exact = [r for r in runs if pattern in (r.name, r.key)]
-        if exact:
-            hits = exact
-        else:
-            hits = [r for r in runs if fnmatch.fnmatchcase(r.slug, pattern) or fnmatch.fnmatchcase(r.name, pattern)]
+        hits = _matches(pattern, runs, aliases)
         if not hits:
-            names = sorted({r.slug for r in runs} | {r.name for r in runs})
+            names = sorted({r.slug for r in runs} | {r.name for r in runs} | set(aliases))
             raise StoreError(f"no run {pattern!r} in cache {cache}{suggest(pattern, names)}")
-        by_slug: dict[str, list[Run]] = {}
-        for r in hits:
-            by_slug.setdefault(r.slug, []).append(r)
-        for slug, group in by_slug.items():
-            if len(group) > 1:
-                full = ", ".join(r.name for r in group)
-                raise StoreError(f"run name {slug!r} is ambiguous in {cache}: name one of {full}")
         chosen += [r for r in hits if r.name not in {c.name for c in chosen}]
     return chosen
 
 
-# --------------------------------------------------------------------------- compression
-
-# Chosen by measurement on real activations (README, "Store"; tests/bench/bench_extract.py):
-# ReLU activations are 40-70 % zeros, which plain zstd at level 1 halves (ratio 2.2)
-# at the write speed of no compression; byte shuffling hurts (it splits the zero runs).
-DEFAULT_COMPRESSION = "blosc-lz4"
-COMPRESSION_CHOICES = ("none", "zstd1", "zstd3", "blosc-lz4", "blosc-lz4-shuffle", "blosc-zstd-shuffle")
-
-
-def compressors(name: str) -> tuple:
-    """The Zarr v3 codec chain for a compression name (``--compression``)."""
-    from zarr.codecs import BloscCodec, ZstdCodec
-
-    chains = {
-        "none": (),
-        "zstd1": (ZstdCodec(level=1),),
-        "zstd3": (ZstdCodec(level=3),),
-        "blosc-lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),),
-        "blosc-lz4-shuffle": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
-        "blosc-zstd-shuffle": (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),),
-    }
-    if name not in chains:
-        raise StoreError(f"unknown compression {name!r}{suggest(name, list(chains))} (choose {', '.join(chains)})")
-    return chains[name]
+def _matches(pattern: str, runs: list[Run], aliases: dict[str, str]) -> list[Run]:
+    exact = [r for r in runs if pattern in (r.name, r.key)]
+    if exact:
+        return exact
+    named = [r for r in runs if r.slug == pattern or aliases.get(pattern) == r.name]
+    if len(named) > 1:
+        raise StoreError(f"run name {pattern!r} is ambiguous: name one of {_candidates(named)}")
+    if named or not any(c in pattern for c in "*?["):
+        return named
+    hits = [r for r in runs if fnmatch.fnmatchcase(r.name, pattern)]
+    by_slug = [r for r in runs if r not in hits and (fnmatch.fnmatchcase(r.slug, pattern) or any(
+        fnmatch.fnmatchcase(a, pattern) for a, target in aliases.items() if target == r.name))]
+    for run in by_slug:
+        twins = [r for r in by_slug if r.slug == run.slug]
+        if len(twins) > 1:
+            raise StoreError(f"run name {run.slug!r} (matched by {pattern!r}) is ambiguous: name one of {_candidates(twins)}")
+    return sorted(hits + by_slug, key=lambda r: r.name)
 
 
-# --------------------------------------------------------------------------- writers
-
-
-@contextmanager
-def writer_lock(run_path: str | os.PathLike, chunks: range) -> Iterator[None]:
-    """Claim chunks [start, stop) of a run for this process.
-
-    Refuses when a live writer holds an overlapping range, so two extractions
-    of one run never interleave writes to one chunk; disjoint ranges (a SLURM
-    array over chunk ranges) proceed side by side. A lock left by a dead
-    process on this host is taken over.
-    """
-    locks = lock_dir(run_path)
-    locks.mkdir(parents=True, exist_ok=True)
-    mine = locks / f"{chunks.start}-{chunks.stop}.lock"
-    for other in locks.glob("*.lock"):
-        start, stop = (int(x) for x in other.stem.split("-"))
-        if start < chunks.stop and chunks.start < stop and _lock_alive(other):
-            raise StoreError(
-                f"run {Path(run_path).name} is being extracted by another process ({other.read_text().strip()}) "
-                f"for chunks {start}-{stop}: wait for it, or give a disjoint --chunks range"
-            )
-        if not _lock_alive(other):
-            other.unlink(missing_ok=True)
-    try:
-        fd = os.open(mine, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        raise StoreError(f"chunks {chunks.start}-{chunks.stop} of {Path(run_path).name} are locked by another process") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{socket.gethostname()} {os.getpid()}\n")
-    try:
-        yield
-    finally:
-        mine.unlink(missing_ok=True)
-
-
-def lock_dir(run_path: str | os.PathLike) -> Path:
-    """Where the writers of a run leave their claims: ``CACHE/.locks/<run>/``.
-
-    Outside the run's Zarr hierarchy, so readers listing a store never meet
-    files that are not Zarr nodes.
-    """
-    run_path = Path(run_path)
-    return run_path.parent / ".locks" / run_path.name
-
-
-def _lock_alive(lock: Path) -> bool:
-    try:
-        host, pid = lock.read_text().split()
-    except (OSError, ValueError):
-        return False
-    if host != socket.gethostname():
-        return True  # cannot tell for another host: assume alive
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _candidates(runs: list[Run]) -> str:
+    return "; ".join(f"{r.name} ({r.spec.model} on {r.spec.dataset})" for r in runs)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -608,17 +639,15 @@ def disk_size(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def suggest(name: str, choices: Sequence[str], n: int = 3) -> str:
-    """``"; did you mean: a, b?"`` for the nearest choices, or an empty string."""
-    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
-    return f"; did you mean: {', '.join(close)}?" if close else ""
+EXTRACTION_LIBRARIES = ("ckapipe", "numpy", "zarr", "numcodecs", "torch", "torchvision", "timm", "transformers")
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(dists: Sequence[str] = EXTRACTION_LIBRARIES) -> dict[str, str]:
+    """Installed versions of ``dists`` (those installed), recorded as provenance."""
     import importlib.metadata as md
 
     versions = {}
-    for dist in ("ckapipe", "numpy", "zarr", "numcodecs", "torch", "torchvision", "timm", "transformers"):
+    for dist in dists:
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -626,5 +655,6 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _now() -> str:
+def now() -> str:
+    """The time in UTC, to the second, as recorded in stores and results."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

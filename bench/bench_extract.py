@@ -1,9 +1,9 @@
-"""Pieces C and E of the bench (``python -m tests.bench --only C,E``).
+"""Pieces C and E of the bench (``python -m bench --only C,E``).
 
 C. Compression of real activations (the trained zoo CNN ``cnn3`` and MLP
    ``mlp3`` on digits, every hidden stage, flattened, float32): bytes on disk
    against raw bytes, and write/read MB/s, for each codec ckapipe offers. This
-   table chose the default (``extract.store.DEFAULT_COMPRESSION``).
+   table chose the default (``ckapipe.codecs.DEFAULT_COMPRESSION``).
 E. The same model over the same data, in one process: forward pass only, and a
    full extraction (hooks, clones, value checks, compression, writes) into a
    fresh cache with several codecs, interleaved for 3 rounds, the best time of
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.bench.common import BATCH, Row
+from bench.common import BATCH, Row
 
 REPEATS = 3  # best of: the machine may be shared
 E_COMPRESSIONS = ("none", "blosc-lz4", "zstd1")
@@ -34,7 +34,7 @@ E_COMPRESSIONS = ("none", "blosc-lz4", "zstd1")
 
 
 def bench_net():
-    """The bench's ResNet (factory for the model spec ``tests.bench.bench_extract:bench_net``)."""
+    """The bench's ResNet (factory for the model spec ``bench.bench_extract:bench_net``)."""
     from torch import nn
 
     class Block(nn.Module):
@@ -59,7 +59,7 @@ def bench_net():
     )
 
 
-BENCH_MODEL = "tests.bench.bench_extract:bench_net"
+BENCH_MODEL = "bench.bench_extract:bench_net"
 BENCH_DATA = "digits?size=32"
 BENCH_LAYERS = ["1", "2", "3"]
 
@@ -69,7 +69,7 @@ BENCH_LAYERS = ["1", "2", "3"]
 
 def zoo_activations(cache: Path) -> dict[str, np.ndarray]:
     """Every hidden stage of the trained zoo cnn3 and mlp3 on digits, float32 (N, D), whole chunks only."""
-    from extract import extract_run, store
+    from ckapipe.extract import extract_run, store
 
     arrays = {}
     for model in ("zoo:cnn3?seed=0", "zoo:mlp3?seed=0"):
@@ -84,7 +84,8 @@ def measure_codec(name: str, arrays: dict[str, np.ndarray], dtype: str, workdir:
     """Write then read every array with one codec, chunks (256, D); ratio and MB/s of raw bytes (best of REPEATS)."""
     import zarr
 
-    from extract import store
+    from ckapipe import store
+    from ckapipe.codecs import compressors
 
     data = {k: v.astype(dtype) for k, v in arrays.items()}
     raw = sum(a.nbytes for a in data.values())
@@ -94,7 +95,7 @@ def measure_codec(name: str, arrays: dict[str, np.ndarray], dtype: str, workdir:
         group = zarr.open_group(path, mode="w")
         start = time.perf_counter()
         for key, a in data.items():
-            arr = group.create_array(key, shape=a.shape, chunks=(BATCH, a.shape[1]), dtype=dtype, compressors=store.compressors(name))
+            arr = group.create_array(key, shape=a.shape, chunks=(BATCH, a.shape[1]), dtype=dtype, compressors=compressors(name))
             arr[:] = a
         write_s = min(write_s, time.perf_counter() - start)
         disk = sum(store.disk_size(path / key) - (path / key / "zarr.json").stat().st_size for key in data)
@@ -108,7 +109,7 @@ def measure_codec(name: str, arrays: dict[str, np.ndarray], dtype: str, workdir:
 
 def compression_rows(workdir: Path, dtype: str = "float32") -> list[Row]:
     """One row per codec: bytes on disk against raw bytes, with its write and read rates."""
-    from extract.store import COMPRESSION_CHOICES, DEFAULT_COMPRESSION
+    from ckapipe.store import COMPRESSION_CHOICES, DEFAULT_COMPRESSION
 
     workdir.mkdir(parents=True, exist_ok=True)
     arrays = zoo_activations(workdir / "zoo-cache")
@@ -128,9 +129,9 @@ def digits_forward(n_copies: int) -> tuple[float, int]:
     """Wall time of the bare forward over the bench inputs in extraction order (data access included)."""
     import torch
 
-    from extract.datasets import load_dataset
-    from extract.models import load_model
-    from extract.runner import sample_order
+    from ckapipe.extract.datasets import load_dataset
+    from ckapipe.extract.models import load_model
+    from ckapipe.extract.runner import sample_order
 
     model = load_model(BENCH_MODEL).module
     data = load_dataset(BENCH_DATA)
@@ -145,7 +146,7 @@ def digits_forward(n_copies: int) -> tuple[float, int]:
 
 def extraction(cache: Path, n_copies: int, compression: str) -> tuple[float, int, int]:
     """Wall time of full extractions of the same inputs (one run per copy), the bytes they hold and store."""
-    from extract import extract_run, store
+    from ckapipe.extract import extract_run, store
 
     start = time.perf_counter()
     paths = [
@@ -161,7 +162,7 @@ def extraction(cache: Path, n_copies: int, compression: str) -> tuple[float, int
 
 def extraction_rows(workdir: Path, rounds: int = 3, compressions=E_COMPRESSIONS, n_copies: int = 1) -> list[Row]:
     """Forward-only and extraction rounds, interleaved; the best time of each (load comes and goes)."""
-    from extract.store import DEFAULT_COMPRESSION
+    from ckapipe.store import DEFAULT_COMPRESSION
 
     digits_forward(1)  # warm-up: threads, allocator
     forwards, extractions = [], {c: [] for c in compressions}

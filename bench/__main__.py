@@ -1,6 +1,6 @@
-"""``python -m tests.bench`` (``make bench``): issue 5's workloads, one table.
+"""``python -m bench`` (``make bench``): issue 5's workloads, one table.
 
-    python -m tests.bench [--full] [--only W1,W3] [--device cpu|cuda] [--out bench-results]
+    python -m bench [--full] [--only W1,W3] [--device cpu|cuda] [--out bench-results]
 
 Every row compares two things measured in this run, as a ratio. The table is
 printed and written to bench-results/bench.{json,md}. The exit status is 1 when
@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tests.bench.common import machine, markdown, print_row, require_torchvision, write_table
+from bench.common import machine, markdown, print_row, require_torchvision, write_table
 
 FULL = {"G": 10240, "W1": 10240, "W2": 2560, "W3": 10240, "W4": [2560, 5120, 10240, 20480]}
 REDUCED = {"G": 2560, "W1": 5120, "W2": 512, "W3": 2048, "W4": [2560, 5120, 10240, 20480]}
@@ -44,10 +44,10 @@ def parse(argv):
 
 def pieces(sizes: dict, device: str, workdir: Path) -> dict:
     """Each piece of the suite: a callable returning its rows."""
-    from tests.bench.accuracy import offset_rows
-    from tests.bench.bench_extract import compression_rows, extraction_rows
-    from tests.bench.grams import gram_rows
-    from tests.bench.workloads import Study, run_study, scaling
+    from bench.accuracy import offset_rows
+    from bench.bench_extract import compression_rows, extraction_rows
+    from bench.grams import gram_rows
+    from bench.workloads import Study, run_study, scaling
 
     return {
         "C": lambda: compression_rows(workdir / "C"),

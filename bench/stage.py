@@ -1,9 +1,9 @@
 """One stage of W4 in a fresh interpreter, so that its peak memory is its own:
 
-    python -m tests.bench.stage '{"stage": "extract|analyze|fill|reanalyze", "models": [...], "n": N,
+    python -m bench.stage '{"stage": "extract|analyze|fill|reanalyze", "models": [...], "n": N,
                                   "size": S, "device": "cpu", "cache": DIR}'
 
-sets up malloc as the ``ckapipe`` command does (pipelines.cli.one_malloc_arena) and
+sets up malloc as the ``ckapipe`` command does (ckapipe.cli.one_malloc_arena) and
 prints one JSON line: wall_s, peak_host_MB (the largest anonymous resident size sampled every 5 ms during
 the stage), stage_peak_MB (that minus the size before the stage, after the imports), with
 ``"live": true`` live_peak_MB (the most memory allocated at once during the stage, through
@@ -60,7 +60,7 @@ def inputs_on_disk(study, cache) -> str:
     a tensor of N inputs held in memory would be what grows with N (252 MB at N = 20,480), not ckapipe."""
     import numpy as np
 
-    from tests.bench.common import bench_inputs
+    from bench.common import bench_inputs
 
     path = Path(cache).parent / f"{Path(cache).name}-inputs.npy"
     if not path.exists():
@@ -69,7 +69,7 @@ def inputs_on_disk(study, cache) -> str:
 
 
 def run_stage(args: dict) -> ResidentPeak:
-    from tests.bench.workloads import Study, analysis, extract_all
+    from bench.workloads import Study, analysis, extract_all
 
     study = Study("W4", tuple(tuple(m) for m in args["models"]), args["n"], args["size"], args["device"])
     names = [name for name, _, _ in study.models]
@@ -109,7 +109,7 @@ def peak_device_MB(device: str) -> float | None:
 
 
 def main(argv: list[str]) -> int:
-    from pipelines.cli import one_malloc_arena
+    from ckapipe.cli import one_malloc_arena
 
     one_malloc_arena()  # as the ckapipe command does, before any thread starts
     args = json.loads(argv[0])

@@ -3,7 +3,7 @@
 # the rest of ckapipe's needs (an offline GPU node with Python 3.12):
 #
 #   make device-wheels                 # where pip works: .whl/ gets zarr, dask, ... for CPython 3.12
-#   bash tests/gpu_check.sh [OUTDIR]   # on the GPU machine, in the repository root, with .whl/ copied
+#   bash scripts/gpu_check.sh [OUTDIR]   # on the GPU machine, in the repository root, with .whl/ copied
 #
 # installs the wheels into a private directory, prints the GPU, runs the CuPy
 # tests (pytest -m gpu: the CuPy kernels and the analysis with --device cuda
@@ -19,4 +19,4 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$out/pytest-gpu.log"
-python3 -m tests.bench --device cuda --out "$out" ${BENCH_ARGS:---only G,W1,W2,W3,W4} 2>&1 | tee "$out/bench.log"
+python3 -m bench --device cuda --out "$out" ${BENCH_ARGS:---only G,W1,W2,W3,W4} 2>&1 | tee "$out/bench.log"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.bench.common import TOLERANCE, Row, timed
-from tests.bench.workloads import Study, analysis, extract_all
+from bench.common import TOLERANCE, Row, timed
+from bench.workloads import Study, analysis, extract_all
 
 
 def gram_rows(study: Study, workdir: Path) -> list[Row]:

@@ -1,0 +1,45 @@
+"""Device names: ``auto``, ``cpu``, ``cuda`` or ``cuda:i``, resolved the same way by both stages.
+
+The extraction runs the model with torch; the analysis multiplies Grams with
+CuPy. Each asks for the device through ``resolve_device`` with the library it
+will use, so ``auto`` means "a GPU that library can use" and ``cuda`` without
+one is a one-line error.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ckapipe.errors import CkapipeError
+
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def resolve_device(device: str = "auto", library: str = "torch") -> str:
+    """``cpu`` or ``cuda[:i]`` for the given library (``torch`` or ``cupy``)."""
+    device = str(device)
+    if not DEVICE.match(device):
+        raise CkapipeError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:i")
+    if device == "cpu":
+        return "cpu"
+    has_gpu = gpu_available(library)
+    if device == "auto":
+        return "cuda" if has_gpu else "cpu"
+    if not has_gpu:
+        need = "CuPy and a CUDA GPU (pip install 'ckapipe[gpu]')" if library == "cupy" else "a CUDA GPU that torch can use"
+        raise CkapipeError(f"--device {device} needs {need}, and none is available: use --device cpu")
+    return device
+
+
+def gpu_available(library: str = "torch") -> bool:
+    """True when ``library`` (torch or cupy) sees a CUDA GPU; never raises."""
+    try:
+        if library == "torch":
+            import torch
+
+            return bool(torch.cuda.is_available())
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - not installed, no driver, no device
+        return False
