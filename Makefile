@@ -2,40 +2,58 @@
 #   make extract analyze     run the default study (pipelines/default.yaml)
 #   make test                the test suite (what CI runs); the model-source tests
 #                            run again in .venv-extras, with torchvision, timm and transformers
-#   make bench               benchmarks (in .venv-extras: torchvision's ResNets); ratios measured in one run
+#   make bench               benchmarks (in .venv-extras: torchvision's ResNets); writes docs/benchmarks.md
 #   make submit              the same as SLURM jobs (ckapipe run PIPELINE --slurm)
 #   make device-wheels       wheels for a GPU node's Python 3.12 (then: bash scripts/gpu_check.sh there)
 # Another study:   make extract analyze PIPELINE=pipelines/examples/resnets-cifar10.yaml
+# Another Python:  make extract analyze PYTHON=python3.12
 
-PYTHON   ?= python3.11
+PYTHON   ?= python3
 VENV     ?= .venv
 PIPELINE ?= pipelines/default.yaml
-EXTRAS   ?= demo,cluster,test
+EXTRAS   ?= demo                 # what running needs: torch and scikit-learn's digits
+TEST_EXTRAS ?= demo,cluster,test # what the tests add
 PY       := $(VENV)/bin/python
 CKAPIPE  := $(VENV)/bin/ckapipe
 # torchvision needs torch 2.14.1 (a CUDA build, 5.5 GB, on disk here): it lives
 # in a second environment so that the default install stays lean.
 XVENV    ?= .venv-extras
 XPY      := $(XVENV)/bin/python
+# torch 2.13.0's CPU wheel for Python 3.11 lies on this machine's disk; another
+# Python downloads torch's CUDA build from PyPI (about 3 GB with its libraries).
+TORCH    ?= torch==2.13.0
 
-.PHONY: install install-extras extract analyze submit test bench device-wheels clean
+ifeq ($(filter clean,$(MAKECMDGOALS)),)
+PYTHON_OK := $(shell $(PYTHON) -c 'import sys; print(int(sys.version_info >= (3, 11)))' 2>/dev/null)
+ifneq ($(PYTHON_OK),1)
+$(error $(PYTHON) is not Python 3.11 or newer: run make PYTHON=python3.11 (or 3.12, 3.13))
+endif
+endif
+
+.PHONY: install install-test install-extras extract analyze submit test bench device-wheels clean
 
 install: $(VENV)/.installed
 
+install-test: $(VENV)/.installed-test
+
 install-extras: $(XVENV)/.installed
 
-# torch==2.13.0 first: pip takes the CPU wheel that lies on disk, and the
+# $(TORCH) first: pip takes the CPU wheel that lies on disk, and the
 # dependencies below then find torch satisfied instead of pulling a CUDA build.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check torch==2.13.0
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check $(TORCH)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[$(strip $(EXTRAS))]'
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[$(strip $(TEST_EXTRAS))]'
 	touch $@
 
 $(XVENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(XVENV)
 	$(XVENV)/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(XVENV)/bin/pip install -q --disable-pip-version-check -e '.[vision,hf,$(EXTRAS)]'
+	$(XVENV)/bin/pip install -q --disable-pip-version-check -e '.[vision,hf,$(strip $(TEST_EXTRAS))]'
 	touch $@
 
 extract: install
@@ -48,7 +66,7 @@ analyze: install
 submit: install
 	$(CKAPIPE) run $(PIPELINE) --slurm
 
-test: install install-extras
+test: install-test install-extras
 	$(PY) -m pytest -q
 	$(XPY) -m pytest -q -m extras
 
