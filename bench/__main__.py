@@ -3,7 +3,8 @@
     python -m bench [--full] [--only W1,W3] [--device cpu|cuda] [--out bench-results]
 
 Every row compares two things measured in this run, as a ratio. The table is
-printed and written to bench-results/bench.{json,md}. The exit status is 1 when
+printed and written to bench-results/bench.{json,md}; a run of the whole suite
+also rewrites the "Latest run" section of docs/benchmarks.md. The exit status is 1 when
 ckapipe itself errors or deviates from float64 by more than 1e-6 (another tool's
 error or NaN is a result, printed in its row).
 
@@ -22,9 +23,11 @@ import tempfile
 from pathlib import Path
 
 from bench.common import machine, markdown, print_row, require_torchvision, write_table
+from bench.report import write_docs
 
 FULL = {"G": 10240, "W1": 10240, "W2": 2560, "W3": 10240, "W4": [2560, 5120, 10240, 20480]}
 REDUCED = {"G": 2560, "W1": 5120, "W2": 512, "W3": 2048, "W4": [2560, 5120, 10240, 20480]}
+ALL = "C,E,A,G,W1,W2,W3,W4"  # the whole suite: a run of all of it rewrites docs/benchmarks.md
 PAIR = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0))
 SIX = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0), ("resnet50", "resnet50", 0),
        ("wide_resnet50_2", "wide_resnet50_2", 0), ("resnet18-seed1", "resnet18", 1), ("resnet18-seed2", "resnet18", 2))
@@ -34,7 +37,7 @@ def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", default=os.environ.get("CKAPIPE_BENCH_FULL") == "1",
                         help="issue 5's sizes (N = 10,240; W2 2,560 at 224 px): for a GPU machine")
-    parser.add_argument("--only", default="C,E,A,G,W1,W2,W3,W4",
+    parser.add_argument("--only", default=ALL,
                         help="comma-separated pieces: C (codecs), E (extraction vs forward, digits), "
                              "A (float32 accuracy against an offset), G (Grams filled at extraction), W1..W4")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     print("\n" + markdown(rows))
     write_table(rows, header, Path(args.out))
+    if set(args.only.split(",")) >= set(ALL.split(",")):
+        print(f"docs: {write_docs(rows, header)} (section 'Latest run')")
     failed = [r for r in rows if r.ckapipe_failure]
     for r in failed:
         print(f"FAILED: [{r.workload}] {r.what}: {r.note or r.a}", file=sys.stderr)
