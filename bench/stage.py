@@ -80,8 +80,8 @@ def run_stage(args: dict) -> ResidentPeak:
         "fill": lambda: analysis(args["cache"], names, study.device),
         "reanalyze": lambda: analysis(args["cache"], names, study.device),
     }
-    import analyze  # noqa: F401 - the imports are not the stage's memory
-    import extract  # noqa: F401
+    import ckapipe.analyze  # noqa: F401 - the imports are not the stage's memory
+    import ckapipe.extract.runner  # noqa: F401
 
     if args.get("live"):
         tracemalloc.start()

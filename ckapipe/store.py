@@ -169,7 +169,7 @@ def short_name(spec: str) -> str:
     head = spec.split("?")[0]
     if ":" in head:
         source, rest = head.split(":", 1)
-        named_by_rest = source in ("torchvision", "timm", "hf", "zoo") or ("." in source and rest.isidentifier())
+        named_by_rest = source in ("torchvision", "timm", "hf", "zoo") or rest.isidentifier()
         head = rest if named_by_rest else source  # package.module:factory -> factory
     head = head.rstrip("/").split("/")[-1] or head
     return _safe(head) or "run"

@@ -1,0 +1,96 @@
+"""One CLI habit: --help and --version, -q on every command, --cache defaulting the same
+way everywhere (CKAPIPE_CACHE too), progress as plain lines when not on a terminal,
+ls --json, usage errors as one line with exit 2."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+import ckapipe
+from ckapipe.cli import COMMANDS, main
+from ckapipe.progress import Progress
+
+
+def ckapipe_cli(capsys, *args) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exit:
+        code = exit.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_every_command_and_version_prints_it(capsys):
+    code, out, _ = ckapipe_cli(capsys, "--help")
+    assert code == 0 and all(name in out for name in COMMANDS)
+    code, out, _ = ckapipe_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"ckapipe {ckapipe.__version__}"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_quiet_and_the_cache_default(capsys, command):
+    code, out, _ = ckapipe_cli(capsys, command, "--help")
+    assert code == 0 and "-q, --quiet" in out
+    if "--cache" in out:
+        assert "CKAPIPE_CACHE" in out
+
+
+def test_the_cache_comes_from_ckapipe_cache(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CKAPIPE_CACHE", str(tmp_path / "elsewhere"))
+    code, _, err = ckapipe_cli(capsys, "ls")
+    assert code == 2 and f"cache directory {tmp_path / 'elsewhere'} does not exist" in err
+
+
+def test_quiet_extract_and_ls_json(capsys, tmp_path):
+    cache = str(tmp_path)
+    code, out, err = ckapipe_cli(capsys, "extract", "-m", "zoo:mlp2", "-l", "head", "-b", "32", "--limit", "64",
+                                 "--cache", cache, "-q")
+    assert code == 0 and err == "" and "complete, 2/2 minibatches" in out
+    code, out, _ = ckapipe_cli(capsys, "ls", "--cache", cache, "--json")
+    (record,) = json.loads(out)
+    assert record["slug"] == "mlp2@digits" and record["model"] == "zoo:mlp2" and record["status"] == "complete"
+    assert (record["n_samples"], record["batch_size"], record["layers"], record["grams"]) == (64, 32, ["head"], [])
+
+
+def test_progress_off_a_terminal_is_plain_lines():
+    stream = io.StringIO()  # not a terminal
+    bar = Progress(100, "extract net@digits", "samples", stream=stream, every=0.0)
+    for _ in range(4):
+        bar.update(25, "3.0 MB/s")
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and lines[-1] == "extract net@digits: 100/100 samples (100 %), 3.0 MB/s"
+    assert lines[0] == "extract net@digits: 25/100 samples (25 %), 3.0 MB/s"
+    quiet = io.StringIO()
+    bar = Progress(100, "x", "samples", enabled=False, stream=quiet)
+    bar.update(100)
+    bar.close()
+    assert quiet.getvalue() == ""
+
+
+def test_extraction_progress_in_a_log_has_no_carriage_returns(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ckapipe", "extract", "-m", "zoo:mlp2", "-l", "head", "-b", "32",
+                           "--limit", "64", "--cache", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "extract mlp2@digits: 64/64 samples (100 %)" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "pipelines/default.yaml", "--dry-run"], "--dry-run goes with --slurm"),
+    (["run", "pipelines/default.yaml", "--slurm", "--dry-run", "--time", "2h"], "--time '2h' is not a SLURM time"),
+    (["run", "pipelines/default.yaml", "--slurm", "--dry-run", "--mem", "lots"], "--mem 'lots' is not a size"),
+    (["run", "pipelines/default.yaml", "--slurm", "--dry-run", "--gres", "gpu 1"], "--gres 'gpu 1' is not generic"),
+    (["run", "pipelines/default.yaml", "--slurm", "--dry-run", "--cpus-per-task", "0"], "--cpus-per-task 0 must be"),
+    (["extract", "--nope"], "No such option: --nope"),
+    (["nope"], "No such command 'nope'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(capsys, tmp_path, args, message):
+    code, _, err = ckapipe_cli(capsys, *args, *(["--results", str(tmp_path)] if args[0] == "run" else []))
+    assert code == 2 and message in err and err.count("\n") == 1 and err.startswith("ckapipe: error: ")
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -1,0 +1,67 @@
+"""Run names: defaults that keep what tells runs apart, aliases instead of second extractions,
+globs over full store names, ambiguity that lists the candidates."""
+
+from __future__ import annotations
+
+import pytest
+
+from ckapipe import store
+from ckapipe.errors import StoreError
+from ckapipe.extract.runner import extract_run
+
+
+@pytest.mark.parametrize("model, dataset, slug", [
+    ("zoo:cnn3?seed=0", "digits", "cnn3-seed0@digits"),
+    ("zoo:cnn3?seed=1", "digits", "cnn3-seed1@digits"),
+    ("mymodels:tiny_resnet?depth=2", "digits", "tiny_resnet-depth2@digits"),
+    ("torchvision:resnet18?weights=none", "cifar10:/data/cifar?split=test", "resnet18-weightsnone@cifar10-splittest"),
+    ("ckpt/student.pt?arch=torchvision:resnet18", "digits?size=32", "student.pt-archresnet18@digits-size32"),
+])
+def test_default_names_keep_the_options(model, dataset, slug):
+    spec = store.RunSpec(model=model, weights_hash="0" * 64, dataset=dataset, transform="none", order_seed=0,
+                         batch_size=16, layers=(store.LayerSpec("head"),))
+    assert spec.slug == slug
+
+
+def extract(cache, model, **options):
+    options = {"batch_size": 16, "limit": 64, "progress": False, **options}
+    return store.open_run(extract_run(model, "digits", ["head"], cache=cache, **options))
+
+
+def test_two_seeds_get_two_names_and_a_glob_finds_both(tmp_path):
+    a, b = extract(tmp_path, "zoo:mlp2?seed=0"), extract(tmp_path, "zoo:mlp2?seed=1")
+    assert (a.slug, b.slug) == ("mlp2-seed0@digits", "mlp2-seed1@digits")
+    assert [r.name for r in store.find_runs(tmp_path, ["mlp2-seed1@digits"])] == [b.name]
+    assert sorted(r.name for r in store.find_runs(tmp_path, ["mlp2-*"])) == sorted([a.name, b.name])
+    assert [r.name for r in store.find_runs(tmp_path, [f"*-{b.key}"])] == [b.name]  # globs match full store names
+
+
+def test_a_name_for_a_cached_key_is_an_alias_not_a_second_extraction(tmp_path, monkeypatch):
+    first = extract(tmp_path, "zoo:mlp2?seed=0")
+    import ckapipe.extract.runner as runner
+
+    monkeypatch.setattr(runner, "_extract_chunks", lambda *a, **k: pytest.fail("the model ran again"))
+    again = extract(tmp_path, "zoo:mlp2?seed=0", name="baseline")
+    assert again.path == first.path and first.aliases() == ["baseline"]
+    assert len(store.list_runs(tmp_path)) == 1
+    assert [r.name for r in store.find_runs(tmp_path, ["baseline"])] == [first.name]
+    assert [r.name for r in store.find_runs(tmp_path, ["base*"])] == [first.name]
+
+
+def test_an_ambiguous_name_lists_the_candidates_with_their_specs(tmp_path):
+    a = extract(tmp_path, "zoo:mlp2?seed=0", name="net")
+    b = extract(tmp_path, "zoo:mlp2?seed=0", name="net", limit=48)  # another key, the same name
+    assert a.slug == b.slug == "net" and a.key != b.key
+    with pytest.raises(StoreError) as err:
+        store.find_runs(tmp_path, ["net"])
+    message = str(err.value)
+    assert "run name 'net' is ambiguous" in message
+    assert f"{a.name} (zoo:mlp2?seed=0 on digits)" in message and f"{b.name} (zoo:mlp2?seed=0 on digits)" in message
+    assert [r.name for r in store.find_runs(tmp_path, [a.name])] == [a.name]
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs", ".hidden", "a/b", "x" * 81, ""])
+def test_names_that_escape_or_hide_the_run_are_refused(tmp_path, name):
+    with pytest.raises(StoreError, match="is not usable"):
+        extract(tmp_path, "zoo:mlp2?seed=0", name=name)
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("models", ".locks")]
