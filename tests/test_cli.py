@@ -87,7 +87,7 @@ def test_extraction_progress_in_a_log_has_no_carriage_returns(tmp_path):
     (["run", "pipelines/default.yaml", "--slurm", "--dry-run", "--mem", "lots"], "--mem 'lots' is not a size"),
     (["run", "pipelines/default.yaml", "--slurm", "--dry-run", "--gres", "gpu 1"], "--gres 'gpu 1' is not generic"),
     (["run", "pipelines/default.yaml", "--slurm", "--dry-run", "--cpus-per-task", "0"], "--cpus-per-task 0 must be"),
-    (["extract", "--nope"], "No such option: --nope"),
+    (["extract", "--nope"], "No such option '--nope'"),
     (["nope"], "No such command 'nope'"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(capsys, tmp_path, args, message):
