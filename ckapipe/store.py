@@ -480,8 +480,8 @@ def create_run(
     cached = store_with_key(cache, spec.key)
     if cached is not None:  # the same contents under another name: one store, this name an alias of it
         run = open_run(cached)
-        if spec.name and spec.name != run.slug:
-            add_alias(cache, spec.name, run.name)
+        if spec.slug != run.slug:
+            add_alias(cache, spec.slug, run.name)
         return run
     n, m = len(sample_ids), spec.batch_size
     with atomic_path(path) as tmp:  # a half-created store is never visible; a second creator's is discarded

@@ -1,0 +1,106 @@
+"""Every command the README shows, run as written, in order, offline on a CPU.
+
+The README's fenced blocks are the script: ```sh blocks are command lines
+(``ckapipe ...`` and ``make ...``; comments and continuation backslashes as a
+shell reads them), ```python blocks are programs. They run in one scratch
+directory in the order they appear, as a reader following the README would.
+```sh slurm blocks need a SLURM cluster and run in the slurm test. Not run:
+``make test`` (this is it) and blocks marked ```sh notest, which hold only
+``make test`` and ``make bench`` (the benchmarks, run by ``make bench``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.M | re.S)
+
+
+def blocks(text: str) -> list[tuple[str, str, str]]:
+    """(language, tag, body) of every fenced block, in order."""
+    return [(m.group(1), m.group(2).strip(), m.group(3)) for m in FENCE.finditer(text)]
+
+
+def command_lines(body: str) -> list[str]:
+    """The commands of a sh block: continuations joined, comments dropped."""
+    lines = []
+    for line in body.replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        if words:
+            lines.append(shlex.join(words))
+    return lines
+
+
+def script(text: str, tag: str = "") -> list[tuple[str, str]]:
+    """("sh", command) and ("python", program) steps of the blocks with this tag, in order."""
+    steps = []
+    for language, block_tag, body in blocks(text):
+        if block_tag != tag:
+            continue
+        if language == "sh":
+            steps += [("sh", line) for line in command_lines(body)]
+        elif language == "python":
+            steps.append(("python", body))
+    return steps
+
+
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "pipelines").symlink_to(REPO / "pipelines")
+    return tmp_path
+
+
+def run_step(kind: str, step: str, cwd: Path) -> None:
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+    env.pop("CKAPIPE_CACHE", None)
+    if kind == "python":
+        proc = subprocess.run([sys.executable, "-"], input=step, capture_output=True, text=True, cwd=cwd, env=env)
+    else:
+        words = shlex.split(step)
+        if words[0] == "ckapipe":
+            argv = [sys.executable, "-m", "ckapipe", *words[1:]]
+        elif words[0] == "make":
+            venv = Path(sys.executable).parent.parent
+            argv = ["make", "-s", "-C", str(REPO), *words[1:], f"VENV={venv}", f"CACHE={cwd / 'cache'}",
+                    f"RESULTS={cwd / 'results'}", "-o", f"{venv}/.installed"]
+        else:
+            raise AssertionError(f"the README shows a command this test cannot run: {step}")
+        proc = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env)
+    assert proc.returncode == 0, f"README step failed: {step}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def test_the_readme_runs_as_written(tmp_path):
+    steps = [(kind, step) for kind, step in script(README.read_text()) if step != "make test"]
+    assert len(steps) > 10  # the parse found the README's commands
+    cwd = workdir(tmp_path)
+    for kind, step in steps:
+        run_step(kind, step, cwd)
+    assert (cwd / "results" / "default" / "summary.csv").exists()
+
+
+@pytest.mark.slurm
+def test_the_readme_slurm_commands_run_on_slurm(tmp_path):
+    from tests.test_slurm import WHY_NOT
+
+    if WHY_NOT is not None:
+        pytest.skip(WHY_NOT)
+    steps = script(README.read_text(), "slurm")
+    assert steps
+    cwd = workdir(tmp_path)
+    for kind, step in steps:
+        run_step(kind, step, cwd)
+
+
+def test_the_script_parser_reads_shell_lines():
+    text = "```sh\nckapipe ls   # the runs\nckapipe extract -m 'zoo:cnn3?seed=0' \\\n  -b 64\n# only a comment\n```\n"
+    assert script(text) == [("sh", "ckapipe ls"), ("sh", "ckapipe extract -m 'zoo:cnn3?seed=0' -b 64")]
+    assert script("```sh notest\nmake bench\n```\n") == []
+    assert script("```sh slurm\nckapipe run x --slurm\n```\n", "slurm") == [("sh", "ckapipe run x --slurm")]
