@@ -56,15 +56,18 @@ $(XVENV)/.installed: pyproject.toml
 	$(XVENV)/bin/pip install -q --disable-pip-version-check -e '.[vision,hf,$(strip $(TEST_EXTRAS))]'
 	touch $@
 
+# CACHE=DIR and RESULTS=DIR override the study file's directories.
+STUDY_DIRS = $(if $(CACHE),--cache $(CACHE)) $(if $(RESULTS),--results $(RESULTS))
+
 extract: install
-	$(CKAPIPE) run $(PIPELINE) --stage extract
+	$(CKAPIPE) run $(PIPELINE) --stage extract $(STUDY_DIRS)
 
 analyze: install
-	$(CKAPIPE) run $(PIPELINE) --stage analyze
+	$(CKAPIPE) run $(PIPELINE) --stage analyze $(STUDY_DIRS)
 
 # On a SLURM cluster: the extraction job array, then the dependent analysis job.
 submit: install
-	$(CKAPIPE) run $(PIPELINE) --slurm
+	$(CKAPIPE) run $(PIPELINE) --slurm $(STUDY_DIRS)
 
 test: install-test install-extras
 	$(PY) -m pytest -q

@@ -154,8 +154,7 @@ def compute(plan: Plan, device: str = "cpu", scheduler=None, scheduler_file=None
     One task per run and minibatch group computes that run's Gram triangles; one
     task per group multiplies the triangles of every run (the cross-run HSIC
     needs them together). Splitting by run lets the cores share a study with
-    few minibatch groups (W2 of the bench at N = 512, 224 px: one group, so two
-    tasks instead of one).
+    few minibatch groups (a small study at 224 px is one group).
     """
     import dask
 

@@ -16,8 +16,7 @@ def single_threaded_blas(active: bool):
     torch's forward pass during an extraction with ``--grams``).
 
     Each task's Gram products would otherwise start a BLAS thread per core, and
-    the oversubscribed, spinning BLAS threads cost more CPU than the products
-    (measured: 3.8 s of CPU instead of 2.1 s for the same analysis on 2 cores).
+    the oversubscribed, spinning BLAS threads cost more CPU than the products.
     Distributed workers already get one BLAS thread (Dask sets
     OPENBLAS_NUM_THREADS=1 for them). Needs threadpoolctl; without it, nothing changes.
     """
