@@ -85,3 +85,19 @@ def test_a_users_analyze_py_in_the_working_directory_is_never_imported(tmp_path)
         proc = subprocess.run([sys.executable, "-m", "ckapipe", *args], capture_output=True, text=True, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
     assert not list(tmp_path.glob("*.imported"))
+
+
+def test_the_wheel_installs_one_package_ckapipe(tmp_path):
+    """What ``pip install .`` (or ``pip install ckapipe``) puts on sys.path: ckapipe and nothing else."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(REPO)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("ckapipe-*.whl")
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"ckapipe"}
+    for expected in ("ckapipe/extract/runner.py", "ckapipe/analyze/engine.py", "ckapipe/pipelines/default.yaml",
+                     "ckapipe/pipelines/examples/ensemble.yaml", "ckapipe/store.py"):
+        assert expected in names
