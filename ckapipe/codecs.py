@@ -71,3 +71,15 @@ def file_crc(path: str | os.PathLike) -> bytes | None:
             return f.read(CRC_BYTES)
     except OSError:  # missing, or fewer than 4 bytes (seek before the start)
         return None
+
+
+def compression_name(chain) -> str | None:
+    """The ``--compression`` name of a stored array's codecs (its checksum aside); None when none matches."""
+
+    def form(codec) -> tuple:
+        d = codec.to_dict()
+        config = {k: v for k, v in (d.get("configuration") or {}).items() if k not in ("typesize", "blocksize")}
+        return d["name"], tuple(sorted(config.items()))
+
+    stored = [form(c) for c in chain if form(c)[0] != "crc32c"]
+    return next((name for name in COMPRESSION_CHOICES if [form(c) for c in compressors(name)] == stored), None)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ckapipe import store
+from ckapipe.atomic import describe_os_error
 from ckapipe.blas import single_threaded_blas
 from ckapipe.codecs import DEFAULT_COMPRESSION, compressors
 from ckapipe.devices import resolve_device
@@ -96,12 +97,16 @@ def extract_run(
     run = store.create_run(cache, spec, order, infos, compressors=codecs, checksums=checksums)
     want_grams = grams or grams_only
     span = store.share_range(*share, run.n_chunks) if share else chunk_range(chunks, run.n_chunks)
-    if _is_cached(run, span, want_grams):
-        run.refresh_status()  # a process killed after its last marker left the status behind
-        return run.path
-    with writer_lock(run.path, span) as lock:
-        _extract_chunks(run, recorder, data, order, span, device, dtype, want_grams, progress, workers, writer_threads,
-                        lock)
+    try:
+        if _is_cached(run, span, want_grams):
+            run.refresh_status()  # a process killed after its last marker left the status behind
+            return run.path
+        with writer_lock(run.path, span) as lock:
+            _extract_chunks(run, recorder, data, order, span, device, dtype, want_grams, progress, workers,
+                            writer_threads, lock)
+    except OSError as err:  # a full disk or a read-only store outside the chunk writes (markers, status, Grams)
+        raise store.StoreError(f"cannot write run {run.name}: {describe_os_error(err)}; completed chunks are kept, "
+                               f"rerun to resume") from None
     check_written(run, span, want_grams)
     return run.path
 
