@@ -249,6 +249,18 @@ def test_float16_grams_filled_at_extraction_are_those_of_the_stored_values(tmp_p
     np.testing.assert_allclose(row, u[np.triu_indices(M, 1)], rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.gpu
+def test_float16_grams_filled_on_the_gpu_are_those_of_the_stored_values(tmp_path):
+    """The CUDA twin of the test above: Grams computed where the activations are (writer.device_grams)."""
+    cupy = pytest.importorskip("cupy")
+    if cupy.cuda.runtime.getDeviceCount() == 0 or not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    run = extract(tmp_path, A, dtype="float16", grams=True, device="cuda")
+    cached = analyze.analyze(tmp_path, [run.name], progress=False)
+    fresh = analyze.analyze(tmp_path, [run.name], progress=False, use_gram_cache=False)
+    np.testing.assert_allclose(cached.hsic, fresh.hsic, rtol=1e-9, atol=0)
+
+
 # --------------------------------------------------------------------------- 4. bad input
 
 
