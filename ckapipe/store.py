@@ -364,7 +364,8 @@ class Run:
         for name in names:
             self.layer(name)[rows] = arrays[name]
         if self.checksummed and names:
-            self._checksums[k] = [self._file_tag(name, k) for name in names]
+            key = self.key
+            self._checksums[k] = [self._file_tag(key, name, k) for name in names]
         self._tags.pop(k, None)
         self.group["done"][k] = 1
 
@@ -414,9 +415,9 @@ class Run:
             raise StoreError(f"run {self.name} (store version {self.store_version}) has no {CHECKSUMS} array: "
                              f"it was deleted; re-extract the run") from None
 
-    def _file_tag(self, name: str, k: int) -> int:
+    def _file_tag(self, key: str, name: str, k: int) -> int:
         crc = file_crc(chunk_file(self.path, self.layer(name), k))
-        return NO_TAG if crc is None else chunk_tag(self.key, f"layers/{name}", k, crc)
+        return NO_TAG if crc is None else chunk_tag(key, f"layers/{name}", k, crc)
 
     def refresh_status(self) -> str:
         """Set status to complete once every chunk has its marker; return the status."""

@@ -23,34 +23,34 @@ def verify(cache, runs, repair, quiet):
             click.echo(line)
     broken = [r for r in reports if not r.ok and not r.repaired]
     if broken:
-        bad = sum(len(r.bad) + len(r.bad_caches) for r in broken)
-        damaged = sum(bool(r.metadata) for r in broken)
-        what = ", ".join(part for part in (f"{bad} bad chunk(s)" if bad else "", f"{damaged} run(s) with inconsistent metadata" if damaged else "") if part)
-        hint = "rerun with --repair, then the commands above" if bad and not repair else "re-extract them as shown above"
-        raise StoreError(f"{what} in {len(broken)} of {len(reports)} run(s): {hint}")
+        chunks = sum(len(r.bad) + len(r.bad_caches) for r in broken if not r.metadata)
+        edited = sum(bool(r.metadata) for r in broken)
+        what = "; ".join(part for part in (f"{chunks} bad chunk(s)" if chunks else "",
+                                          f"{edited} run(s) with inconsistent metadata" if edited else "") if part)
+        todo = "rerun with --repair, then the commands above" if chunks and not repair else "run the commands above"
+        raise StoreError(f"{what} in {len(broken)} of {len(reports)} run(s): {todo}")
 
 
 def describe(report) -> list[str]:
-    """The lines ``ckapipe verify`` prints for one run."""
+    """The lines ``ckapipe verify`` prints for one run: a verdict, each problem, what rebuilds it."""
     run = report.run
-    sums = "checksums and tags verified" if report.checksums else f"no checksums (store version {run.store_version}): decoded and checked finite"
+    checked = (f"{report.checked} chunks and Gram rows read, " +
+               ("checksums and tags verified" if report.checksums
+                else f"no checksums (store version {run.store_version}): decoded and checked finite"))
+    if report.ok:
+        done = int(run.done().sum())
+        underway = f"; in progress, {done}/{run.n_chunks} minibatches" if done < run.n_chunks else ""
+        return [f"{run.name}: ok ({checked}{underway})"]
     if report.metadata:
         lines = [f"{run.name}: inconsistent metadata"] + [f"  {problem}" for problem in report.metadata]
-    elif report.ok:
-        progress = "" if run.status != "in_progress" else f", in progress ({int(run.done().sum())}/{run.n_chunks} minibatches)"
-        return [f"{run.name}: ok, {report.checked} chunks and Gram rows read, {sums}{progress}"]
-    else:
-        lines = [f"{run.name}: {len(report.bad) + len(report.bad_caches)} bad, of {report.checked} chunks and Gram rows read ({sums})"]
-        lines += [f"  {bad.describe()}" for bad in report.bad]
-        lines += [f"  Gram cache m={m}: refused ({why})" for m, why in report.bad_caches.items()]
-    if report.repaired:
-        lines.append("  repaired: bad chunks and their markers deleted; rewrite them with:")
-    elif not report.metadata:
-        lines.append("  rebuild, after `ckapipe verify --repair`, with:")
-    else:
         lines.append("  rebuild with:")
-    lines += [f"    {command}" for command in report.rebuild()]
-    return lines
+    else:
+        lines = [f"{run.name}: {len(report.bad) + len(report.bad_caches)} bad ({checked})"]
+        lines += [f"  {bad.describe()}" for bad in report.bad]
+        lines += [f"  Gram cache m={m}: {why}" for m, why in report.bad_caches.items()]
+        lines.append("  repaired: bad chunks and their markers deleted; rewrite them with:" if report.repaired
+                     else "  rebuild, after `ckapipe verify --repair`, with:")
+    return lines + [f"    {command}" for command in report.rebuild()]
 
 
 @click.command()
