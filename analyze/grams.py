@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from ckapipe.atomic import describe_os_error
 from ckapipe.kernels import sub_triangles, to_host, ucentered_gram
 from ckapipe.errors import StoreError
 from ckapipe.store import GramCache, Run, open_run
@@ -101,8 +103,18 @@ def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: 
         for i, x in zip(computed, minibatch_features(run, layer, [ks[i] for i in computed], m)):
             out[i, li] = ucentered_gram(xp.asarray(x), product)
     if source.write_cache and computed and cache is not None:
-        cache.write([ks[i] for i in computed], to_host(out[computed]))
+        fill_cache(cache, [ks[i] for i in computed], to_host(out[computed]))
     return out
+
+
+def fill_cache(cache: GramCache, ks: Sequence[int], triangles: np.ndarray) -> None:
+    """Store computed Grams; a full disk or a read-only store only leaves them uncached (rows
+    are marked done after they are written, so a failed write leaves no row marked)."""
+    try:
+        cache.write(ks, triangles)
+    except OSError as err:
+        warnings.warn(f"the Gram cache of run {cache.run_name} (m={cache.m}) was not filled: "
+                      f"{describe_os_error(err)}; the analysis goes on without it")
 
 
 def minibatch_features(run: Run, layer: str, ks: Sequence[int], m: int) -> Iterator[np.ndarray]:

@@ -69,7 +69,8 @@ BENCH_LAYERS = ["1", "2", "3"]
 
 def zoo_activations(cache: Path) -> dict[str, np.ndarray]:
     """Every hidden stage of the trained zoo cnn3 and mlp3 on digits, float32 (N, D), whole chunks only."""
-    from ckapipe.extract import extract_run, store
+    from ckapipe import store
+    from ckapipe.extract import extract_run
 
     arrays = {}
     for model in ("zoo:cnn3?seed=0", "zoo:mlp3?seed=0"):
@@ -109,7 +110,7 @@ def measure_codec(name: str, arrays: dict[str, np.ndarray], dtype: str, workdir:
 
 def compression_rows(workdir: Path, dtype: str = "float32") -> list[Row]:
     """One row per codec: bytes on disk against raw bytes, with its write and read rates."""
-    from ckapipe.store import COMPRESSION_CHOICES, DEFAULT_COMPRESSION
+    from ckapipe.codecs import COMPRESSION_CHOICES, DEFAULT_COMPRESSION
 
     workdir.mkdir(parents=True, exist_ok=True)
     arrays = zoo_activations(workdir / "zoo-cache")
@@ -146,7 +147,8 @@ def digits_forward(n_copies: int) -> tuple[float, int]:
 
 def extraction(cache: Path, n_copies: int, compression: str) -> tuple[float, int, int]:
     """Wall time of full extractions of the same inputs (one run per copy), the bytes they hold and store."""
-    from ckapipe.extract import extract_run, store
+    from ckapipe import store
+    from ckapipe.extract import extract_run
 
     start = time.perf_counter()
     paths = [
@@ -162,7 +164,7 @@ def extraction(cache: Path, n_copies: int, compression: str) -> tuple[float, int
 
 def extraction_rows(workdir: Path, rounds: int = 3, compressions=E_COMPRESSIONS, n_copies: int = 1) -> list[Row]:
     """Forward-only and extraction rounds, interleaved; the best time of each (load comes and goes)."""
-    from ckapipe.store import DEFAULT_COMPRESSION
+    from ckapipe.codecs import DEFAULT_COMPRESSION
 
     digits_forward(1)  # warm-up: threads, allocator
     forwards, extractions = [], {c: [] for c in compressions}

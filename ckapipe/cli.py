@@ -25,6 +25,8 @@ COMMANDS = {
     "analyze": "ckapipe.analyze.cli:analyze",
     "plot": "ckapipe.analyze.cli:plot",
     "run": "ckapipe.pipelines.commands:run",
+    "verify": "ckapipe.store_cli:verify",
+    "unlock": "ckapipe.store_cli:unlock",
 }
 
 

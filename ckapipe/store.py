@@ -9,17 +9,25 @@ plain ``zarr``)::
         zarr.json                   attrs["ckapipe"]: spec, status, versions, ...
         sample_ids                  int64 (N,), chunks (m,): dataset index per row
         layers/<layer>              (N, D), chunks (m, D): chunk k = minibatch k
+        checksums                   int64 (n_chunks, layers), chunks (1, layers): the tag of
+                                    chunk k of every layer (ckapipe.codecs.chunk_tag)
         done                        uint8 (n_chunks,), chunks (1,): 1 once every
                                     layer of chunk k is written
         grams/m<m>/triangles        float64 (N // m, layers, m(m-1)/2), chunks (1, layers, ·):
                                     upper triangle of the U-centred Gram of every layer
                                     of every full minibatch, one chunk per minibatch
+        grams/m<m>/checksums        int64 (N // m,), chunks (1,): the tag of row k
         grams/m<m>/done             uint8 (N // m,), chunks (1,)
       .locks/<slug>-<key>/A-B.lock  one file per live writer and chunk range [A, B)
 
 ``key`` is a hash of everything that determines the contents (weights hash,
 dataset, transform, order seed, minibatch size, layers and reductions, dtype),
 so a changed run gets a new store and a stale cache is never served.
+
+Every chunk (activations and Gram rows) ends with its crc32c and has its tag
+recorded beside it, written before its marker (ckapipe.codecs): a flipped,
+truncated, missing or misplaced chunk file is refused by name. Stores of
+version 2 have neither and are read as before.
 
 This module is the floor both stages stand on: it depends on NumPy and zarr
 only, and imports neither stage (the analysis imports it without torch).
@@ -45,10 +53,12 @@ import zarr
 import zarr.errors
 
 from ckapipe.atomic import atomic_path
+from ckapipe.codecs import DEFAULT_COMPRESSION, NO_TAG, checksummed, chunk_tag, compressors as compression_chain, file_crc
 from ckapipe.errors import StoreError, suggest
 from ckapipe.kernels import check_minibatch_size
 
-STORE_VERSION = 2  # 2: the Gram cache holds every layer of a minibatch in one chunk
+STORE_VERSION = 3  # 3: every chunk ends with its crc32c and has its tag recorded; 2: one Gram chunk per minibatch
+CHECKSUMS = "checksums"  # the array of chunk tags, in a run and in each Gram cache
 ATTRS = "ckapipe"
 DTYPES = ("float32", "float16", "float64")  # what a layer array may hold
 GRAM_KEY, GRAM_LAYERS = "run_key", "layers"  # the stamp of a Gram cache: whose Grams, of which layers
@@ -192,13 +202,14 @@ class LayerInfo:
 
 @dataclass
 class Run:
-    """A handle on one run's store: its path and group; it keeps the layer arrays it opened and the
-    completion markers it last read (markers only go from 0 to 1)."""
+    """A handle on one run's store: its path and group; it keeps the layer arrays it opened, the
+    completion markers it last read (markers only go from 0 to 1) and the chunk tags it read."""
 
     path: Path
     group: zarr.Group = field(repr=False)
     _arrays: dict = field(default_factory=dict, repr=False, compare=False)  # layer arrays, opened once
     _done: np.ndarray | None = field(default=None, repr=False, compare=False)  # markers last read
+    _tags: dict = field(default_factory=dict, repr=False, compare=False)  # k -> recorded tags of chunk k
 
     # ---- metadata
     @property
@@ -207,7 +218,13 @@ class Run:
 
     @property
     def spec(self) -> RunSpec:
-        return RunSpec.from_dict(self.meta["spec"])
+        try:
+            return RunSpec.from_dict(self.meta["spec"])
+        except StoreError:
+            raise
+        except (KeyError, TypeError, ValueError) as err:
+            raise StoreError(f"run {self.name}: its recorded spec cannot be read ({type(err).__name__}: {err}); "
+                             f"its zarr.json was edited or damaged") from None
 
     @property
     def name(self) -> str:
@@ -251,6 +268,53 @@ class Run:
     def grams_only(self) -> bool:
         return bool(self.meta.get("grams_only", False))
 
+    @property
+    def store_version(self) -> int:
+        return int(self.meta.get("store_version", 1))
+
+    @property
+    def checksummed(self) -> bool:
+        """Whether its chunks end with a crc32c and have their tags recorded (store version 3 on)."""
+        return self.store_version >= 3
+
+    def metadata_problems(self) -> list[str]:
+        """What disagrees among the metadata that determines numbers, the spec and the arrays.
+
+        ``key`` must be the hash of the recorded spec and end the store's name,
+        ``layers`` and ``batch_size`` must be the spec's, and ``n_samples`` the
+        length of ``sample_ids``: an edited zarr.json would otherwise move labels
+        over numbers or drop samples. (Layer arrays are checked when opened.)
+        """
+        meta = self.meta
+        try:
+            spec = self.spec
+        except StoreError as err:
+            return [str(err)]
+        problems = []
+        if meta.get("key") != spec.key:
+            problems.append(f"key {meta.get('key')} is not {spec.key}, the hash of its spec")
+        elif not self.name.endswith(f"-{spec.key}"):
+            problems.append(f"the store's name does not end with its key {spec.key}")
+        if meta.get("layers") != [layer.name for layer in spec.layers]:
+            problems.append("its layers are not its spec's layers, in the spec's order")
+        if meta.get("batch_size") != spec.batch_size:
+            problems.append(f"batch_size {meta.get('batch_size')} is not its spec's {spec.batch_size}")
+        try:
+            n = self.group["sample_ids"].shape[0]
+        except KeyError:
+            return problems + ["it has no sample_ids"]
+        if meta.get("n_samples") != n or spec.limit not in (None, n):
+            problems.append(f"n_samples {meta.get('n_samples')} is not the {n} rows of its sample_ids")
+        return problems
+
+    def check(self) -> "Run":
+        """This run, once ``metadata_problems`` finds nothing; else a one-line error naming the run."""
+        problems = self.metadata_problems()
+        if problems:
+            raise StoreError(f"run {self.name} has inconsistent metadata: {'; '.join(problems)} "
+                             f"(its zarr.json was edited or damaged): re-extract it into a fresh store")
+        return self
+
     def sample_ids(self) -> np.ndarray:
         return self.group["sample_ids"][:]
 
@@ -259,10 +323,21 @@ class Run:
         return slice(k * m, min((k + 1) * m, self.n_samples))
 
     def layer(self, name: str) -> zarr.Array:
+        """The array of one layer, refused when its rows or chunks disagree with the run's metadata."""
         if name not in self._arrays:
             if name not in self.layer_names:
                 raise StoreError(f"run {self.name} has no layer {name!r}{suggest(name, self.layer_names)}")
-            self._arrays[name] = self.group[f"layers/{name}"]
+            try:
+                array = self.group[f"layers/{name}"]
+            except KeyError:
+                raise StoreError(f"run {self.name} lists layer {name!r} but holds no array for it: "
+                                 f"its zarr.json was edited or the array deleted; re-extract it") from None
+            if array.shape[0] != self.n_samples or array.chunks[0] != self.batch_size:
+                raise StoreError(
+                    f"layer {name!r} of run {self.name} has {array.shape[0]} rows in chunks of {array.chunks[0]}, "
+                    f"but the run records n_samples {self.n_samples} and batch_size {self.batch_size}: "
+                    f"its zarr.json was edited or damaged; re-extract it")
+            self._arrays[name] = array
         return self._arrays[name]
 
     def set_meta(self, **changes) -> None:
@@ -273,16 +348,25 @@ class Run:
     # ---- activations
     def done(self) -> np.ndarray:
         """Boolean completion marker per chunk."""
-        return self.group["done"][:].astype(bool)
+        markers = self.group["done"][:]
+        if markers.shape != (self.n_chunks,):
+            raise StoreError(f"run {self.name} has {markers.size} completion markers for its {self.n_chunks} "
+                             f"minibatches: its zarr.json was edited or damaged; re-extract it")
+        return markers.astype(bool)
 
     def missing_chunks(self) -> list[int]:
         return [int(k) for k in np.flatnonzero(~self.done())]
 
     def write_chunk(self, k: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write chunk k of every layer, then its completion marker (in that order)."""
+        """Write chunk k of every layer, then the tags of its files, then its completion marker (in that order)."""
         rows = self.chunk_slice(k)
-        for name in self.layer_names if not self.grams_only else ():
+        names = [] if self.grams_only else self.layer_names
+        for name in names:
             self.layer(name)[rows] = arrays[name]
+        if self.checksummed and names:
+            key = self.key
+            self._checksums[k] = [self._file_tag(key, name, k) for name in names]
+        self._tags.pop(k, None)
         self.group["done"][k] = 1
 
     def chunk_done(self, k: int) -> bool:
@@ -294,10 +378,46 @@ class Run:
         return bool(self._done[k])
 
     def read_chunk(self, name: str, k: int) -> np.ndarray:
-        """Rows of minibatch k of one layer; refuses a chunk that was never completed."""
+        """Rows of minibatch k of one layer; refuses a chunk that was never completed, and (store
+        version 3) one whose file fails its checksum or tag, naming run, layer and minibatch."""
         if not self.chunk_done(k):
             raise StoreError(f"chunk {k} of layer {name!r} in run {self.name} is missing (extraction incomplete)")
-        return self.layer(name)[self.chunk_slice(k)]
+        array = self.layer(name)
+        if self.checksummed:
+            why = self.tag_problem(name, k)
+            if why:
+                raise self.unreadable(name, k, why)
+        try:
+            return array[self.chunk_slice(k)]
+        except Exception as err:  # noqa: BLE001 - codecs and stores raise many types
+            raise self.unreadable(name, k, decode_failure(err)) from None
+
+    def tag_problem(self, name: str, k: int) -> str | None:
+        """Why chunk k of a layer is not the file written there (missing, truncated, moved), or None."""
+        recorded = self.recorded_tags(k)[self.layer_names.index(name)]
+        return tag_problem(self.key, self.path, self.layer(name), f"layers/{name}", k, recorded)
+
+    def recorded_tags(self, k: int) -> np.ndarray:
+        """The tags recorded for chunk k of every layer (NO_TAG where none was)."""
+        if k not in self._tags:
+            self._tags[k] = self._checksums[k]
+        return self._tags[k]
+
+    def unreadable(self, name: str, k: int, why: str) -> StoreError:
+        return StoreError(f"chunk {k} of layer {name!r} in run {self.name} cannot be read: {why}; "
+                          f"{verify_hint(self)}")
+
+    @functools.cached_property
+    def _checksums(self) -> zarr.Array:
+        try:
+            return self.group[CHECKSUMS]
+        except KeyError:
+            raise StoreError(f"run {self.name} (store version {self.store_version}) has no {CHECKSUMS} array: "
+                             f"it was deleted; re-extract the run") from None
+
+    def _file_tag(self, key: str, name: str, k: int) -> int:
+        crc = file_crc(chunk_file(self.path, self.layer(name), k))
+        return NO_TAG if crc is None else chunk_tag(key, f"layers/{name}", k, crc)
 
     def refresh_status(self) -> str:
         """Set status to complete once every chunk has its marker; return the status."""
@@ -341,15 +461,26 @@ class Run:
                 f"the Gram cache of run {self.name} at m={m} is not this run's ({whose if stamp[0] else 'no stamp'}): "
                 f"delete {self.path / path} and it is filled again"
             )
-        if create:
-            n_mb, width = self.n_samples // m, m * (m - 1) // 2
+        n_mb, width = self.n_samples // m, m * (m - 1) // 2
+        if create:  # the markers last: a cache with markers has all its arrays
+            if self.checksummed:
+                _create_missing(group, CHECKSUMS, shape=(n_mb,), chunks=(1,), dtype="int64", fill_value=NO_TAG)
             _create_missing(group, GramCache.TRIANGLES, shape=(n_mb, len(self.layer_names), width),
                             chunks=(1, len(self.layer_names), width), dtype="float64", fill_value=float("nan"),
-                            compressors=None, config={"write_empty_chunks": True})
+                            compressors=checksummed(()) if self.checksummed else None,
+                            config={"write_empty_chunks": True})
             _create_missing(group, "done", shape=(n_mb,), chunks=(1,), dtype="uint8", fill_value=0)
-        elif GramCache.TRIANGLES not in group:
+        elif GramCache.TRIANGLES not in group or "done" not in group:
             return None
-        return GramCache(group, self.layer_names, m, self.name)
+        cache = GramCache(group, self.layer_names, m, self.name, self.key, self.path, self.checksummed)
+        shape = cache._triangles.shape
+        if shape != (n_mb, len(self.layer_names), width) or (self.checksummed and CHECKSUMS not in group):
+            raise StoreError(
+                f"the Gram cache of run {self.name} at m={m} does not fit the run "
+                f"({'no checksums' if shape == (n_mb, len(self.layer_names), width) else f'shape {shape}'}): "
+                f"delete {self.path / path} and it is filled again"
+            )
+        return cache
 
     def _create_gram_group(self, path: str) -> zarr.Group:
         """The Gram cache's group, created with its stamp in the same write (or the one another process made)."""
@@ -367,7 +498,8 @@ class GramCache:
     U(X_k X_kᵀ) (m(m-1)/2 float64 numbers); the ``done`` marker of k is set once
     the whole row is written. One chunk per minibatch means one file and one
     read for all layers (per-layer arrays cost a Zarr call per layer and
-    minibatch, most of a re-analysis's time).
+    minibatch, most of a re-analysis's time). In a checksummed store each row
+    ends with its crc32c and its tag is recorded in ``checksums`` before its marker.
     """
 
     TRIANGLES = "triangles"
@@ -376,10 +508,17 @@ class GramCache:
     layers: list[str]
     m: int
     run_name: str
+    run_key: str = ""
+    run_path: Path | None = None
+    checksummed: bool = False
 
     @property
     def attrs(self):
         return self.group.attrs
+
+    @property
+    def label(self) -> str:
+        return f"grams/m{self.m}"
 
     @functools.cached_property
     def _triangles(self) -> zarr.Array:
@@ -388,6 +527,10 @@ class GramCache:
     @functools.cached_property
     def _markers(self) -> zarr.Array:
         return self.group["done"]
+
+    @functools.cached_property
+    def _checksums(self) -> zarr.Array:
+        return self.group[CHECKSUMS]
 
     @property
     def n_minibatches(self) -> int:
@@ -402,36 +545,96 @@ class GramCache:
         return np.concatenate([self._markers[a:b] for a, b in spans(ks)]).astype(bool)
 
     def read(self, ks: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
-        """(len(ks), layers, m(m-1)/2) triangles of minibatches ks (sorted); a clear error if unreadable.
+        """(len(ks), layers, m(m-1)/2) triangles of minibatches ks (sorted); an error naming the
+        run and the minibatch when a row is unreadable, or (checksummed) not the one written there.
 
         Zarr decodes straight into ``out`` (C-contiguous float64 of that shape) when given:
         no second task-sized buffer, which the allocator would keep around.
         """
         from zarr.core.buffer import default_buffer_prototype
 
+        if self.checksummed:  # rows marked done must be the files written there; others read as NaN
+            written = [k for k, done in zip(ks, self.done(ks)) if done]
+            for k, why in zip(written, self.tag_problems(written)):
+                if why:
+                    raise self.unreadable(k, why)
         if out is None:
             out = np.empty((len(ks), *self._triangles.shape[1:]), dtype=np.float64)
         nd_buffer = default_buffer_prototype().nd_buffer
-        try:
-            i = 0
-            for a, b in spans(ks):
+        i = 0
+        for a, b in spans(ks):
+            try:
                 self._triangles.get_basic_selection(slice(a, b), out=nd_buffer.from_numpy_array(out[i:i + b - a]))
-                i += b - a
-        except Exception as err:  # noqa: BLE001 - codecs and stores raise many types
-            raise StoreError(
-                f"the Gram cache of run {self.run_name} (m={self.m}) cannot be read ({type(err).__name__}): "
-                f"analyse with --no-gram-cache or delete its grams/m{self.m} folder"
-            ) from None
+            except Exception as err:  # noqa: BLE001 - codecs and stores raise many types
+                raise self.unreadable(self._first_unreadable(range(a, b)), decode_failure(err)) from None
+            i += b - a
         return out
 
+    def tag_problems(self, ks: Sequence[int]) -> list[str | None]:
+        """For each row k of ks (sorted): why its file is not the one written there, or None."""
+        recorded = np.concatenate([self._checksums[a:b] for a, b in spans(ks)]) if len(ks) else []
+        return [tag_problem(self.run_key, self.run_path, self._triangles, self.label, k, tag)
+                for k, tag in zip(ks, recorded)]
+
+    def unreadable(self, k: int, why: str) -> StoreError:
+        return StoreError(
+            f"the Gram row of minibatch {k} (m={self.m}, every layer) in run {self.run_name} cannot be read: {why}; "
+            f"`ckapipe verify {self.run_name} --repair` deletes it (analyse with --no-gram-cache meanwhile)"
+        )
+
+    def _first_unreadable(self, ks) -> int:
+        for k in ks:
+            try:
+                self._triangles[k]
+            except Exception:  # noqa: BLE001 - the row that fails to decode
+                return k
+        return ks[0]
+
     def write(self, ks: Sequence[int], triangles: np.ndarray) -> None:
-        """Rows ks (sorted; (len(ks), layers, width) on the host), then their markers."""
+        """Rows ks (sorted; (len(ks), layers, width) on the host), then their tags, then their markers."""
         i = 0
         for a, b in spans(ks):
             self._triangles[a:b] = triangles[i:i + b - a]
             i += b - a
+        if self.checksummed:
+            for a, b in spans(ks):
+                self._checksums[a:b] = [self._file_tag(k) for k in range(a, b)]
         for a, b in spans(ks):
             self._markers[a:b] = 1
+
+    def _file_tag(self, k: int) -> int:
+        crc = file_crc(chunk_file(self.run_path, self._triangles, k))
+        return NO_TAG if crc is None else chunk_tag(self.run_key, self.label, k, crc)
+
+
+def chunk_file(root: Path, array: zarr.Array, k: int) -> Path:
+    """The file of chunk k (along the first axis, the only axis chunked in two) of an array in a run's store."""
+    return Path(root) / array.path / array.metadata.encode_chunk_key((k,) + (0,) * (array.ndim - 1))
+
+
+def tag_problem(run_key: str, root: Path, array: zarr.Array, label: str, k: int, recorded: int) -> str | None:
+    """Why the file of chunk k of ``array`` is not the one whose tag was recorded there, or None."""
+    crc = file_crc(chunk_file(root, array, k))
+    if crc is None:
+        return "its file is missing or truncated"
+    if recorded == NO_TAG:
+        return "no checksum was recorded for it"
+    if chunk_tag(run_key, label, k, crc) != recorded:
+        return "its file is not the one written there (changed, or moved from another minibatch, layer or run)"
+    return None
+
+
+def decode_failure(err: Exception) -> str:
+    """A few words for a chunk that fails to decode: a checksum that does not match, or the codec's error."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if "checksum" in text.lower():
+        return "its bytes do not match their checksum (flipped, overwritten or truncated)"
+    return f"it does not decode ({type(err).__name__}{': ' + text[:120] if text else ''})"
+
+
+def verify_hint(run: Run) -> str:
+    """Where to turn for a damaged run: the command that names every bad chunk and how to rebuild it."""
+    return f"`ckapipe verify --cache {run.path.parent} {run.name}` names every bad chunk and the command that rebuilds it"
 
 
 def spans(ks: Sequence[int]) -> list[tuple[int, int]]:
@@ -463,11 +666,15 @@ def create_run(
     layers: dict[str, LayerInfo],
     compressors=None,
     grams_only: bool = False,
+    checksums: bool = True,
 ) -> Run:
     """Create the store of a run (or open it when it exists: resume).
 
     Every layer array gets chunks (m, D), a NaN fill value and write_empty_chunks,
-    so a chunk that was never written reads as NaN, never as zeros.
+    so a chunk that was never written reads as NaN, never as zeros; ``compressors``
+    (default ckapipe.codecs.DEFAULT_COMPRESSION) then the crc32c codec, unless
+    ``checksums=False`` writes the store version 2 layout (no checksums, no tags),
+    which only the bench uses, to measure what they cost.
     """
     grams_only = grams_only or spec.grams_only
     cache = ensure_cache(cache)
@@ -484,23 +691,29 @@ def create_run(
             add_alias(cache, spec.slug, run.name)
         return run
     n, m = len(sample_ids), spec.batch_size
+    chain = compression_chain(DEFAULT_COMPRESSION) if compressors is None else tuple(compressors)
+    seal = checksummed if checksums else tuple
     with atomic_path(path) as tmp:  # a half-created store is never visible; a second creator's is discarded
         group = zarr.open_group(tmp, mode="w")
-        ids = group.create_array("sample_ids", shape=(n,), chunks=(m,), dtype="int64", fill_value=-1)
+        ids = group.create_array("sample_ids", shape=(n,), chunks=(m,), dtype="int64", fill_value=-1,
+                                 compressors=seal(()))
         ids[:] = np.asarray(sample_ids, dtype="int64")
         for layer in spec.layers if not grams_only else ():
             info = layers[layer.name]
             arr = group.create_array(
                 f"layers/{layer.name}", shape=(n, info.dim), chunks=(m, info.dim), dtype=spec.dtype,
-                fill_value=float("nan"), compressors=compressors, config={"write_empty_chunks": True},
+                fill_value=float("nan"), compressors=seal(chain), config={"write_empty_chunks": True},
             )
             arr.attrs.update(
                 name=layer.name, output_shape=list(info.output_shape), reduction=layer.reduction,
                 select=layer.select, dtype=spec.dtype,
             )
+        if checksums and not grams_only:
+            group.create_array(CHECKSUMS, shape=(-(-n // m), len(spec.layers)), chunks=(1, len(spec.layers)),
+                               dtype="int64", fill_value=NO_TAG)
         group.create_array("done", shape=(-(-n // m),), chunks=(1,), dtype="uint8", fill_value=0)
         group.attrs[ATTRS] = {
-            "store_version": STORE_VERSION,
+            "store_version": STORE_VERSION if checksums else 2,
             "spec": spec.to_dict(),
             "key": spec.key,
             "layers": [layer.name for layer in spec.layers],
@@ -514,7 +727,8 @@ def create_run(
     return open_run(path)
 
 
-def open_run(path: str | os.PathLike) -> Run:
+def open_run(path: str | os.PathLike, check: bool = True) -> Run:
+    """The run stored at ``path``; ``check`` refuses it when its metadata disagrees with itself (Run.check)."""
     path = Path(path)
     try:
         group = zarr.open_group(path, mode="r+" if os.access(path, os.W_OK) else "r")
@@ -522,7 +736,8 @@ def open_run(path: str | os.PathLike) -> Run:
         raise StoreError(f"{path} is not a ckapipe run store ({type(err).__name__}: {err})") from None
     if ATTRS not in group.attrs:
         raise StoreError(f"{path} is a Zarr group but not a ckapipe run store (no '{ATTRS}' attributes)")
-    return Run(path, group)
+    run = Run(path, group)
+    return run.check() if check else run
 
 
 def ensure_cache(cache: str | os.PathLike) -> Path:
@@ -538,6 +753,7 @@ def ensure_cache(cache: str | os.PathLike) -> Path:
 
 
 def list_runs(cache: str | os.PathLike) -> list[Run]:
+    """Every run store in the cache, unchecked (``find_runs`` checks those it returns)."""
     cache = Path(cache)
     if not cache.is_dir():
         raise StoreError(f"cache directory {cache} does not exist")
@@ -545,7 +761,7 @@ def list_runs(cache: str | os.PathLike) -> list[Run]:
     for path in sorted(cache.iterdir()):
         if path.is_dir() and not path.name.startswith(".") and (path / "zarr.json").exists():
             try:
-                runs.append(open_run(path))
+                runs.append(open_run(path, check=False))
             except StoreError:
                 continue
     return runs
@@ -589,12 +805,13 @@ def read_aliases(cache: str | os.PathLike) -> dict[str, str]:
     return out
 
 
-def find_runs(cache: str | os.PathLike, patterns: Sequence[str]) -> list[Run]:
+def find_runs(cache: str | os.PathLike, patterns: Sequence[str], check: bool = True) -> list[Run]:
     """Resolve run names to stores, in the order given.
 
     A pattern is a store's full name (``slug-key``), its key, its slug or an
     alias, or a shell glob over any of these (``student-*``). A slug or alias
     that names several stores is ambiguous and refused with the candidates.
+    ``check`` refuses a run whose metadata disagrees with itself (Run.check).
     """
     runs = list_runs(cache)
     aliases = read_aliases(cache)
@@ -605,7 +822,7 @@ def find_runs(cache: str | os.PathLike, patterns: Sequence[str]) -> list[Run]:
             names = sorted({r.slug for r in runs} | {r.name for r in runs} | set(aliases))
             raise StoreError(f"no run {pattern!r} in cache {cache}{suggest(pattern, names)}")
         chosen += [r for r in hits if r.name not in {c.name for c in chosen}]
-    return chosen
+    return [run.check() for run in chosen] if check else chosen
 
 
 def _matches(pattern: str, runs: list[Run], aliases: dict[str, str]) -> list[Run]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ckapipe.errors import MissingExtra, SpecError
-from ckapipe.extract.specs import import_object, looks_importable, module_exists, require, split_spec
+from ckapipe.extract.specs import call_factory, import_object, int_param, looks_importable, module_exists, require, split_spec
 from ckapipe.errors import suggest
 
 SOURCES = ("digits", "imagefolder", "hf", "npy", "zarr")
@@ -94,7 +94,7 @@ def _digits(spec: str, params: dict) -> LoadedDataset:
     x, _ = digits_tensors()
     transform = "scale(1/16)"
     if "size" in params:
-        size = int(params["size"])
+        size = positive_size(params, f"dataset {spec}")
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         transform += f"|resize({size},bilinear)"
     return LoadedDataset(spec, transform, len(x), take=lambda idx: x[torch.from_numpy(idx)])
@@ -104,7 +104,14 @@ def _npy(spec: str, path: str, params: dict) -> LoadedDataset:
     file = Path(path).expanduser()
     if not file.is_file():
         raise SpecError(f"input array {file} does not exist")
-    array = np.load(file, mmap_mode="r")
+    try:  # never unpickled: an object array could run code as it loads
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+    except ValueError as err:
+        why = "holds Python objects, which ckapipe does not unpickle" if "pickle" in str(err) or "object" in str(err) \
+            else f"is not a readable .npy file ({str(err).splitlines()[0][:120]})"
+        raise SpecError(f"input array {file} {why}: save a numeric array") from None
+    except OSError as err:
+        raise SpecError(f"cannot read input array {file}: {err.strerror or err}") from None
     return _array(spec, array)
 
 
@@ -125,6 +132,8 @@ def _zarr(spec: str, path: str, params: dict) -> LoadedDataset:
 
 
 def _array(spec: str, array, oindex: bool = False) -> LoadedDataset:
+    check_inputs(spec, array)
+
     def take(idx: np.ndarray) -> torch.Tensor:
         order = np.argsort(idx)  # sorted reads are sequential on disk
         rows = array.oindex[idx[order]] if oindex else array[idx[order]]
@@ -136,7 +145,7 @@ def _array(spec: str, array, oindex: bool = False) -> LoadedDataset:
 
 
 def _callable(spec: str, head: str, params: dict) -> LoadedDataset:
-    made = import_object(head, "dataset callable")(**params)
+    made = call_factory(import_object(head, "dataset callable"), params, f"dataset callable {head}")
     if isinstance(made, np.ndarray):
         return _array(spec, made)
     if isinstance(made, torch.Tensor):
@@ -206,6 +215,25 @@ def _hf_disk(spec: str, path: str, params: dict) -> LoadedDataset:
 # --------------------------------------------------------------------------- helpers
 
 
+def check_inputs(spec: str, array) -> None:
+    """Inputs are a numeric array with a leading sample dimension and at least one sample."""
+    shape, dtype = tuple(array.shape), np.dtype(array.dtype)
+    if not shape:
+        raise SpecError(f"dataset {spec} is a 0-d array (a single number): inputs need a leading sample dimension")
+    if shape[0] == 0:
+        raise SpecError(f"dataset {spec} holds no samples (shape {shape})")
+    if dtype.kind not in "biuf":
+        raise SpecError(f"dataset {spec} holds {dtype} values: inputs must be numbers (bool, int or float)")
+
+
+def positive_size(params: dict, what: str) -> int:
+    """The ``size`` option as a positive integer, or a one-line error naming ``what``."""
+    size = int_param(params, "size", 0, what)
+    if size < 1:
+        raise SpecError(f"{what}: size={size} is not a positive number of pixels")
+    return size
+
+
 def image_transform(params: dict):
     """A torchvision transform from ``size``/``normalize``/``transform`` options and its description."""
     if "transform" in params:
@@ -215,7 +243,7 @@ def image_transform(params: dict):
     T = tv.transforms
     steps, described = [], []
     if "size" in params:
-        size = int(params["size"])
+        size = positive_size(params, "dataset image option")
         steps += [T.Resize(size), T.CenterCrop(size)]
         described += [f"resize({size})", f"center_crop({size})"]
     steps.append(T.ToTensor())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -30,7 +31,10 @@ import torch
 from torch import nn
 
 from ckapipe.errors import SpecError, suggest
-from ckapipe.extract.specs import import_object, looks_importable, module_exists, require, split_spec
+from ckapipe.extract.specs import (
+    call_factory, check_params, import_object, int_param, looks_importable, module_exists, require, split_spec,
+    takes_keyword,
+)
 
 HUBS = ("zoo", "torchvision", "timm", "hf")
 RANDOM = ("none", "random", None, False)
@@ -50,9 +54,11 @@ def load_model(spec: str, *, cache: str | os.PathLike = "cache", random_init: bo
     head, params = split_spec(spec)
     if random_init:
         params["weights"] = "none"
+    seed = int_param(params, "init_seed", 0, f"model {spec}")
+    params.pop("init_seed", None)
     with torch.random.fork_rng(devices=[]):  # random init is reproducible; the caller's RNG is left alone
-        torch.manual_seed(int(params.pop("init_seed", 0)))
-        module = _build(head, params, cache)
+        torch.manual_seed(seed)
+        module = _build(head, params, cache, random_init)
     if not isinstance(module, nn.Module):
         raise SpecError(f"model {spec!r} gave a {type(module).__name__}, not a torch.nn.Module")
     module.eval()
@@ -60,18 +66,27 @@ def load_model(spec: str, *, cache: str | os.PathLike = "cache", random_init: bo
     return LoadedModel(module, recorded, weights_hash(module))
 
 
-def _build(head: str, params: dict, cache) -> nn.Module:
+def _build(head: str, params: dict, cache, random_init: bool = False) -> nn.Module:
     source, _, name = head.partition(":")
     if source in HUBS:
         if not name:
             raise SpecError(f"model spec {head!r} names no model: write {source}:NAME")
-        return {"zoo": _zoo, "torchvision": _torchvision, "timm": _timm, "hf": _hf}[source](name, params, cache)
+        build = {"zoo": _zoo, "torchvision": _torchvision, "timm": _timm, "hf": _hf}[source]
+        try:
+            return build(name, params, cache)
+        except TypeError as err:  # a keyword the hub's constructor does not take
+            raise SpecError(f"model {head}: {_first_line(err)} (check its ?key=value options)") from None
     path = Path(head).expanduser()
     if path.is_file():
         return _checkpoint(path, params, cache)
     if looks_importable(head) and (module_exists(source) or "." in source):  # a dotted module: say it is missing
         factory = import_object(head, "model factory")
-        return factory(**params)
+        if random_init and not takes_keyword(factory, "weights"):
+            raise SpecError(
+                f"--random-init: model factory {head} has no 'weights' parameter to ask it for random weights: "
+                f"leave --random-init out (the factory decides its weights, drawn from ?init_seed=S)"
+            )
+        return call_factory(factory, params, f"model factory {head}")
     if path.suffix in (".pt", ".pth", ".ckpt", ".bin", ".safetensors"):
         raise SpecError(f"model checkpoint {head} does not exist")
     raise SpecError(
@@ -84,9 +99,10 @@ def _zoo(name: str, params: dict, cache) -> nn.Module:
     from ckapipe.extract import zoo
 
     zoo.build(name)  # unknown names fail before any training
+    check_params(lambda seed=0, weights="trained": None, params, f"model zoo:{name}")
     if params.get("weights", "trained") in RANDOM:
         return zoo.build(name)
-    return zoo.load(name, int(params.get("seed", 0)), cache)
+    return zoo.load(name, int_param(params, "seed", 0, f"model zoo:{name}"), cache)
 
 
 def _torchvision(name: str, params: dict, cache) -> nn.Module:
@@ -139,18 +155,33 @@ def _no_weights(model: str, err: Exception, config_needed: bool = False) -> Spec
 
 
 def _checkpoint(path: Path, params: dict, cache) -> nn.Module:
-    """A TorchScript archive, or a state_dict loaded into ``?arch=SPEC``."""
-    if _is_torchscript(path):
+    """A TorchScript archive, or a state_dict loaded into ``?arch=SPEC``.
+
+    Weights are read with ``weights_only=True``: a checkpoint holding other
+    Python objects is refused, never unpickled (unpickling can run any code).
+    """
+    kind = _archive_kind(path)
+    if kind == "torchscript":
         with warnings.catch_warnings():  # TorchScript is deprecated in torch, still what many checkpoints are
             warnings.simplefilter("ignore", DeprecationWarning)
-            return TorchScriptModel(torch.jit.load(str(path), map_location="cpu"))
+            try:
+                return TorchScriptModel(torch.jit.load(str(path), map_location="cpu"))
+            except Exception as err:  # noqa: BLE001 - torch raises many types for bad archives
+                raise SpecError(f"cannot load TorchScript archive {path} ({type(err).__name__}: {_first_line(err)})") from None
+    if kind == "zip":
+        raise SpecError(f"model file {path} is a zip archive but neither a TorchScript archive nor a torch.save checkpoint")
     arch = params.pop("arch", None)
     if not arch:
         raise SpecError(f"checkpoint {path} holds weights, not a model: name its architecture with {path}?arch=SPEC")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SpecError(
+            f"checkpoint {path} holds Python objects besides tensors, which ckapipe does not unpickle "
+            f"(unpickling can run any code): save the model's state_dict, or a TorchScript archive, instead"
+        ) from None
     except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
-        raise SpecError(f"cannot read checkpoint {path} as weights ({type(err).__name__}: {err})") from None
+        raise SpecError(f"cannot read checkpoint {path} as weights ({type(err).__name__}: {_first_line(err)})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     arch_head, arch_params = split_spec(str(arch))
@@ -182,11 +213,22 @@ class TorchScriptModel(nn.Module):
         return self.output(self.script(*args, **kwargs))
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+def _archive_kind(path: Path) -> str:
+    """"torchscript", "torch" (a torch.save zip), "zip" (any other zip) or "file" (not a zip)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return "file"
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return "file"
+    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+        return "torchscript"
+    return "torch" if any(n.endswith("data.pkl") for n in names) else "zip"
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:200]
 
 
 def _with_param(spec: str, key: str, value: str) -> str:

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from ckapipe import store
+from ckapipe.atomic import describe_os_error
 from ckapipe.blas import single_threaded_blas
 from ckapipe.codecs import DEFAULT_COMPRESSION, compressors
 from ckapipe.devices import resolve_device
-from ckapipe.errors import ActivationError, CkapipeError
+from ckapipe.errors import ActivationError, CkapipeError, LayerError
 from ckapipe.extract.datasets import LoadedDataset, load_dataset
 from ckapipe.extract.layers import default_selection, observe, parse_selection, prepare
 from ckapipe.extract.models import LoadedModel, load_model, weights_hash
@@ -55,6 +56,7 @@ def extract_run(
     compression: str = DEFAULT_COMPRESSION,
     workers: int = 0,
     writer_threads: int = 2,
+    checksums: bool = True,
 ) -> Path:
     """Extract (or resume, or find cached) one run; return the path of its store.
 
@@ -63,10 +65,17 @@ def extract_run(
     A..B-1 only (disjoint ranges may run side by side); ``share=(i, n)`` extracts
     the i-th of n disjoint shares of the run's minibatches (a SLURM array task). ``grams`` fills the Gram
     cache for m = batch_size while the activations are in memory; ``grams_only``
-    keeps only the Grams (no activation arrays), never the default.
+    keeps only the Grams (no activation arrays), never the default. ``checksums=False``
+    writes a store without checksums (store version 2), for the bench to measure their cost.
+
+    Returns only when every minibatch of the range asked for is written (and its
+    Grams, when asked); anything less is an error, never a partial run returned.
     """
     check_minibatch_size(batch_size)
     store.check_dtype(dtype)
+    check_order_seed(order_seed)
+    if name is not None:
+        store.check_run_name(name)
     codecs = compressors(compression)
     store.ensure_cache(cache)  # an unwritable cache fails before any model is loaded
     loaded = _model(model, cache, random_init)
@@ -78,20 +87,27 @@ def extract_run(
     module = loaded.module.to(device)
     selections = parse_selection([layers] if isinstance(layers, str) else layers, reduction) if layers else default_selection(module, reduction)
     probe_inputs = to_device(next(data.batches([order[:PROBE_BATCH]])), device)
-    recorder, infos = prepare(module, selections, probe_inputs, min(PROBE_BATCH, len(order)))
+    recorder, infos = runs_on(lambda: prepare(module, selections, probe_inputs, min(PROBE_BATCH, len(order))),
+                              loaded.spec, f"dataset {data.spec}'s inputs", "check that the model and dataset fit")
     spec = store.RunSpec(
         model=loaded.spec, weights_hash=loaded.weights_hash, dataset=data.spec, transform=data.transform,
         order_seed=order_seed, batch_size=batch_size, layers=tuple(recorder.specs[n] for n in infos),
         dtype=dtype, limit=limit, grams_only=grams_only, name=name,
     )
-    run = store.create_run(cache, spec, order, infos, compressors=codecs)
+    run = store.create_run(cache, spec, order, infos, compressors=codecs, checksums=checksums)
     want_grams = grams or grams_only
     span = store.share_range(*share, run.n_chunks) if share else chunk_range(chunks, run.n_chunks)
-    if _is_cached(run, span, want_grams):
-        run.refresh_status()  # a process killed after its last marker left the status behind
-        return run.path
-    with writer_lock(run.path, span):
-        _extract_chunks(run, recorder, data, order, span, device, dtype, want_grams, progress, workers, writer_threads)
+    try:
+        if _is_cached(run, span, want_grams):
+            run.refresh_status()  # a process killed after its last marker left the status behind
+            return run.path
+        with writer_lock(run.path, span) as lock:
+            _extract_chunks(run, recorder, data, order, span, device, dtype, want_grams, progress, workers,
+                            writer_threads, lock)
+    except OSError as err:  # a full disk or a read-only store outside the chunk writes (markers, status, Grams)
+        raise store.StoreError(f"cannot write run {run.name}: {describe_os_error(err)}; completed chunks are kept, "
+                               f"rerun to resume") from None
+    check_written(run, span, want_grams)
     return run.path
 
 
@@ -104,11 +120,49 @@ def list_layers(model: str | nn.Module, dataset: str | None = None, *, cache: st
     """
     loaded = _model(model, cache, random_init)
     inputs = next(load_dataset(dataset).batches([np.arange(2)])) if dataset else _example_inputs(loaded.spec)
-    rows = observe(loaded.module, inputs)
+    if dataset:
+        rows = runs_on(lambda: observe(loaded.module, inputs), loaded.spec, f"dataset {dataset}'s inputs",
+                       "check that the model and dataset fit")
+    else:
+        rows = runs_on(lambda: observe(loaded.module, inputs), loaded.spec, "example inputs (3 x 224 x 224 images)",
+                       "pass --dataset to take example inputs from a dataset it takes")
     return rows if with_types else [(name, shape) for name, _, shape in rows]
 
 
 # --------------------------------------------------------------------------- steps
+
+
+def check_order_seed(order_seed: int) -> int:
+    """The order seed, or a one-line error: NumPy seeds are non-negative integers."""
+    if isinstance(order_seed, bool) or not isinstance(order_seed, (int, np.integer)) or order_seed < 0:
+        raise CkapipeError(f"--order-seed {order_seed} is not a non-negative integer")
+    return int(order_seed)
+
+
+def runs_on(forward, model: str, inputs: str, remedy: str):
+    """``forward()``, with a model that fails on the inputs given reported in one line."""
+    try:
+        return forward()
+    except CkapipeError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise LayerError(f"model {model} cannot run on {inputs} ({type(err).__name__}: {first}): {remedy}") from None
+
+
+def check_written(run, span: range, want_grams: bool) -> None:
+    """Every minibatch of ``span`` has its marker (and its Gram row, when asked), or a one-line error."""
+    done = run.done()
+    missing = [k for k in span if not done[k]]
+    if not missing and want_grams:
+        grams = run.grams(run.batch_size)
+        have = grams.done() if grams is not None else np.zeros(0, dtype=bool)
+        missing = [k for k in span if k < run.n_samples // run.batch_size and not have[k]]
+    if missing:
+        raise store.StoreError(
+            f"run {run.name}: {len(missing)} minibatch(es) of {span.start}:{span.stop} were not written "
+            f"(first {missing[0]}): rerun the same command to write them"
+        )
 
 
 def sample_order(n: int, order_seed: int, limit: int | None) -> np.ndarray:
@@ -137,7 +191,8 @@ def to_device(inputs: Any, device: torch.device) -> Any:
     return inputs.to(device, non_blocking=True) if isinstance(inputs, torch.Tensor) else inputs
 
 
-def _extract_chunks(run, recorder, data: LoadedDataset, order, span, device, dtype, want_grams, progress, workers, threads) -> None:
+def _extract_chunks(run, recorder, data: LoadedDataset, order, span, device, dtype, want_grams, progress, workers, threads,
+                    lock) -> None:
     """Forward every missing minibatch of ``span`` and hand it to the writers."""
     if run.status == store.FAILED:
         run.set_meta(status=store.IN_PROGRESS, error=None)
@@ -149,13 +204,13 @@ def _extract_chunks(run, recorder, data: LoadedDataset, order, span, device, dty
     todo = [k for k in span if not done[k]]
     rows = sum(run.chunk_slice(k).stop - run.chunk_slice(k).start for k in todo)
     bar = Progress(rows, f"extract {run.slug}", "samples", enabled=progress)
-    writer = ChunkWriter(run, dtype=dtype, grams=gram_cache, threads=threads, progress=bar)
+    writer = ChunkWriter(run, dtype=dtype, grams=gram_cache, threads=threads, progress=bar, lock=lock)
     try:
         batches = data.batches((order[run.chunk_slice(k)] for k in todo), workers)
         with recorder.hooked(), single_threaded_blas(gram_cache is not None):
             for k, inputs in zip(todo, batches):
                 features = recorder.forward(to_device(inputs, device))
-                writer.submit(k, features, device_grams(features) if gram_cache is not None else None)
+                writer.submit(k, features, device_grams(features, dtype) if gram_cache is not None else None)
         writer.close()
     except ActivationError as err:
         writer.abort()

@@ -2,7 +2,8 @@
 
 A spec is ``HEAD?key=value&key=value``: the head names the source, the query
 holds keyword arguments. Values are Python literals when they parse as one
-(``depth=3``, ``pretrained=False``), strings otherwise.
+(``depth=3``, ``pretrained=False``; ``true``, ``false`` and ``none`` in any
+case too, as in YAML), strings otherwise.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import ast
 import importlib
 from urllib.parse import parse_qsl
 
-from ckapipe.errors import MissingExtra, SpecError
+from ckapipe.errors import MissingExtra, SpecError, suggest
 
 
 def split_spec(spec: str) -> tuple[str, dict]:
@@ -21,12 +22,60 @@ def split_spec(spec: str) -> tuple[str, dict]:
     return head, params
 
 
+WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
 def literal(text: str):
-    """A Python literal when ``text`` is one, else the text itself."""
+    """A Python literal when ``text`` is one (``true``/``false``/``none`` in any case too), else the text itself."""
+    if text.lower() in WORDS:
+        return WORDS[text.lower()]
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text
+
+
+def int_param(params: dict, key: str, default: int, what: str) -> int:
+    """``params[key]`` as an integer (``default`` when absent), or a one-line error naming the spec."""
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{what}: {key}={value!r} is not an integer")
+    return value
+
+
+def call_factory(factory, params: dict, what: str):
+    """``factory(**params)``, refusing a keyword it does not take with a one-line error naming the ones it does."""
+    check_params(factory, params, what)
+    return factory(**params)
+
+
+def check_params(factory, params: dict, what: str) -> None:
+    """A one-line error for keywords ``factory`` does not take (nothing when it takes ``**kwargs``)."""
+    names = keywords(factory)
+    if names is None:
+        return
+    for key in params:
+        if key not in names:
+            takes = f"its parameters are {', '.join(names)}" if names else "it takes no parameters"
+            raise SpecError(f"{what} takes no parameter {key!r}{suggest(key, names)} ({takes})")
+
+
+def takes_keyword(factory, name: str) -> bool:
+    names = keywords(factory)
+    return names is None or name in names
+
+
+def keywords(factory) -> list[str] | None:
+    """The keyword parameters of a callable; None when it takes any (``**kwargs``) or cannot be inspected."""
+    import inspect
+
+    try:
+        accepted = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins and C callables: let the call decide
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return None
+    return [n for n, p in accepted.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def require(module: str, extra: str):

@@ -5,7 +5,13 @@ and goes on with the next forward. On CUDA the features are copied into pinned
 host memory asynchronously (an event marks when the copy is done); writer
 threads then check the values, cast, compute Grams when asked, compress and
 write the chunk, and set its completion marker last. The queue is bounded, so
-a disk slower than the model applies back-pressure instead of filling memory.
+a disk slower than the model applies back-pressure instead of filling memory,
+and ``close`` returns only once every queued chunk is written: only an error
+(``abort``, or a writer's) ever leaves queued chunks unwritten.
+
+Grams filled here are those of the values stored (after the cast to the
+store's dtype), so a float16 run's CKA does not depend on which path filled
+its Gram cache.
 """
 
 from __future__ import annotations
@@ -66,9 +72,10 @@ def check_values(array: np.ndarray, dtype: str, layer: str, k: int) -> np.ndarra
 class ChunkWriter:
     """Writer threads fed through a bounded queue; the first error stops them and is re-raised."""
 
-    def __init__(self, run: Run, *, dtype: str, grams=None, threads: int = 2, depth: int = 4, progress: Progress | None = None):
+    def __init__(self, run: Run, *, dtype: str, grams=None, threads: int = 2, depth: int = 4, progress: Progress | None = None,
+                 lock=None):
         self.run, self.dtype, self.gram_cache = run, dtype, grams
-        self.progress = progress
+        self.progress, self.lock = progress, lock  # lock: a locks.WriterLock, checked before every chunk
         self.written_bytes, self.count_lock = 0, threading.Lock()
         self.queue: queue.Queue[Chunk | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
@@ -100,7 +107,9 @@ class ChunkWriter:
         self._stop()
 
     def _stop(self) -> None:
-        """Send every writer thread its stop signal, join them, close the progress bar."""
+        """Queue every writer thread's stop signal behind the chunks already queued, join them,
+        close the progress bar. The threads consume the queue until they meet their signal
+        (skipping chunks only once an error is set), so waiting for room never loses a chunk."""
         for _ in self.threads:
             self._put_stop()
         for thread in self.threads:
@@ -123,12 +132,13 @@ class ChunkWriter:
                 self._drain()
 
     def _write(self, chunk: Chunk) -> None:
+        if self.lock is not None:
+            self.lock.check()  # taken over by another writer: stop before touching its chunks
         if chunk.ready is not None:
             chunk.ready.synchronize()
-        raw = {name: t.numpy() for name, t in chunk.features.items()}
-        arrays = {name: check_values(a, self.dtype, name, chunk.k) for name, a in raw.items()}
+        arrays = {name: check_values(t.numpy(), self.dtype, name, chunk.k) for name, t in chunk.features.items()}
         if self.gram_cache is not None and chunk.k < self.n_gram_chunks:
-            write_grams(self.gram_cache, chunk.k, chunk.grams or compute_grams(raw))
+            write_grams(self.gram_cache, chunk.k, chunk.grams or compute_grams(arrays))
         self.run.write_chunk(chunk.k, arrays)
         if self.progress is not None:
             rows = next(iter(arrays.values())).shape[0] if arrays else 0
@@ -138,12 +148,12 @@ class ChunkWriter:
             self.progress.update(rows, f"{rate:.1f} MB/s")
 
     def _put_stop(self) -> None:
-        while True:
+        while any(thread.is_alive() for thread in self.threads):
             try:
                 self.queue.put(None, timeout=0.1)
                 return
             except queue.Full:
-                self._drain()
+                continue
 
     def _drain(self) -> None:
         try:
@@ -171,15 +181,17 @@ def compute_grams(features: dict) -> dict[str, np.ndarray]:
     return {name: to_host(ucentered_gram(x)) for name, x in features.items()}
 
 
-def device_grams(features: dict[str, torch.Tensor]) -> dict[str, np.ndarray] | None:
-    """Grams computed where the activations are, on CUDA through CuPy; None when that is not possible."""
+def device_grams(features: dict[str, torch.Tensor], dtype: str = "float32") -> dict[str, np.ndarray] | None:
+    """Grams computed where the activations are, on CUDA through CuPy, of the values as stored
+    (cast to ``dtype`` first, as the writer casts them); None when that is not possible."""
     if not features or next(iter(features.values())).device.type != "cuda":
         return None
     try:
         import cupy
     except ImportError:
         return None
-    return compute_grams({name: cupy.from_dlpack(t) for name, t in features.items()})
+    stored = {name: t.to(getattr(torch, dtype)) for name, t in features.items()}
+    return compute_grams({name: cupy.from_dlpack(t) for name, t in stored.items()})
 
 
 def write_grams(cache, k: int, grams: dict[str, np.ndarray]) -> None:

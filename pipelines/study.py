@@ -42,9 +42,9 @@ from typing import Any, Callable
 
 import yaml
 
-from ckapipe.errors import PipelineError, suggest
+from ckapipe.errors import PipelineError, StoreError, suggest
 from ckapipe.kernels import MIN_MINIBATCH
-from ckapipe.store import DTYPES, RUN_NAME, default_cache
+from ckapipe.store import DTYPES, RUN_NAME, check_run_name, default_cache
 
 
 # --------------------------------------------------------------------------- the model
@@ -249,6 +249,8 @@ def compose(path: Path) -> yaml.Node:
         raise PipelineError(f"{path}: no such pipeline file") from None
     except OSError as err:
         raise PipelineError(f"{path}: cannot read pipeline file: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise PipelineError(f"{path}: not UTF-8 text (byte {err.start}): save the pipeline file as UTF-8") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as err:
@@ -301,8 +303,10 @@ def load_runs(source: Source, node: yaml.Node, defaults: dict) -> dict[str, RunC
 
 def load_run(source: Source, name: str, key_node, node: yaml.Node, defaults: dict) -> RunConfig:
     where = f"runs.{name}"
-    if not RUN_NAME.match(name):
-        raise source.error(key_node, where, "a run name may hold letters, digits and _ . + @ = - only")
+    try:
+        check_run_name(name)  # it names the run's store: the same rule as --name
+    except StoreError as err:
+        raise source.error(key_node, where, str(err)) from None
     if isinstance(node, yaml.ScalarNode):
         settings = {"model": (node, source.typed(node, where, str))}
     else:

@@ -63,7 +63,7 @@ def test_nan_in_activations_names_run_layer_and_minibatch(cache, layers):
 def test_missing_chunk_file_is_named(cache, layers):
     run = make_run(cache, "net", layers, 16)
     chunk_file(run, "l0", 1).unlink()
-    refused(r"run net-\w+, layer 'l0', minibatch \(chunk\) 1: the chunk file is missing", cache, ["net"])
+    refused(r"chunk 1 of layer 'l0' in run net-\w+ cannot be read: its file is missing.*ckapipe verify", cache, ["net"])
 
 
 def test_corrupt_chunk_is_named(cache, layers):

@@ -1,0 +1,69 @@
+"""``ckapipe verify`` and ``ckapipe unlock``: thin over ckapipe.verify and ckapipe.locks (no torch)."""
+
+from __future__ import annotations
+
+import click
+
+from ckapipe.errors import StoreError
+from ckapipe.options import cache_option, quiet_option
+
+
+@click.command()
+@cache_option()
+@click.argument("runs", nargs=-1)
+@click.option("--repair", is_flag=True, help="Delete bad chunks and their markers, so that rerunning the extraction rewrites them.")
+@quiet_option
+def verify(cache, runs, repair, quiet):
+    """Read every chunk and Gram row of RUNS (default: every run in the cache) and check checksums, markers and stamps."""
+    from ckapipe.verify import verify as verify_runs
+
+    reports = verify_runs(cache, list(runs) or None, repair=repair, progress=not quiet)
+    for report in reports:
+        for line in describe(report):
+            click.echo(line)
+    broken = [r for r in reports if not r.ok and not r.repaired]
+    if broken:
+        chunks = sum(len(r.bad) + len(r.bad_caches) for r in broken if not r.metadata)
+        edited = sum(bool(r.metadata) for r in broken)
+        what = "; ".join(part for part in (f"{chunks} bad chunk(s)" if chunks else "",
+                                          f"{edited} run(s) with inconsistent metadata" if edited else "") if part)
+        todo = "rerun with --repair, then the commands above" if chunks and not repair else "run the commands above"
+        raise StoreError(f"{what} in {len(broken)} of {len(reports)} run(s): {todo}")
+
+
+def describe(report) -> list[str]:
+    """The lines ``ckapipe verify`` prints for one run: a verdict, each problem, what rebuilds it."""
+    run = report.run
+    checked = (f"{report.checked} chunks and Gram rows read, " +
+               ("checksums and tags verified" if report.checksums
+                else f"no checksums (store version {run.store_version}): decoded and checked finite"))
+    if report.ok:
+        done = int(run.done().sum())
+        underway = f"; in progress, {done}/{run.n_chunks} minibatches" if done < run.n_chunks else ""
+        return [f"{run.name}: ok ({checked}{underway})"]
+    if report.metadata:
+        lines = [f"{run.name}: inconsistent metadata"] + [f"  {problem}" for problem in report.metadata]
+        lines.append("  rebuild with:")
+    else:
+        lines = [f"{run.name}: {len(report.bad) + len(report.bad_caches)} bad ({checked})"]
+        lines += [f"  {bad.describe()}" for bad in report.bad]
+        lines += [f"  Gram cache m={m}: {why}" for m, why in report.bad_caches.items()]
+        lines.append("  repaired: bad chunks and their markers deleted; rewrite them with:" if report.repaired
+                     else "  rebuild, after `ckapipe verify --repair`, with:")
+    return lines + [f"    {command}" for command in report.rebuild()]
+
+
+@click.command()
+@cache_option()
+@click.argument("runs", nargs=-1, required=True)
+def unlock(cache, runs):
+    """Remove the writer locks of RUNS (their writers are known dead), refused while one runs on this host."""
+    from ckapipe.locks import unlock as unlock_run
+    from ckapipe.store import find_runs
+
+    for run in find_runs(cache, list(runs), check=False):
+        removed = unlock_run(run.path)
+        if not removed:
+            click.echo(f"{run.name}: no locks")
+        for claim in removed:
+            click.echo(f"{run.name}: removed the lock on chunks {claim.chunks.start}-{claim.chunks.stop} ({claim.describe()})")
