@@ -56,14 +56,15 @@ def describe(report) -> list[str]:
 @click.command()
 @cache_option()
 @click.argument("runs", nargs=-1, required=True)
-def unlock(cache, runs):
+@quiet_option
+def unlock(cache, runs, quiet):
     """Remove the writer locks of RUNS (their writers are known dead), refused while one runs on this host."""
     from ckapipe.locks import unlock as unlock_run
     from ckapipe.store import find_runs
 
     for run in find_runs(cache, list(runs), check=False):
         removed = unlock_run(run.path)
-        if not removed:
+        if not removed and not quiet:
             click.echo(f"{run.name}: no locks")
-        for claim in removed:
+        for claim in removed if not quiet else ():
             click.echo(f"{run.name}: removed the lock on chunks {claim.chunks.start}-{claim.chunks.stop} ({claim.describe()})")
