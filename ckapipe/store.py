@@ -11,10 +11,14 @@ plain ``zarr``)::
         layers/<layer>              (N, D), chunks (m, D): chunk k = minibatch k
         done                        uint8 (n_chunks,), chunks (1,): 1 once every
                                     layer of chunk k is written
-        grams/m<m>/triangles        float64 (N // m, layers, m(m-1)/2), chunks (1, layers, ·):
-                                    upper triangle of the U-centred Gram of every layer
-                                    of every full minibatch, one chunk per minibatch
-        grams/m<m>/done             uint8 (N // m,), chunks (1,)
+        grams/m<m>/centred          float64 (N // m, layers, m(m+1)/2), chunks (1, layers, ·):
+                                    upper triangle with the diagonal of the Gram of the
+                                    mean-centred features of every layer of every full
+                                    minibatch, one chunk per minibatch
+        grams/m<m>/mean_products    float64 (N // m, layers, m + 1): c_i·μ and μ·μ (the raw Gram)
+        grams/m<m>/centred_done     uint8 (N // m,), chunks (1,)
+        (store version 2 kept grams/m<m>/triangles, the U-centred strict triangles, and
+        grams/m<m>/done: still read for linear CKA)
       .locks/<slug>-<key>/A-B.lock  one file per live writer and chunk range [A, B)
 
 ``key`` is a hash of everything that determines the contents (weights hash,
@@ -46,9 +50,9 @@ import zarr.errors
 
 from ckapipe.atomic import atomic_path
 from ckapipe.errors import StoreError, suggest
-from ckapipe.kernels import check_minibatch_size
+from ckapipe.kernels import check_minibatch_size, ucentered_from_centred
 
-STORE_VERSION = 2  # 2: the Gram cache holds every layer of a minibatch in one chunk
+STORE_VERSION = 3  # 2: the Gram cache holds every layer of a minibatch in one chunk; 3: centred Grams with their diagonal
 ATTRS = "ckapipe"
 DTYPES = ("float32", "float16", "float64")  # what a layer array may hold
 GRAM_KEY, GRAM_LAYERS = "run_key", "layers"  # the stamp of a Gram cache: whose Grams, of which layers
@@ -319,7 +323,9 @@ class Run:
         cache whose stamp disagrees (copied from another run, or left unstamped)
         is refused: its rows are positional, so another run's Grams would give
         numbers under the wrong labels. ``create`` makes whatever is missing, so
-        processes filling one run's Grams side by side may all ask for it.
+        processes filling one run's Grams side by side may all ask for it; in a
+        cache of store version 2 it adds the centred Grams beside the old rows
+        (which a reader may still be reading; they are never deleted here).
         """
         path = f"grams/m{m}"
         if path not in self.group:
@@ -329,7 +335,7 @@ class Run:
             group = self._create_gram_group(path)
         else:
             group = self.group[path]
-        if "done" in group and GramCache.TRIANGLES not in group:
+        if "done" in group and GramCache.LEGACY not in group and GramCache.CENTRED not in group:
             raise StoreError(
                 f"the Gram cache of run {self.name} at m={m} has the per-layer layout of ckapipe store version 1: "
                 f"delete {self.path / path} and it is filled again"
@@ -342,12 +348,13 @@ class Run:
                 f"delete {self.path / path} and it is filled again"
             )
         if create:
-            n_mb, width = self.n_samples // m, m * (m - 1) // 2
-            _create_missing(group, GramCache.TRIANGLES, shape=(n_mb, len(self.layer_names), width),
-                            chunks=(1, len(self.layer_names), width), dtype="float64", fill_value=float("nan"),
-                            compressors=None, config={"write_empty_chunks": True})
-            _create_missing(group, "done", shape=(n_mb,), chunks=(1,), dtype="uint8", fill_value=0)
-        elif GramCache.TRIANGLES not in group:
+            n_mb, n_layers = self.n_samples // m, len(self.layer_names)
+            for name, width in ((GramCache.CENTRED, m * (m + 1) // 2), (GramCache.MEANS, m + 1)):
+                _create_missing(group, name, shape=(n_mb, n_layers, width), chunks=(1, n_layers, width),
+                                dtype="float64", fill_value=float("nan"), compressors=GRAM_COMPRESSORS,
+                                config={"write_empty_chunks": True})
+            _create_missing(group, GramCache.MARKERS, shape=(n_mb,), chunks=(1,), dtype="uint8", fill_value=0)
+        elif GramCache.CENTRED not in group and GramCache.LEGACY not in group:
             return None
         return GramCache(group, self.layer_names, m, self.name)
 
@@ -359,18 +366,27 @@ class Run:
             return self.group[path]
 
 
+GRAM_COMPRESSORS = None  # Grams are dense float64: compression buys little and costs every re-analysis
+
+
 @dataclass
 class GramCache:
-    """The U-centred Grams of one run at one minibatch size m, every layer of a minibatch in one chunk.
+    """The Grams of one run at one minibatch size m, every layer of a minibatch in one chunk.
 
-    Row k holds, for every layer in the run's order, the strict upper triangle of
-    U(X_k X_kᵀ) (m(m-1)/2 float64 numbers); the ``done`` marker of k is set once
-    the whole row is written. One chunk per minibatch means one file and one
-    read for all layers (per-layer arrays cost a Zarr call per layer and
-    minibatch, most of a re-analysis's time).
+    Row k holds, for every layer in the run's order, the upper triangle with the
+    diagonal of C = X̃ X̃ᵀ, X̃ the mean-centred features of minibatch k (m(m+1)/2
+    float64 numbers), and the mean products [c_i·μ for each row i, μ·μ] (m + 1),
+    so that every kernel measure has what it needs: U(C) = U(X Xᵀ) for the unbiased
+    HSIC (derived on read), C itself, distances, and X Xᵀ = C + a1ᵀ + 1aᵀ + s. The
+    marker of k is set once the whole row is written. One chunk per minibatch means
+    one file and one read for all layers.
+
+    A cache of store version 2 (``layout == 2``) holds the U-centred strict triangles
+    only: it serves ``read`` (linear CKA) and nothing else.
     """
 
-    TRIANGLES = "triangles"
+    CENTRED, MEANS, MARKERS = "centred", "mean_products", "centred_done"
+    LEGACY, LEGACY_MARKERS = "triangles", "done"  # store version 2
 
     group: zarr.Group = field(repr=False)
     layers: list[str]
@@ -382,16 +398,25 @@ class GramCache:
         return self.group.attrs
 
     @functools.cached_property
-    def _triangles(self) -> zarr.Array:
-        return self.group[self.TRIANGLES]
+    def layout(self) -> int:
+        """3: centred Grams with their diagonal and mean products; 2: U-centred strict triangles only."""
+        return 3 if self.CENTRED in self.group else 2
+
+    @functools.cached_property
+    def _rows(self) -> zarr.Array:
+        return self.group[self.CENTRED if self.layout == 3 else self.LEGACY]
+
+    @functools.cached_property
+    def _means(self) -> zarr.Array:
+        return self.group[self.MEANS]
 
     @functools.cached_property
     def _markers(self) -> zarr.Array:
-        return self.group["done"]
+        return self.group[self.MARKERS if self.layout == 3 else self.LEGACY_MARKERS]
 
     @property
     def n_minibatches(self) -> int:
-        return self._triangles.shape[0]
+        return self._rows.shape[0]
 
     def done(self, ks: Sequence[int] | None = None) -> np.ndarray:
         """Boolean marker per minibatch (all of them, or those of ks)."""
@@ -402,20 +427,52 @@ class GramCache:
         return np.concatenate([self._markers[a:b] for a, b in spans(ks)]).astype(bool)
 
     def read(self, ks: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
-        """(len(ks), layers, m(m-1)/2) triangles of minibatches ks (sorted); a clear error if unreadable.
+        """(len(ks), layers, m(m-1)/2) strict upper triangles of U(X Xᵀ) of minibatches ks (sorted):
+        what linear CKA reads, from either layout, into ``out`` when given (see ``read_centred``)."""
+        if self.layout == 2:
+            return self._read(self._rows, ks, out)
+        triangles = ucentered_from_centred(self.read_centred(ks))
+        if out is None:
+            return triangles
+        out[...] = triangles
+        return out
+
+    def read_centred(self, ks: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """(len(ks), layers, m(m+1)/2) upper triangles with the diagonal of the centred Grams.
 
         Zarr decodes straight into ``out`` (C-contiguous float64 of that shape) when given:
         no second task-sized buffer, which the allocator would keep around.
         """
+        self._require_layout_3()
+        return self._read(self._rows, ks, out)
+
+    def read_means(self, ks: Sequence[int]) -> np.ndarray:
+        """(len(ks), layers, m + 1) mean products [c_i·μ, μ·μ] of minibatches ks (sorted)."""
+        self._require_layout_3()
+        return self._read(self._means, ks, None)
+
+    def write(self, ks: Sequence[int], centred: np.ndarray, means: np.ndarray) -> None:
+        """Rows ks (sorted; (len(ks), layers, m(m+1)/2) and (len(ks), layers, m + 1) on the host), then
+        their markers."""
+        self._require_layout_3()
+        for array, values in ((self._rows, centred), (self._means, means)):
+            i = 0
+            for a, b in spans(ks):
+                array[a:b] = values[i:i + b - a]
+                i += b - a
+        for a, b in spans(ks):
+            self._markers[a:b] = 1
+
+    def _read(self, array: zarr.Array, ks: Sequence[int], out: np.ndarray | None) -> np.ndarray:
         from zarr.core.buffer import default_buffer_prototype
 
         if out is None:
-            out = np.empty((len(ks), *self._triangles.shape[1:]), dtype=np.float64)
+            out = np.empty((len(ks), *array.shape[1:]), dtype=np.float64)
         nd_buffer = default_buffer_prototype().nd_buffer
         try:
             i = 0
             for a, b in spans(ks):
-                self._triangles.get_basic_selection(slice(a, b), out=nd_buffer.from_numpy_array(out[i:i + b - a]))
+                array.get_basic_selection(slice(a, b), out=nd_buffer.from_numpy_array(out[i:i + b - a]))
                 i += b - a
         except Exception as err:  # noqa: BLE001 - codecs and stores raise many types
             raise StoreError(
@@ -424,14 +481,12 @@ class GramCache:
             ) from None
         return out
 
-    def write(self, ks: Sequence[int], triangles: np.ndarray) -> None:
-        """Rows ks (sorted; (len(ks), layers, width) on the host), then their markers."""
-        i = 0
-        for a, b in spans(ks):
-            self._triangles[a:b] = triangles[i:i + b - a]
-            i += b - a
-        for a, b in spans(ks):
-            self._markers[a:b] = 1
+    def _require_layout_3(self) -> None:
+        if self.layout != 3:
+            raise StoreError(
+                f"the Gram cache of run {self.run_name} (m={self.m}) has the layout of store version 2 "
+                f"(U-centred Grams only): it serves linear CKA; other measures rebuild it from the activations"
+            )
 
 
 def spans(ks: Sequence[int]) -> list[tuple[int, int]]:
