@@ -88,10 +88,10 @@ class Measure:
     @property
     def label(self) -> str:
         """What a figure's colour bar says."""
-        return {"linear": "minibatch CKA", "linear_biased": "minibatch CKA (biased HSIC)",
-                "rbf": f"RBF CKA (σ = {self.param:g} × median distance)",
-                "rbf_biased": f"RBF CKA, biased (σ = {self.param:g} × median distance)",
-                "mutual_knn": f"mutual {self.param}-NN alignment", "cknna": f"CKNNA (k = {self.param})"}[self.kind]
+        labels = {"linear": "minibatch CKA", "linear_biased": "minibatch CKA (biased HSIC)",
+                  "rbf": "RBF CKA (σ = {} × median distance)", "rbf_biased": "RBF CKA, biased (σ = {} × median distance)",
+                  "mutual_knn": "mutual {}-NN alignment", "cknna": "CKNNA (k = {})"}
+        return labels[self.kind].format("" if self.param is None else f"{self.param:g}")
 
     def check(self, m: int) -> None:
         """A one-line error when minibatches of m samples cannot give this measure."""
