@@ -86,7 +86,8 @@ def _zoo(name: str, params: dict, cache) -> nn.Module:
     zoo.build(name)  # unknown names fail before any training
     if params.get("weights", "trained") in RANDOM:
         return zoo.build(name)
-    return zoo.load(name, int(params.get("seed", 0)), cache)
+    steps = int(params["steps"]) if "steps" in params else None
+    return zoo.load(name, int(params.get("seed", 0)), cache, steps=steps, teacher=params.get("teacher"))
 
 
 def _torchvision(name: str, params: dict, cache) -> nn.Module:
