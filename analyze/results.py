@@ -175,11 +175,15 @@ class Results:
         b = a if b is None else b
         return self.values(measure)[self._span(a), self._span(b)]
 
-    def layer_rankme(self, run) -> np.ndarray:
-        """(La,) minibatch RankMe of the run's layers, averaged over minibatches (analyse with rankme=True)."""
+    def minibatch_rankme(self, run) -> np.ndarray:
+        """(n_minibatches, La) RankMe of the run's layers in each minibatch (analyse with rankme=True)."""
         if self.rankme is None:
             raise CkapipeError("these results hold no RankMe: analyse with --rankme")
-        return self.rankme[:, self._span(run)].mean(axis=0)
+        return self.rankme[:, self._span(run)]
+
+    def layer_rankme(self, run) -> np.ndarray:
+        """(La,) minibatch RankMe of the run's layers, averaged over minibatches (analyse with rankme=True)."""
+        return self.minibatch_rankme(run).mean(axis=0)
 
     def hsic_sums(self, a, b=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """S_ab (La, Lb), S_aa (La,), S_bb (Lb,)."""
