@@ -100,8 +100,9 @@ class Measure:
                                f"(analysis minibatch size {m}): use a smaller K or a larger --batch-size")
 
     def width(self, m: int) -> int:
-        """Numbers per layer and minibatch of this measure's features (for the task sizes)."""
-        return {"mutual_knn": m * m, "cknna": 3 * m * m}.get(self.kind, m * (m + 1) // 2 + m)
+        """Numbers per layer and minibatch of this measure's features besides the Grams (for the task sizes):
+        linear uses the Grams as they are."""
+        return {"linear": 2 * m, "mutual_knn": m * m, "cknna": 3 * m * m}.get(self.kind, m * (m + 1) // 2)
 
 
 def parse_measures(spec) -> tuple[Measure, ...]:

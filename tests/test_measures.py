@@ -382,3 +382,32 @@ def test_the_raw_gram_is_recovered_exactly_from_the_cache(cache):
     centred = x[32:] - x[32:].mean(axis=0)
     u = center_gram(centred @ centred.T, unbiased=True)[np.triu_indices(32, 1)]
     assert np.abs(grams.read([1])[0, 0] - u).max() <= 1e-12 * np.abs(u).max()  # the U-centred rows, derived on read
+
+
+@pytest.mark.gpu
+def test_cupy_measures_agree_with_numpy(cache, pair):
+    cupy = pytest.importorskip("cupy")
+    if cupy.cuda.runtime.getDeviceCount() == 0:
+        pytest.skip("no CUDA GPU")
+    cpu = analyze.analyze(cache, ["a", "b"], measures=ALL, batch_size=16, device="cpu", progress=False,
+                          use_gram_cache=False, rankme=True)
+    gpu = analyze.analyze(cache, ["a", "b"], measures=ALL, batch_size=16, device="cuda", progress=False,
+                          use_gram_cache=False, rankme=True)
+    for measure in cpu.measures:
+        np.testing.assert_allclose(gpu.values(measure), cpu.values(measure), atol=1e-9, err_msg=measure)
+    np.testing.assert_allclose(gpu.rankme, cpu.rankme, rtol=1e-9)
+
+
+@pytest.mark.gpu
+def test_device_grams_equal_the_cpu_twin():
+    cupy = pytest.importorskip("cupy")
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from ckapipe.extract.writer import compute_grams, device_grams
+
+    x = torch.randn(32, 300, generator=torch.Generator().manual_seed(0)) + 100
+    on_gpu = device_grams({"l": x.cuda()})["l"]
+    on_cpu = compute_grams({"l": x.numpy()})["l"]
+    for gpu_part, cpu_part in zip(on_gpu, on_cpu):
+        np.testing.assert_allclose(gpu_part, cpu_part, rtol=1e-9, atol=1e-9 * np.abs(cpu_part).max())
