@@ -123,8 +123,7 @@ def r_factor(run: Run, layer: str) -> np.ndarray:
     while len(parts) > 1:
         parts = [dask.delayed(_stacked_r)(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
                  for i in range(0, len(parts), 2)]
-    with single_threaded_blas(True):
-        (r,) = dask.compute(parts[0], scheduler="threads")
+    (r,) = dask.compute(parts[0], scheduler="threads")  # few, large products: BLAS threads help
     return r
 
 

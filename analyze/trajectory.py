@@ -170,8 +170,6 @@ def plot_trajectory(view: TrajectoryView, out_dir) -> list[Path]:
 
 
 def _panels(view: TrajectoryView, tables: dict, what: str, title: str, ylim):
-    from matplotlib.ticker import ScalarFormatter
-
     n = len(view.layers)
     cols = min(4, n)
     rows = -(-n // cols)
@@ -190,7 +188,8 @@ def _panels(view: TrajectoryView, tables: dict, what: str, title: str, ylim):
         ax.set_xlabel("step", fontsize=8)
         if log:
             ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.minorticks_off()
+        ax.set_xticks(sorted(set(all_steps)), [str(step) for step in sorted(set(all_steps))])
         if ylim is not None:
             ax.set_ylim(*ylim)
         ax.tick_params(labelsize=7)

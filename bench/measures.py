@@ -58,14 +58,16 @@ def measure_rows(study: Study, workdir: Path) -> list[Row]:
 
 
 def _full_rankme_rows(study: Study, cache: Path, names: list[str], runs) -> list[Row]:
+    """The full-data RankMe of the first run's layers against that run's linear CKA from its activations."""
     from ckapipe.analyze.rank import rank
 
-    t_full, full = timed(lambda: rank(cache, names, minibatch=False, progress=False))
-    t_acts, _ = timed(lambda: analysis(cache, names, study.device, use_gram_cache=False))
-    routes = sorted({row.route for row in full}) if not isinstance(full, Exception) else []
-    return [Row(study.workload, "full-data RankMe of every layer vs linear CKA from activations", "RankMe", t_full,
-                "CKA", t_acts, note=f"ERROR: {full}" if isinstance(full, Exception) else
-                f"routes: {', '.join(routes)}; both read every activation", ckapipe_failure=isinstance(full, Exception))]
+    first = names[:1]
+    t_full, full = timed(lambda: rank(cache, first, minibatch=False, progress=False))
+    t_acts, _ = timed(lambda: analysis(cache, first, study.device, use_gram_cache=False))
+    routes = ", ".join(f"{row.layer} {row.route} (D = {row.dim})" for row in full) if not isinstance(full, Exception) else ""
+    return [Row(study.workload, f"full-data RankMe of every layer of {first[0]} vs its linear CKA from activations",
+                "RankMe", t_full, "CKA", t_acts, note=f"ERROR: {full}" if isinstance(full, Exception) else
+                f"N = {study.n}; {routes}; both read every activation", ckapipe_failure=isinstance(full, Exception))]
 
 
 def _conversion_rows(workload: str, runs, m: int) -> list[Row]:
