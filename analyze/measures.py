@@ -164,9 +164,9 @@ def layer_features(measure: Measure, rows) -> dict:
     if measure.kind == "rbf_biased":
         return {"rows": biased_triangles(double_center(rbf_gram(centred, measure.param)))}
     cosine = cosine_gram(raw_gram(centred, rows.means))
-    if measure.kind == "mutual_knn":
-        return {"masks": knn_mask(cosine, measure.param)}
-    return {"parts": cknna_parts(cosine, measure.param)}
+    features = knn_mask(cosine, measure.param) if measure.kind == "mutual_knn" else cknna_parts(cosine, measure.param)
+    features[~(rows.centred != 0).any(axis=-1)] = np.nan  # every row equal: no neighbours, only ties (NaN, as CKA)
+    return {"masks" if measure.kind == "mutual_knn" else "parts": features}
 
 
 def layer_rankme(rows, size: int | None = None):

@@ -262,6 +262,19 @@ def test_every_measure_is_one_on_identical_inputs_and_invariant_to_rotation_and_
             np.testing.assert_allclose(shifted, 1, atol=1e-9, err_msg=measure)
 
 
+def test_a_constant_layer_has_no_value_for_any_measure(cache):
+    rng = np.random.default_rng(4)
+    layers = random_layers(rng, 64, [6, 6])
+    layers["l1"][:] = 2.5  # every sample the same: no kernel, no neighbours
+    make_run(cache, "dead", layers, 32)
+    with pytest.warns(UserWarning, match="undefined"):
+        results = analyze.analyze(cache, ["dead"], measures=ALL, batch_size=32, progress=False)
+    for measure in results.measures:
+        values = results.cka("dead", "dead", measure)
+        assert np.isnan(values[1]).all() and np.isnan(values[:, 1]).all(), measure
+        assert values[0, 0] == pytest.approx(1), measure
+
+
 def test_measures_from_a_coarser_grams_only_cache_equal_those_from_activations(cache, pair):
     make_run(cache, "a-grams", {name: x.astype(np.float32) for name, x in pair["a"].items()}, 32, grams_only=True)
     make_run(cache, "b-grams", {name: x.astype(np.float32) for name, x in pair["b"].items()}, 32, grams_only=True)
