@@ -21,16 +21,20 @@ from ckapipe.options import cache_option, quiet_option
 @click.option("--no-gram-cache", is_flag=True, help="Neither read nor write the U-centred Gram cache.")
 @click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
               help="Gram products of the float64-centred features: float32 products are up to ~2x faster on CPU, ~1e-9 off in CKA.")
+@click.option("--measure", "measures", default="linear", show_default=True, metavar="LIST",
+              help="Comma-separated measures, each a matrix in the results: linear, linear_biased, rbf:T, "
+                   "rbf_biased:T, mutual_knn:K, cknna:K (docs/measures.md); the first is the summary's.")
+@click.option("--rankme", is_flag=True, help="Also the minibatch RankMe of every layer (a column of the summary).")
 @quiet_option
 def analyze(cache, runs, out, pair_by_position, batch_size, device, scheduler, scheduler_file, completed_only,
-            overwrite, no_gram_cache, precision, quiet):
-    """Minibatch CKA of every pair of layers of RUNS (names or globs in the cache)."""
+            overwrite, no_gram_cache, precision, measures, rankme, quiet):
+    """Minibatch CKA (or other measures) of every pair of layers of RUNS (names or globs in the cache)."""
     from ckapipe.analyze import analyze as run_analysis
 
     results = run_analysis(
         cache, list(runs), out=out, pair_by_position=pair_by_position, batch_size=batch_size, device=device,
         scheduler=scheduler, scheduler_file=scheduler_file, completed_only=completed_only, overwrite=overwrite,
-        use_gram_cache=not no_gram_cache, progress=not quiet, precision=precision,
+        use_gram_cache=not no_gram_cache, progress=not quiet, precision=precision, measures=measures, rankme=rankme,
     )
     if not quiet:
         click.echo(results.summary())
@@ -51,3 +55,28 @@ def plot(results, pair, layers, out_dir, quiet):
     if not quiet:
         for path in paths:
             click.echo(str(path))
+
+
+@click.command()
+@cache_option()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--batch-size", type=int, default=None, help="Minibatch size m of the minibatch RankMe (default: the stored chunk size).")
+@click.option("--full/--no-full", default=True, show_default=True,
+              help="RankMe of all stored samples (reads every activation; a QR of the features when D ≤ 8,192, else the N × N Gram).")
+@click.option("--minibatch/--no-minibatch", default=True, show_default=True,
+              help="RankMe of each minibatch from the Gram cache, averaged (at most m; cheap).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the table as CSV.")
+@quiet_option
+def rank(cache, runs, batch_size, full, minibatch, device, out, quiet):
+    """RankMe (Garrido et al. 2023) of every layer of RUNS: full data and per minibatch."""
+    from ckapipe.analyze.rank import rank as rank_layers, to_csv, to_text
+
+    rows = rank_layers(cache, list(runs), full=full, minibatch=minibatch, batch_size=batch_size, device=device,
+                       progress=not quiet)
+    if out is not None:
+        from ckapipe.atomic import atomic_path
+
+        with atomic_path(out, replace=True) as tmp:
+            tmp.write_text(to_csv(rows))
+    click.echo(to_text(rows))

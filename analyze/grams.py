@@ -1,10 +1,16 @@
-"""U-centred Grams of one run for a list of minibatches: from the Gram cache or
-from the activations, filling the cache on the way.
+"""The Grams of one run for a list of minibatches: from the Gram cache or from the
+activations, filling the cache on the way.
 
 The cache is the run's ``grams/m<m>`` group (``ckapipe.store.GramCache``): row k
-holds the strict upper triangle of U(X_k X_kᵀ) of every layer of full minibatch
-k, in one chunk, and a ``done`` marker set after the row. It is stamped with
-the run's key and layer list when created, so a run never gets another's Grams.
+holds, for every layer of full minibatch k, the upper triangle with the diagonal
+of the centred Gram C = X̃ X̃ᵀ and the mean products [c_i·μ, μ·μ], in one chunk,
+and a marker set after the row. It is stamped with the run's key and layer list
+when created, so a run never gets another's Grams. Every measure of
+``ckapipe.analyze.measures`` is computed from these rows (``GramRows``).
+
+A cache of store version 2 holds U-centred strict triangles only: it still serves
+linear CKA (``legacy`` rows); a measure that needs more fills a version-3 cache
+beside it from the activations.
 
 Activations are read with ``Run.read_chunk`` only, each stored chunk once per
 call (consecutive analysis minibatches inside one chunk share the read).
@@ -13,17 +19,19 @@ call (consecutive analysis minibatches inside one chunk share the read).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from ckapipe.atomic import describe_os_error
-from ckapipe.kernels import sub_triangles, to_host, ucentered_gram
 from ckapipe.errors import StoreError
+from ckapipe.kernels import gram_parts, square_from_triangle, sub_gram_parts, sub_triangles, to_host, upper_triangle
 from ckapipe.store import GramCache, Run, open_run
+
 
 @dataclass(frozen=True)
 class RunSource:
@@ -38,27 +46,58 @@ class RunSource:
     coarser: int | None = None  # grams-only run: cached size m' that m divides
 
 
-def plan_source(run: Run, m: int, use_gram_cache: bool, fill_cache: bool = True) -> RunSource:
+class GramRows(NamedTuple):
+    """The Grams of one run's minibatches, every layer: what every measure is computed from.
+
+    ``centred``: (n, L, m(m+1)/2) upper triangles with the diagonal of C = X̃ X̃ᵀ;
+    ``means``: (n, L, m + 1) mean products [c_i·μ, μ·μ], None for version-2 rows;
+    ``sums``: (n, L, m) row sums of C with its diagonal zeroed (the unbiased HSIC's
+    r_i): -C_ii, since the rows of a centred Gram sum to 0 (float64 rounding apart),
+    so that cached and freshly computed Grams give the same numbers; summed exactly
+    for float32 products, whose rounding is not negligible.
+    Version-2 rows (``means`` None) are the U-centred triangles, diagonal and sums 0:
+    they serve the unbiased linear HSIC only.
+    """
+
+    centred: object
+    means: object
+    sums: object
+
+
+def plan_source(run: Run, m: int, use_gram_cache: bool, fill_cache: bool = True, centred: bool = False,
+                minibatches: Sequence[int] = ()) -> RunSource:
     """How to get the run's Grams at m, deciding without writing anything.
 
-    A grams-only run must have them cached at m or at a multiple of m.
-    ``fill_cache=False`` reads the cache but never writes it. A Gram cache that
-    is not this run's is refused here, before any work (``Run.grams``).
+    ``centred``: the measures need the version-3 rows (centred Grams with their
+    diagonal and mean products), not only the unbiased linear HSIC. A version-2
+    cache serves linear CKA when every minibatch is in it; otherwise a version-3
+    cache is filled beside it. A grams-only run must have the Grams it needs cached
+    at m or at a multiple of m. ``fill_cache=False`` reads the cache but never
+    writes it. A Gram cache that is not this run's is refused here, before any
+    work (``Run.grams``).
     """
     common = dict(path=str(run.path), name=run.name, layers=tuple(run.layer_names), chunk=run.batch_size)
     if not run.grams_only:
-        if use_gram_cache:
-            run.grams(m)  # refuses a foreign cache
+        cache = run.grams(m) if use_gram_cache else None  # refuses a foreign cache
         writable = use_gram_cache and fill_cache and os.access(run.path, os.W_OK)
-        return RunSource(**common, read_cache=use_gram_cache, write_cache=writable)
+        legacy = cache is not None and cache.layout == 2
+        if legacy and (centred or not cache.done(minibatches).all()):  # version 3 filled beside it, or computed here
+            return RunSource(**common, read_cache=writable, write_cache=writable)
+        return RunSource(**common, read_cache=use_gram_cache, write_cache=writable and not legacy)
     sizes = [s for s in run.gram_sizes() if s % m == 0 and run.grams(s) is not None]
-    if not sizes:
+    usable = [s for s in sizes if not centred or run.grams(s).layout == 3]
+    if not usable:
         have = ", ".join(map(str, run.gram_sizes())) or "none"
+        if sizes:
+            raise StoreError(
+                f"run {run.name} stores Grams only, in the layout of ckapipe store version 2 (U-centred, without "
+                f"the diagonal): it serves linear CKA only; extract it again with --grams-only for the other measures"
+            )
         raise StoreError(
             f"run {run.name} stores Grams only (no activations), cached for minibatch sizes {have}: "
             f"analyse it at one of these sizes or a divisor of one (--batch-size)"
         )
-    coarser = None if m in sizes else sizes[0]
+    coarser = None if m in usable else usable[0]
     return RunSource(**common, read_cache=True, write_cache=False, coarser=coarser)
 
 
@@ -79,39 +118,75 @@ def create_gram_caches(sources: Sequence[RunSource], m: int) -> list[RunSource]:
     return out
 
 
-def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: str = "float64"):
-    """(len(ks), layers, m(m-1)/2) float64 U-centred Gram triangles of one run
-    (``product``: precision of the Gram products computed here, see kernels.gram_linear)."""
+def run_grams(source: RunSource, ks: Sequence[int], m: int, xp=np, product: str = "float64") -> GramRows:
+    """The Grams of minibatches ks (sorted) of one run (``product``: precision of the Gram products
+    computed here from activations, see kernels.gram_linear)."""
     run = open_run(source.path)
-    width = m * (m - 1) // 2
-    out = xp.empty((len(ks), len(source.layers), width), dtype=xp.float64)
+    n_layers = len(source.layers)
     if source.coarser is not None:
-        _fill_from_coarser(run, source, ks, m, out, xp)
-        return out
+        return _from_coarser(run, source, ks, m, xp)
     cache = run.grams(m) if source.read_cache else None
     cached = cache.done(ks) if cache is not None else np.zeros(len(ks), dtype=bool)
     if run.grams_only and not cached.all():
         k = ks[int(np.flatnonzero(~cached)[0])]
         raise StoreError(f"run {run.name} stores Grams only and lacks the Gram of minibatch {k} at m={m}")
-    from_cache = [i for i in range(len(ks)) if cached[i]]
-    computed = [i for i in range(len(ks)) if not cached[i]]
-    if len(from_cache) == len(ks) and xp is np:
-        _read_cached(cache, ks, out)  # every Gram cached: straight into the task's array
-    elif from_cache:
-        out[from_cache] = xp.asarray(_read_cached(cache, [ks[i] for i in from_cache]))
+    if cache is not None and cache.layout == 2 and cached.all():
+        return _legacy_rows(_read_cached(cache, ks), xp)
+    rows = GramRows(xp.empty((len(ks), n_layers, m * (m + 1) // 2)), xp.empty((len(ks), n_layers, m + 1)),
+                    xp.empty((len(ks), n_layers, m)))
+    from_cache = [i for i in range(len(ks)) if cached[i]] if cache is not None and cache.layout == 3 else []
+    computed = [i for i in range(len(ks)) if i not in set(from_cache)]
+    if from_cache:
+        picked = [ks[i] for i in from_cache]
+        if len(from_cache) == len(ks) and xp is np:
+            _read_cached(cache, picked, rows.centred)  # every Gram cached: straight into the task's array
+        else:
+            rows.centred[from_cache] = xp.asarray(_read_cached(cache, picked))
+        rows.means[from_cache] = xp.asarray(_read_cached(cache, picked, means=True))
+        diagonal = rows.centred[from_cache][..., diagonal_positions(xp, m)]
+        rows.sums[from_cache] = -diagonal
     for li, layer in enumerate(source.layers):
         for i, x in zip(computed, minibatch_features(run, layer, [ks[i] for i in computed], m)):
-            out[i, li] = ucentered_gram(xp.asarray(x), product)
-    if source.write_cache and computed and cache is not None:
-        fill_cache(cache, [ks[i] for i in computed], to_host(out[computed]))
-    return out
+            c, a, s = gram_parts(xp.asarray(x), product)
+            rows.centred[i, li] = upper_triangle(c, diagonal=True)
+            rows.means[i, li, :m] = a
+            rows.means[i, li, m] = s
+            rows.sums[i, li] = (c.sum(axis=1) if product == "float32" else 0.0) - xp.diagonal(c)
+    if source.write_cache and computed and cache is not None:  # created at execution's first step: version 3
+        fill_cache(cache, [ks[i] for i in computed], to_host(rows.centred[computed]), to_host(rows.means[computed]))
+    return rows
 
 
-def fill_cache(cache: GramCache, ks: Sequence[int], triangles: np.ndarray) -> None:
+@functools.lru_cache(maxsize=16)
+def diagonal_positions(xp, m: int):
+    """Positions of the diagonal in an upper triangle with the diagonal (row-major): i(2m - i + 1)/2."""
+    i = np.arange(m)
+    return xp.asarray(i * (2 * m - i + 1) // 2)
+
+
+def _legacy_rows(triangles, xp) -> GramRows:
+    """Version-2 rows (U-centred strict triangles) in the layout of version 3 (zero diagonal, zero sums)."""
+    from ckapipe.kernels import minibatch_size
+
+    n, n_layers, width = triangles.shape
+    m = minibatch_size(width)
+    wide = xp.zeros((n, n_layers, m * (m + 1) // 2))
+    wide[..., _strict_in_full(xp, m)] = xp.asarray(triangles)
+    return GramRows(wide, None, xp.zeros((n, n_layers, m)))
+
+
+@functools.lru_cache(maxsize=16)
+def _strict_in_full(xp, m: int):
+    """Positions of the strict upper triangle's entries in an upper triangle with the diagonal."""
+    i, j = np.triu_indices(m, k=0)
+    return xp.asarray(np.flatnonzero(i != j))
+
+
+def fill_cache(cache: GramCache, ks: Sequence[int], centred: np.ndarray, means: np.ndarray) -> None:
     """Store computed Grams; a full disk or a read-only store only leaves them uncached (rows
     are marked done after they are written, so a failed write leaves no row marked)."""
     try:
-        cache.write(ks, triangles)
+        cache.write(ks, centred, means)
     except OSError as err:
         warnings.warn(f"the Gram cache of run {cache.run_name} (m={cache.m}) was not filled: "
                       f"{describe_os_error(err)}; the analysis goes on without it")
@@ -151,9 +226,13 @@ def checked_chunk(run: Run, layer: str, j: int) -> np.ndarray:
     return x
 
 
-def _read_cached(cache: GramCache, ks: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
-    """Rows ks of the Gram cache (into ``out`` when given), refusing NaN in a row marked done."""
-    tri = cache.read(ks, out)
+def _read_cached(cache: GramCache, ks: Sequence[int], out: np.ndarray | None = None, means: bool = False) -> np.ndarray:
+    """Rows ks of the Gram cache (centred triangles, or version 2's U-centred ones, into ``out`` when
+    given; or the mean products), refusing NaN in a row marked done."""
+    if means:
+        tri = cache.read_means(ks)
+    else:
+        tri = cache.read_centred(ks, out) if cache.layout == 3 else cache.read(ks, out)
     if not np.isfinite(tri).all():
         raise StoreError(
             f"the Gram cache of run {cache.run_name} (m={cache.m}) holds NaN for a minibatch marked done: "
@@ -162,8 +241,9 @@ def _read_cached(cache: GramCache, ks: Sequence[int], out: np.ndarray | None = N
     return tri
 
 
-def _fill_from_coarser(run: Run, source: RunSource, ks: Sequence[int], m: int, out, xp) -> None:
-    """Grams at m from a Gram cache at a multiple m' of m (sub-blocks, re-U-centred)."""
+def _from_coarser(run: Run, source: RunSource, ks: Sequence[int], m: int, xp) -> GramRows:
+    """Grams at m from a Gram cache at a multiple m' of m: the diagonal blocks of the coarser Grams,
+    centred again on their own rows (kernels.sub_gram_parts; version 2: sub_triangles)."""
     big = source.coarser
     ratio = big // m
     cache = run.grams(big)
@@ -173,8 +253,29 @@ def _fill_from_coarser(run: Run, source: RunSource, ks: Sequence[int], m: int, o
         raise StoreError(
             f"run {run.name} stores Grams only and lacks the Gram of minibatch {parents[int(np.flatnonzero(~done)[0])]} at m={big}"
         )
+    at = {p: i for i, p in enumerate(parents)}
     rows = xp.asarray(_read_cached(cache, parents))
-    for li in range(len(source.layers)):
-        subs = {p: sub_triangles(t, m) for p, t in zip(parents, rows[:, li])}
-        for i, k in enumerate(ks):
-            out[i, li] = subs[k // ratio][k % ratio]
+    picks = ([at[k // ratio] for k in ks], [k % ratio for k in ks])
+    if cache.layout == 2:
+        subs = xp.stack([xp.stack([sub_triangles(t, m) for t in per_layer]) for per_layer in rows])  # (p, L, r, ·)
+        return _legacy_rows(subs[picks[0], :, picks[1]], xp)
+    sub_c, sub_means = sub_gram_parts(square_from_triangle(rows, diagonal=True),
+                                      xp.asarray(_read_cached(cache, parents, means=True)), m)
+    centred = sub_c[picks[0], :, picks[1]]  # (n, L, m, m)
+    sums = centred.sum(axis=-1) - xp.diagonal(centred, axis1=-2, axis2=-1)
+    return GramRows(upper_triangle(centred, diagonal=True), sub_means[picks[0], :, picks[1]], sums)
+
+
+def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: str = "float64"):
+    """(len(ks), layers, m(m-1)/2) float64 strict upper triangles of U(X Xᵀ) of one run (the unbiased
+    HSIC's rows), from whatever ``run_grams`` gives."""
+    from ckapipe.kernels import center_gram
+
+    rows = run_grams(source, ks, m, xp, product)
+    if rows.means is None:
+        return rows.centred[..., _strict_in_full(xp, m)]
+    return upper_triangle(center_gram(square_from_triangle(rows.centred, diagonal=True)))
+
+
+__all__ = ["RunSource", "GramRows", "plan_source", "create_gram_caches", "run_grams", "run_triangles",
+           "minibatch_features", "checked_chunk", "diagonal_positions"]

@@ -28,6 +28,8 @@ def plot_results(results_or_path, out_dir=None, pair=None, layers=None) -> list[
     for a, b in results.pairs():
         fig = heatmap_figure(results, a, b)
         written += save(fig, out / f"cka_{safe(a)}__{safe(b)}")
+        for measure in results.measures[1:]:  # the other measures of --measure, one heatmap each
+            written += save(heatmap_figure(results, a, b, measure), out / f"{safe(measure)}_{safe(a)}__{safe(b)}")
     if len(results.runs) > 1:
         written += save(grid_figure(results), out / "cka_grid")
     a, b = pair if pair else default_pair(results)
@@ -42,26 +44,34 @@ def default_pair(results: Results) -> tuple[str, str]:
     return (names[0], names[1]) if len(names) > 1 else (names[0], names[0])
 
 
-def heatmap(ax, results: Results, a, b, colorbar=True):
-    """CKA of runs a (y, bottom to top) and b (x) with real layer names."""
-    matrix = results.cka(a, b)
+def heatmap(ax, results: Results, a, b, colorbar=True, measure=None):
+    """CKA (or another ``measure``) of runs a (y, bottom to top) and b (x) with real layer names."""
+    matrix = results.cka(a, b, measure)
     image = ax.imshow(matrix, origin="lower", cmap="magma", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     _ticks(ax.set_yticks, ax.set_yticklabels, results.layer_names(a), rotation=0)
     _ticks(ax.set_xticks, ax.set_xticklabels, results.layer_names(b), rotation=90)
     ax.set_ylabel(f"{results.run_names[results.run_index(a)]} layers")
     ax.set_xlabel(f"{results.run_names[results.run_index(b)]} layers")
     if colorbar:
-        ax.figure.colorbar(image, ax=ax, label="minibatch CKA", fraction=0.046, pad=0.04)
+        ax.figure.colorbar(image, ax=ax, label=measure_label(measure or results.measures[0]), fraction=0.046, pad=0.04)
     return image
 
 
-def heatmap_figure(results: Results, a, b):
+def measure_label(measure=None) -> str:
+    """What a colour bar says: "minibatch CKA", or the measure's own label."""
+    from ckapipe.analyze.measures import parse_measure
+
+    return "minibatch CKA" if measure is None else parse_measure(measure).label
+
+
+def heatmap_figure(results: Results, a, b, measure=None):
     la, lb = len(results.layer_names(a)), len(results.layer_names(b))
     fig = _figure(figsize=(min(4 + 0.25 * lb, 20), min(3.5 + 0.25 * la, 20)))
     ax = fig.add_subplot()
-    heatmap(ax, results, a, b)
+    heatmap(ax, results, a, b, measure=measure)
     ax.set_title(f"{results.run_names[results.run_index(a)]} vs {results.run_names[results.run_index(b)]}\n"
-                 f"minibatch CKA, m={results.m}, {len(results.minibatches)} minibatches", fontsize=9)
+                 f"{measure_label(measure or results.measures[0])}, m={results.m}, {len(results.minibatches)} minibatches",
+                 fontsize=9)
     return fig
 
 

@@ -12,9 +12,15 @@ Results store (a Zarr v3 group; readable with plain ``zarr``)::
       cka              float64 (L, L): S_ab / sqrt(S_aa S_bb); attrs["labels"]
       cka.json         every pair of runs: layer names, CKA matrix, HSIC sums
       cka.csv          long form: run_a, layer_a, run_b, layer_b, cka, hsic_ab, hsic_aa, hsic_bb
+                       (then one column per other measure)
       summary.txt      best-matching layer per layer
+      measure_stats    float64 (measures, n_minibatches, L, L), with ``--measure``: the per-minibatch
+                       statistic of every measure (``analyze.measures``), the first one's = hsic;
+                       attrs["measures"]: their names
+      measure_values   float64 (measures, L, L): the CKA-like matrix of every measure
+      rankme           float64 (n_minibatches, L), with ``--rankme``: RankMe of every layer per minibatch
 
-Everything but ``hsic`` and ``minibatches`` is derived from them.
+Everything but ``hsic``, ``measure_stats``, ``rankme`` and ``minibatches`` is derived from them.
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from ckapipe.analyze.measures import DEFAULT, measure_values, minibatch_values, parse_measure
 from ckapipe.atomic import atomic_path
 from ckapipe.errors import CkapipeError, suggest
-from ckapipe.kernels import cka as cka_from_sums
 from ckapipe.store import library_versions, now
 
 ATTRS = "ckapipe_results"
@@ -68,6 +74,8 @@ class Results:
     inputs: dict  # what determines the numbers: run keys, m, pairing, minibatches
     notes: list[str] = field(default_factory=list)
     path: Path | None = None
+    measure_stats: dict = field(default_factory=dict)  # measure name -> (n_minibatches, L, L); hsic is the first's
+    rankme: np.ndarray | None = None  # (n_minibatches, L) minibatch RankMe of every layer, when asked for
 
     # ---- naming
     @property
@@ -130,14 +138,52 @@ class Results:
 
     @cached_property
     def cka_all(self) -> np.ndarray:
-        """(L, L) minibatch CKA of every pair of stacked layers (NaN for constant layers, with a warning)."""
-        diag = np.diag(self.hsic_sum)
-        return cka_from_sums(self.hsic_sum, diag, diag, self.labels, self.labels)
+        """(L, L) minibatch CKA of every pair of stacked layers (NaN for constant layers, with a warning);
+        of the first measure when several were computed."""
+        return self.values()
 
-    def cka(self, a, b=None) -> np.ndarray:
-        """(La, Lb) CKA matrix of runs a and b (b defaults to a)."""
+    @property
+    def measures(self) -> list[str]:
+        """The measures computed (``analyze.measures``), the first being ``cka``'s."""
+        return list(self.inputs.get("measures", [DEFAULT]))
+
+    def measure_name(self, measure=None) -> str:
+        """The canonical name of a measure of these results (default: the first)."""
+        if measure is None:
+            return self.measures[0]
+        name = parse_measure(measure).name
+        if name not in self.measures:
+            raise CkapipeError(f"these results hold no measure {measure!r}{suggest(name, self.measures)} "
+                               f"(they hold {', '.join(self.measures)}: analyse with --measure {name})")
+        return name
+
+    def statistics(self, measure=None) -> np.ndarray:
+        """(n_minibatches, L, L) per-minibatch statistic of a measure (HSIC_1 for linear)."""
+        name = self.measure_name(measure)
+        return self.hsic if name == self.measures[0] else self.measure_stats[name]
+
+    def values(self, measure=None) -> np.ndarray:
+        """(L, L) value of a measure for every pair of stacked layers (NaN where undefined, with a warning)."""
+        name = self.measure_name(measure)
+        cached = self.__dict__.setdefault("_values", {})
+        if name not in cached:
+            cached[name] = measure_values(parse_measure(name), self.statistics(name), self.labels)
+        return cached[name]
+
+    def cka(self, a, b=None, measure=None) -> np.ndarray:
+        """(La, Lb) CKA matrix of runs a and b (b defaults to a); of ``measure`` when given."""
         b = a if b is None else b
-        return self.cka_all[self._span(a), self._span(b)]
+        return self.values(measure)[self._span(a), self._span(b)]
+
+    def minibatch_rankme(self, run) -> np.ndarray:
+        """(n_minibatches, La) RankMe of the run's layers in each minibatch (analyse with rankme=True)."""
+        if self.rankme is None:
+            raise CkapipeError("these results hold no RankMe: analyse with --rankme")
+        return self.rankme[:, self._span(run)]
+
+    def layer_rankme(self, run) -> np.ndarray:
+        """(La,) minibatch RankMe of the run's layers, averaged over minibatches (analyse with rankme=True)."""
+        return self.minibatch_rankme(run).mean(axis=0)
 
     def hsic_sums(self, a, b=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """S_ab (La, Lb), S_aa (La,), S_bb (Lb,)."""
@@ -150,13 +196,12 @@ class Results:
         b = a if b is None else b
         return self.hsic[:, self._span(a), self._span(b)]
 
-    def minibatch_cka(self, a, b, layer_a, layer_b) -> np.ndarray:
-        """(n_minibatches,) CKA of one layer pair computed within each minibatch."""
+    def minibatch_cka(self, a, b, layer_a, layer_b, measure=None) -> np.ndarray:
+        """(n_minibatches,) CKA (or ``measure``) of one layer pair computed within each minibatch."""
         ia = self._span(a).start + self.layer_index(a, layer_a)
         ib = self._span(b).start + self.layer_index(b, layer_b)
-        h = self.hsic
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return h[:, ia, ib] / np.sqrt(h[:, ia, ia] * h[:, ib, ib])
+        h = self.statistics(measure)[:, [ia, ib]][:, :, [ia, ib]]
+        return minibatch_values(h)[:, 0, 1]
 
     def best_matches(self, a, b) -> list[tuple[str, str, float]]:
         """For every layer of a: the layer of b with the highest CKA (another layer when a is b)."""
@@ -183,8 +228,12 @@ class Results:
                 "layers_a": self.layer_names(a), "layers_b": self.layer_names(b),
                 "cka": _nan_to_none(self.cka(a, b)),
                 "hsic_ab": s_ab.tolist(), "hsic_aa": s_aa.tolist(), "hsic_bb": s_bb.tolist(),
+                **({"measures": {name: _nan_to_none(self.cka(a, b, name)) for name in self.measures}}
+                   if self.measures != [DEFAULT] else {}),
             })
+        rankme = {"rankme": [self.layer_rankme(n).tolist() for n in self.run_names]} if self.rankme is not None else {}
         return {
+            **rankme,
             "runs": [dict(r.to_dict(), label=n) for r, n in zip(self.runs, self.run_names)],
             "m": self.m, "pairing": self.pairing, "n_minibatches": int(len(self.minibatches)),
             "notes": self.notes, "pairs": pairs,
@@ -199,14 +248,17 @@ class Results:
     def to_csv(self, path: str | os.PathLike | None = None) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["run_a", "layer_a", "run_b", "layer_b", "cka", "hsic_ab", "hsic_aa", "hsic_bb"])
+        others = self.measures[1:]
+        writer.writerow(["run_a", "layer_a", "run_b", "layer_b", "cka", "hsic_ab", "hsic_aa", "hsic_bb", *others])
         for a, b in self.pairs():
             s_ab, s_aa, s_bb = self.hsic_sums(a, b)
             matrix = self.cka(a, b)
+            extra = [self.cka(a, b, name) for name in others]
             for i, la in enumerate(self.layer_names(a)):
                 for j, lb in enumerate(self.layer_names(b)):
                     writer.writerow([a, la, b, lb, repr(float(matrix[i, j])), repr(float(s_ab[i, j])),
-                                     repr(float(s_aa[i])), repr(float(s_bb[j]))])
+                                     repr(float(s_aa[i])), repr(float(s_bb[j])),
+                                     *(repr(float(values[i, j])) for values in extra)])
         text = buf.getvalue()
         if path is not None:
             Path(path).write_text(text)
@@ -216,13 +268,25 @@ class Results:
         """Best-matching layer per layer, for every pair of different runs (or within the one run)."""
         names = self.run_names
         pairs = [(a, b) for a, b in self.pairs() if a != b] or [(names[0], names[0])]
-        lines = [f"minibatch CKA, m={self.m}, {len(self.minibatches)} minibatches, pairing by {self.pairing}"]
+        first = self.measures[0]
+        what = "minibatch CKA" if first == DEFAULT else first
+        lines = [f"{what}, m={self.m}, {len(self.minibatches)} minibatches, pairing by {self.pairing}"]
+        others = self.measures[1:]
+        if others or self.rankme is not None:
+            lines.append("columns: layer, best layer, " + ", ".join([first, *others] + ["RankMe"] * (self.rankme is not None)))
         for a, b in pairs:
             matches = self.best_matches(a, b)
             width = max(len(la) for la, _, _ in matches)
+            widest = max(len(lb) for _, lb, _ in matches)
             title = f"{a} -> best layer of {b}" if a != b else f"{a}: most similar other layer"
+            extra = [self.cka(a, b, name) for name in others]
+            ranks = self.layer_rankme(a) if self.rankme is not None else None
             lines += ["", title]
-            lines += [f"  {la:<{width}}  {lb}  {value:.4f}" for la, lb, value in matches]
+            for i, (la, lb, value) in enumerate(matches):
+                j = self.layer_names(b).index(lb) if lb in self.layer_names(b) else None
+                cells = [f"{values[i, j]:.4f}" if j is not None else "-" for values in extra]
+                cells += [f"{ranks[i]:.1f}"] if ranks is not None else []
+                lines.append(f"  {la:<{width}}  {lb:<{widest}}  {value:.4f}" + "".join(f"  {c}" for c in cells))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -252,6 +316,18 @@ def _write_store(results: Results, tmp: Path) -> None:
         warnings.simplefilter("ignore")
         cka_array = group.create_array("cka", data=results.cka_all)
     cka_array.attrs["labels"] = results.labels
+    if results.measures != [DEFAULT]:
+        names = results.measures
+        stats = np.stack([results.statistics(name) for name in names])
+        group.create_array("measure_stats", data=stats, chunks=(1, 1, L, L),
+                           dimension_names=("measure", "minibatch", "layer_a", "layer_b")).attrs["measures"] = names
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = np.stack([results.values(name) for name in names])
+        group.create_array("measure_values", data=values, dimension_names=("measure", "layer_a", "layer_b")).attrs.update(
+            measures=names, labels=results.labels)
+    if results.rankme is not None:
+        group.create_array("rankme", data=results.rankme, dimension_names=("minibatch", "layer")).attrs["labels"] = results.labels
     group.attrs[ATTRS] = {
         "results_version": RESULTS_VERSION,
         "runs": [r.to_dict() for r in results.runs],
@@ -284,7 +360,13 @@ def load_results(path: str | os.PathLike) -> Results:
     except Exception:  # noqa: BLE001
         raise CkapipeError(f"{path} is not a ckapipe results directory (written by ckapipe analyze --out)") from None
     runs = [RunEntry(r["name"], r["slug"], r["key"], tuple(r["layers"]), r.get("path", "")) for r in meta["runs"]]
-    return Results(runs, group["hsic"][:], group["minibatches"][:], meta["inputs"], list(meta["notes"]), path)
+    stats = {}
+    if "measure_stats" in group:
+        array = group["measure_stats"]
+        stats = dict(zip(array.attrs["measures"], array[:]))
+    rankme = group["rankme"][:] if "rankme" in group else None
+    return Results(runs, group["hsic"][:], group["minibatches"][:], meta["inputs"], list(meta["notes"]), path,
+                   measure_stats=stats, rankme=rankme)
 
 
 def recorded_inputs(path: str | os.PathLike) -> dict | None:

@@ -25,9 +25,9 @@ from pathlib import Path
 from bench.common import machine, markdown, print_row, require_torchvision, write_table
 from bench.report import write_docs
 
-FULL = {"G": 10240, "W1": 10240, "W2": 2560, "W3": 10240, "W4": [2560, 5120, 10240, 20480]}
-REDUCED = {"G": 2560, "W1": 5120, "W2": 512, "W3": 2048, "W4": [2560, 5120, 10240, 20480]}
-ALL = "C,E,K,A,G,W1,W2,W3,W4"  # the whole suite: a run of all of it rewrites docs/benchmarks.md
+FULL = {"G": 10240, "M": 10240, "W1": 10240, "W2": 2560, "W3": 10240, "W4": [2560, 5120, 10240, 20480]}
+REDUCED = {"G": 2560, "M": 2560, "W1": 5120, "W2": 512, "W3": 2048, "W4": [2560, 5120, 10240, 20480]}
+ALL = "C,E,K,A,G,M,W1,W2,W3,W4"  # the whole suite: a run of all of it rewrites docs/benchmarks.md
 PAIR = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0))
 SIX = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0), ("resnet50", "resnet50", 0),
        ("wide_resnet50_2", "wide_resnet50_2", 0), ("resnet18-seed1", "resnet18", 1), ("resnet18-seed2", "resnet18", 2))
@@ -39,7 +39,8 @@ def parse(argv):
                         help="issue 5's sizes (N = 10,240; W2 2,560 at 224 px): for a GPU machine")
     parser.add_argument("--only", default=ALL,
                         help="comma-separated pieces: C (codecs), E (extraction vs forward, digits), K (checksums), "
-                             "A (float32 accuracy against an offset), G (Grams filled at extraction), W1..W4")
+                             "A (float32 accuracy against an offset), G (Grams filled at extraction), "
+                             "M (each measure from cached Grams against linear CKA), W1..W4")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", default="bench-results")
     return parser.parse_args(argv)
@@ -51,6 +52,7 @@ def pieces(sizes: dict, device: str, workdir: Path) -> dict:
     from bench.bench_extract import compression_rows, extraction_rows
     from bench.checksums import checksum_rows
     from bench.grams import gram_rows
+    from bench.measures import measure_rows
     from bench.workloads import Study, run_study, scaling
 
     return {
@@ -59,6 +61,7 @@ def pieces(sizes: dict, device: str, workdir: Path) -> dict:
         "K": lambda: checksum_rows(workdir),
         "A": lambda: offset_rows(workdir / "A"),
         "G": lambda: gram_rows(Study("G", PAIR, sizes["G"], 32, device), workdir),
+        "M": lambda: measure_rows(Study("M", PAIR, sizes["M"], 32, device), workdir),
         "W1": lambda: run_study(Study("W1", PAIR, sizes["W1"], 32, device), workdir),
         "W2": lambda: run_study(Study("W2", PAIR, sizes["W2"], 224, device, rounds=1), workdir),
         "W3": lambda: run_study(Study("W3", SIX, sizes["W3"], 32, device, end_to_end_target=">= 10"), workdir),

@@ -24,6 +24,7 @@ COMMANDS = {
     "ls": "ckapipe.extract.cli:ls",
     "analyze": "ckapipe.analyze.cli:analyze",
     "plot": "ckapipe.analyze.cli:plot",
+    "rank": "ckapipe.analyze.cli:rank",
     "run": "ckapipe.pipelines.commands:run",
     "verify": "ckapipe.store_cli:verify",
     "unlock": "ckapipe.store_cli:unlock",

@@ -15,6 +15,10 @@ References
   representations revisited", ICML: linear CKA.
 - Nguyen, Raghu, Kornblith (2021), "Do wide and deep networks learn the same
   things?", ICLR: minibatch CKA, the ratio of HSIC_1 sums over minibatches.
+- Huh, Cheung, Wang, Isola (2024), "The Platonic Representation Hypothesis",
+  ICML: mutual k-nearest-neighbour alignment and CKNNA.
+- Garrido, Balestriero, Najman, LeCun (2023), "RankMe: assessing the downstream
+  performance of pretrained self-supervised representations by their rank", ICML.
 """
 
 from __future__ import annotations
@@ -59,6 +63,14 @@ def center_features(x):
     before the mean so that a constant column becomes exactly zero (a constant
     layer then has HSIC(K, K) = 0 exactly, not a rounding residue).
     """
+    return centered_and_mean(x)[0]
+
+
+def centered_and_mean(x):
+    """(X - 1 μᵀ, μ) in float64: the centred features (m × D) and their column means μ (D,).
+
+    See ``center_features``; μ is what the un-centred Gram needs besides the centred one.
+    """
     xp = array_module(x)
     if x.dtype.itemsize < 8:
         # float32/float16 columns: their float64 mean is exact for a constant column (the sum of
@@ -66,11 +78,13 @@ def center_features(x):
         mean = x.mean(axis=0, dtype=xp.float64, keepdims=True)
         x = x.astype(xp.float64)
         x -= mean
-        return x
+        return x, mean[0]
     x = xp.array(x, dtype=xp.float64, copy=True)  # the one float64 copy; the rest is in place
-    x -= x[0].copy()
-    x -= x.mean(axis=0, keepdims=True)
-    return x
+    first = x[0].copy()
+    x -= first
+    mean = x.mean(axis=0, keepdims=True)
+    x -= mean
+    return x, first + mean[0]
 
 
 PRODUCTS = ("float64", "float32")
@@ -97,38 +111,59 @@ def center_gram(gram):
     U_ij = K_ij - r_i/(m-2) - r_j/(m-2) + t/((m-1)(m-2)) for i != j, U_ii = 0,
 
     with the diagonal of K zeroed first, r_i its row sums and t its total.
-    Needs m >= 4.
+    Needs m >= 4. ``gram`` may stack several (…, m, m).
     """
     xp = array_module(gram)
-    m = check_minibatch_size(gram.shape[0])
+    m = check_minibatch_size(gram.shape[-1])
     u = xp.array(gram, dtype=xp.float64, copy=True)
-    xp.fill_diagonal(u, 0)
-    means = u.sum(axis=0) / (m - 2)
-    means -= means.sum() / (2 * (m - 1))
-    u -= means[:, None]
-    u -= means[None, :]
-    xp.fill_diagonal(u, 0)
+    _zero_diagonal(u)
+    means = u.sum(axis=-2) / (m - 2)
+    means -= means.sum(axis=-1, keepdims=True) / (2 * (m - 1))
+    u -= means[..., :, None]
+    u -= means[..., None, :]
+    _zero_diagonal(u)
     return u
 
 
-def upper_triangle(u):
-    """The strict upper triangle of a symmetric zero-diagonal matrix, flattened.
+def double_center(gram):
+    """H K H with H = I - 11ᵀ/m (Gretton et al. 2005): the centring of the biased HSIC_0,
+    as Kornblith et al. (2019) centre a Gram. ``gram`` may stack several (…, m, m)."""
+    xp = array_module(gram)
+    k = xp.array(gram, dtype=xp.float64, copy=True)
+    means = k.mean(axis=-2)
+    means -= means.mean(axis=-1, keepdims=True) / 2
+    k -= means[..., :, None]
+    k -= means[..., None, :]
+    return k
 
-    <U, V> = 2 <triu(U), triu(V)>, so the Gram cache and the HSIC product carry
-    m(m-1)/2 numbers per minibatch instead of m².
+
+def _zero_diagonal(u) -> None:
+    xp = array_module(u)
+    i = xp.arange(u.shape[-1])
+    u[..., i, i] = 0
+
+
+def upper_triangle(u, diagonal: bool = False):
+    """The upper triangle of symmetric matrices (…, m, m), row by row, flattened (…, width).
+
+    Strict (m(m-1)/2 numbers, for zero-diagonal U-centred Grams: <U, V> = 2 <triu(U), triu(V)>),
+    or with the ``diagonal`` (m(m+1)/2 numbers, the Gram cache's centred Grams).
     """
     xp = array_module(u)
-    return xp.ravel(u).take(triangle_positions(xp, u.shape[0]))
+    m = u.shape[-1]
+    flat = u.reshape(*u.shape[:-2], m * m)
+    return flat.take(triangle_positions(xp, m, diagonal), axis=-1)
 
 
-@functools.lru_cache(maxsize=16)
-def triangle_positions(xp, m: int):
-    """Flat positions i·m + j (i < j) of the strict upper triangle of an m × m matrix, row by row.
+@functools.lru_cache(maxsize=32)
+def triangle_positions(xp, m: int, diagonal: bool = False):
+    """Flat positions i·m + j (i < j, or i <= j with the diagonal) of the upper triangle
+    of an m × m matrix, row by row.
 
     The same for every minibatch, so computed once per (array module, m): a
     ``take`` at these positions costs a tenth of ``u[triu_indices(m, 1)]``.
     """
-    i, j = xp.triu_indices(m, k=1)
+    i, j = xp.triu_indices(m, k=0 if diagonal else 1)
     return i * m + j
 
 
@@ -144,13 +179,29 @@ def centered_gram(x, product="float64", block=FEATURE_BLOCK):
     array. Centring is per column, so blocks of columns are centred independently.
     CuPy arrays go in one block (the GPU has the memory bandwidth).
     """
+    return gram_parts(x, product, block)[0]
+
+
+def gram_parts(x, product="float64", block=FEATURE_BLOCK):
+    """(C, a, s) of features X (m × D), in float64, with c_i the centred rows and μ the column mean:
+
+    C = [c_i·c_j] (m × m), a = [c_i·μ] (m,), s = μ·μ,
+
+    so that the Gram of the raw features is X Xᵀ = C + a 1ᵀ + 1 aᵀ + s exactly, without the
+    cancellation of an un-centred product. Column blocks as ``centered_gram``.
+    """
     xp = array_module(x)
-    d = x.shape[1]
+    m, d = x.shape
     step = d if xp is not np else max(1, block)
-    k = xp.zeros((x.shape[0], x.shape[0]), dtype=xp.float64)
+    c = xp.zeros((m, m), dtype=xp.float64)
+    a = xp.zeros(m, dtype=xp.float64)
+    s = 0.0
     for start in range(0, d, step):
-        k += gram_linear(center_features(x[:, start:start + step]), product)
-    return k
+        centred, mean = centered_and_mean(x[:, start:start + step])
+        c += gram_linear(centred, product)
+        a += centred @ mean
+        s += float(mean @ mean)
+    return c, a, s
 
 
 def ucentered_gram(x, product="float64"):
@@ -162,13 +213,78 @@ def ucentered_gram(x, product="float64"):
     return upper_triangle(center_gram(centered_gram(x, product)))
 
 
-def square_from_triangle(t):
-    """The symmetric zero-diagonal m × m matrix whose strict upper triangle is t."""
+def minibatch_grams(x, product="float64"):
+    """Features (m × D) -> the Gram cache's row of one layer: (upper triangle with the diagonal of C,
+    m(m+1)/2; mean products [a, s], m + 1), float64 (see ``gram_parts``).
+
+    Every measure of ckapipe is a function of these: U(C) = U(X Xᵀ) for the unbiased HSIC,
+    C = H X Xᵀ H for the biased one, the distances C_ii + C_jj - 2 C_ij for RBF kernels,
+    and the raw Gram C + a 1ᵀ + 1 aᵀ + s for neighbours of the L2-normalised features and ranks.
+    """
+    xp = array_module(x)
+    c, a, s = gram_parts(x, product)
+    return upper_triangle(c, diagonal=True), xp.concatenate([a, xp.asarray([s], dtype=xp.float64)])
+
+
+def square_from_triangle(t, diagonal: bool = False):
+    """The symmetric m × m matrices whose upper triangles are t (…, width): zero-diagonal from a
+    strict triangle, or with the ``diagonal`` from a triangle that holds it."""
     xp = array_module(t)
-    m = minibatch_size(t.shape[-1])
-    u = xp.zeros((m, m), dtype=xp.float64)
-    xp.ravel(u)[triangle_positions(xp, m)] = t
-    return u + u.T
+    m = gram_size(t.shape[-1]) if diagonal else minibatch_size(t.shape[-1])
+    lead = t.shape[:-1]
+    u = xp.zeros((*lead, m * m), dtype=xp.float64)
+    u[..., triangle_positions(xp, m, diagonal)] = t
+    u = u.reshape(*lead, m, m)
+    if diagonal:
+        lower = xp.swapaxes(u, -1, -2).copy()
+        _zero_diagonal(lower)
+        return u + lower
+    return u + xp.swapaxes(u, -1, -2)
+
+
+def ucentered_from_centred(t):
+    """Strict upper triangles of U(C) from triangles with the diagonal of centred Grams C (…, m(m+1)/2).
+
+    U-centring removes every a_i + a_j term, so U(C) = U(X Xᵀ): the Gram cache keeps C with its
+    diagonal and the unbiased HSIC's triangles are derived on read.
+    """
+    return upper_triangle(center_gram(square_from_triangle(t, diagonal=True)))
+
+
+def raw_gram(centred, mean_products):
+    """X Xᵀ = C + a 1ᵀ + 1 aᵀ + s from the square centred Grams C (…, m, m) and mean products [a, s] (…, m + 1).
+
+    a_i + a_j is added before C, so the result is exactly symmetric.
+    """
+    a, s = mean_products[..., :-1], mean_products[..., -1:, None]
+    return centred + ((a[..., :, None] + a[..., None, :]) + s)
+
+
+def sub_gram_parts(centred, mean_products, m_sub: int):
+    """Centred Grams (…, m/m_sub, m_sub, m_sub) and mean products (…, m/m_sub, m_sub + 1) of the
+    consecutive sub-minibatches of m_sub rows, from those of the whole minibatch (…, m, m) and (…, m + 1).
+
+    A sub-minibatch's rows c_i are centred on the whole minibatch's mean μ; on its own mean
+    μ' = μ + c̄ they are c_i - c̄, so with r = C_b 1/m_sub, t = mean(r) (C_b the diagonal block):
+    C' = J C_b J, c'_i·μ' = a_i + r_i - mean(a) - t and μ'·μ' = s + 2 mean(a) + t.
+    A Gram cached at m serves every analysis minibatch size that divides m, for every measure.
+    """
+    xp = array_module(centred)
+    m = centred.shape[-1]
+    if m % m_sub:
+        raise ValueError(f"{m_sub} does not divide {m}")
+    n = m // m_sub
+    starts = range(0, m, m_sub)
+    blocks = xp.stack([centred[..., s:s + m_sub, s:s + m_sub] for s in starts], axis=-3)
+    a = mean_products[..., :-1].reshape(*mean_products.shape[:-1], n, m_sub)
+    s = mean_products[..., -1:, None]
+    r = blocks.mean(axis=-1)
+    t = r.mean(axis=-1, keepdims=True)
+    a_mean = a.mean(axis=-1, keepdims=True)
+    sub_centred = double_center(blocks)
+    sub_a = a + r - a_mean - t
+    sub_s = s + 2 * a_mean + t
+    return sub_centred, xp.concatenate([sub_a, sub_s], axis=-1)
 
 
 def sub_triangles(t, m_sub: int):
@@ -187,6 +303,14 @@ def sub_triangles(t, m_sub: int):
         raise ValueError(f"{m_sub} does not divide {m}")
     blocks = [u[s:s + m_sub, s:s + m_sub] for s in range(0, m, m_sub)]
     return xp.stack([upper_triangle(center_gram(b)) for b in blocks])
+
+
+def gram_size(n_triangle: int) -> int:
+    """m from the length m(m+1)/2 of an upper triangle with its diagonal."""
+    m = int(round((np.sqrt(1 + 8 * n_triangle) - 1) / 2))
+    if m * (m + 1) // 2 != n_triangle:
+        raise ValueError(f"{n_triangle} is not the length of an upper triangle with its diagonal")
+    return m
 
 
 def minibatch_size(n_triangle: int) -> int:
@@ -230,6 +354,168 @@ def cka(hsic_ab, hsic_aa, hsic_bb, names_a=None, names_b=None):
     with np.errstate(divide="ignore", invalid="ignore"):
         out = xp.asarray(hsic_ab, dtype=xp.float64) / denom
     return xp.where(denom > 0, out, xp.nan)
+
+
+# --------------------------------------------------------------------------- the biased HSIC_0
+
+
+def biased_triangles(centred):
+    """Rows whose dot product is <H K H, H L H>: the upper triangles with the diagonal of
+    double-centred Grams (…, m, m), the off-diagonal entries times √2 (…, m(m+1)/2).
+
+    HSIC_0(K, L) = <H K H, H L H> / (m-1)² (Gretton et al. 2005), Kornblith et al.'s
+    original CKA; a product of these rows gives it for every pair of layers at once.
+    """
+    xp = array_module(centred)
+    t = upper_triangle(centred, diagonal=True)
+    return t * _triangle_weights(xp, centred.shape[-1])
+
+
+@functools.lru_cache(maxsize=16)
+def _triangle_weights(xp, m: int):
+    i, j = xp.triu_indices(m, k=0)
+    return xp.where(i == j, 1.0, np.sqrt(2.0))
+
+
+def hsic0_matrix(rows, others=None):
+    """HSIC_0 of every pair of ``biased_triangles`` rows (L × m(m+1)/2): R Sᵀ / (m-1)²."""
+    m = gram_size(rows.shape[-1])
+    return rows @ (rows if others is None else others).T / (m - 1) ** 2
+
+
+# --------------------------------------------------------------------------- RBF kernels
+
+
+def squared_distances(gram):
+    """|x_i - x_j|² = G_ii + G_jj - 2 G_ij from a Gram of the rows (…, m, m), clipped at 0.
+
+    Distances do not change under translation, so the centred Gram serves (and loses no digits).
+    """
+    xp = array_module(gram)
+    diag = xp.diagonal(gram, axis1=-2, axis2=-1)
+    d = (diag[..., :, None] + diag[..., None, :]) - 2 * gram
+    return xp.clip(d, 0, None)
+
+
+def rbf_gram(gram, threshold: float):
+    """RBF kernel exp(-d_ij / (2 σ²)), σ² = threshold² · median(d), from a Gram of the rows (…, m, m).
+
+    d are the squared distances and the median is over all m² of them, the diagonal's
+    zeros included, per matrix: Kornblith et al.'s (2019) ``gram_rbf``, so σ is ``threshold``
+    times the median distance of each minibatch. Where that median is 0 (most rows equal),
+    the limit σ → 0: 1 where d = 0, 0 elsewhere.
+    """
+    xp = array_module(gram)
+    d = squared_distances(gram)
+    m = d.shape[-1]
+    median = xp.median(d.reshape(*d.shape[:-2], m * m), axis=-1)
+    sigma2 = (threshold ** 2 * median)[..., None, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k = xp.exp(-d / (2 * sigma2))
+    return xp.where(d == 0, 1.0, k)
+
+
+# --------------------------------------------------------------------------- neighbours (Huh et al. 2024)
+
+NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps: a zero row stays a zero row
+
+
+def cosine_gram(raw):
+    """Gram of the L2-normalised rows, x_i / max(|x_i|, 1e-12), from the raw Gram X Xᵀ (…, m, m).
+
+    Huh et al. normalise the raw (un-centred) features before their neighbour measures,
+    as torch.nn.functional.normalize does.
+    """
+    xp = array_module(raw)
+    norms = xp.maximum(xp.sqrt(xp.clip(xp.diagonal(raw, axis1=-2, axis2=-1), 0, None)), NORM_EPS)
+    return raw / (norms[..., :, None] * norms[..., None, :])
+
+
+def knn_mask(similarity, k: int):
+    """(…, m, m) float64 0/1: row i has a 1 at the k rows j != i most similar to row i.
+
+    Huh et al.'s ``compute_nearest_neighbors`` (the diagonal excluded); ties go to the
+    lower index (a stable sort), so the neighbours are the same on every machine.
+    """
+    xp = array_module(similarity)
+    m = similarity.shape[-1]
+    s = xp.array(similarity, dtype=xp.float64, copy=True).reshape(-1, m, m)
+    i = xp.arange(m)
+    s[:, i, i] = -xp.inf
+    nearest = xp.argsort(-s, axis=-1, kind="stable")[..., :k]
+    mask = xp.zeros_like(s)
+    mask[xp.arange(len(s))[:, None, None], i[None, :, None], nearest] = 1.0
+    return mask.reshape(similarity.shape)
+
+
+def mutual_knn_matrix(masks, others, k: int):
+    """Mutual k-NN alignment of every pair of layers (La × Lb) from their ``knn_mask`` (L, m, m):
+    the mean over rows i of |N_a(i) ∩ N_b(i)| / k (Huh et al. 2024, ``mutual_knn``)."""
+    m = masks.shape[-1]
+    return masks.reshape(len(masks), -1) @ others.reshape(len(others), -1).T / (m * k)
+
+
+def cknna_parts(similarity, k: int):
+    """(L, 3, m, m): the neighbour mask M, M ∘ K and (M ∘ Mᵀ) ∘ K of each layer's kernel K (L, m, m),
+    from which ``cknna_hsic`` gives every pair's CKNNA similarity with products alone."""
+    xp = array_module(similarity)
+    mask = knn_mask(similarity, k)
+    both = mask * xp.swapaxes(mask, -1, -2)
+    return xp.stack([mask, mask * similarity, both * similarity], axis=-3)
+
+
+def cknna_hsic(parts, others):
+    """Unbiased HSIC (Song et al. 2012, eq. 5) of A = M ∘ K_a and B = M ∘ K_b, M = M_a ∘ M_b,
+    for every pair of layers (La × Lb), from their ``cknna_parts``: Huh et al.'s (2024) CKNNA
+    similarity, ``hsic_unbiased(mask * K, mask * L)``, all pairs at once:
+
+    Σ_ij A_ij B_ji = <(M_a∘M_aᵀ)∘K_a, (M_b∘M_bᵀ)∘K_b>,   1ᵀA1 = <M_a∘K_a, M_b>,   1ᵀB1 = <M_a, M_b∘K_b>,
+    1ᵀAB1 = Σ_l (Σ_i (M_a∘K_a)_il (M_b)_il) (Σ_j (M_a)_lj (M_b∘K_b)_lj)   (a batched product over l).
+
+    The masks exclude the diagonal, so A and B have a zero diagonal as eq. 5 needs.
+    """
+    m = parts.shape[-1]
+    flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
+    mask_a, masked_a, mutual_a = parts[:, 0], parts[:, 1], parts[:, 2]
+    mask_b, masked_b, mutual_b = others[:, 0], others[:, 1], others[:, 2]
+    trace = flat(mutual_a) @ flat(mutual_b).T
+    sum_a = flat(masked_a) @ flat(mask_b).T
+    sum_b = flat(mask_a) @ flat(masked_b).T
+    columns = masked_a.transpose(2, 0, 1) @ mask_b.transpose(2, 1, 0)  # (l, La, Lb): Σ_i A_il
+    rows = mask_a.transpose(1, 0, 2) @ masked_b.transpose(1, 2, 0)  # (l, La, Lb): Σ_j B_lj
+    products = (columns * rows).sum(axis=0)
+    return (trace + sum_a * sum_b / ((m - 1) * (m - 2)) - 2 * products / (m - 2)) / (m * (m - 3))
+
+
+# --------------------------------------------------------------------------- RankMe (Garrido et al. 2023)
+
+
+def singular_values_from_gram(gram, size: int | None = None):
+    """Singular values of X from G = X Xᵀ or Xᵀ X (…, n, n): √λ of G's eigenvalues, largest first.
+
+    Eigenvalues carry a rounding of about eps · λ_max, so those below λ_max · size · eps
+    (``size``: max(N, D), default n, or an array of them broadcast against (…, 1);
+    numpy.linalg.matrix_rank's tolerance) count as 0: singular values under
+    σ_max · √(size · eps) cannot be told from 0 this way.
+    """
+    xp = array_module(gram)
+    lam = xp.linalg.eigvalsh(gram)[..., ::-1]
+    size = gram.shape[-1] if size is None else xp.maximum(xp.asarray(size), gram.shape[-1])
+    floor = lam[..., :1] * size * np.finfo(np.float64).eps
+    return xp.sqrt(xp.where(lam > floor, lam, 0.0))
+
+
+def rankme(singular_values):
+    """RankMe = exp(-Σ_k p_k log p_k), p = σ / Σ σ (Garrido et al. 2023, eq. 1, without their
+    ε = 1e-7 inside p): the effective rank, from 1 to the number of nonzero σ; over the last
+    axis (…, n) -> (…); NaN where every σ is 0."""
+    xp = array_module(singular_values)
+    sigma = xp.asarray(singular_values, dtype=xp.float64)
+    total = sigma.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = sigma / total
+        terms = xp.where(p > 0, p * xp.log(xp.where(p > 0, p, 1.0)), 0.0)
+    return xp.where(total[..., 0] > 0, xp.exp(-terms.sum(axis=-1)), xp.nan)
 
 
 def to_host(x) -> np.ndarray:

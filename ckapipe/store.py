@@ -13,11 +13,15 @@ plain ``zarr``)::
                                     chunk k of every layer (ckapipe.codecs.chunk_tag)
         done                        uint8 (n_chunks,), chunks (1,): 1 once every
                                     layer of chunk k is written
-        grams/m<m>/triangles        float64 (N // m, layers, m(m-1)/2), chunks (1, layers, ·):
-                                    upper triangle of the U-centred Gram of every layer
-                                    of every full minibatch, one chunk per minibatch
-        grams/m<m>/checksums        int64 (N // m,), chunks (1,): the tag of row k
-        grams/m<m>/done             uint8 (N // m,), chunks (1,)
+        grams/m<m>/centred          float64 (N // m, layers, m(m+1)/2), chunks (1, layers, ·):
+                                    upper triangle with the diagonal of the Gram of the
+                                    mean-centred features of every layer of every full
+                                    minibatch, one chunk per minibatch
+        grams/m<m>/mean_products    float64 (N // m, layers, m + 1): c_i·μ and μ·μ (the raw Gram)
+        grams/m<m>/checksums        int64 (N // m, 2), chunks (1, 2): the tags of row k's two files
+        grams/m<m>/centred_done     uint8 (N // m,), chunks (1,)
+        (store version 2 kept grams/m<m>/triangles, the U-centred strict triangles, and
+        grams/m<m>/done, without checksums: still read for linear CKA)
       .locks/<slug>-<key>/A-B.lock  one file per live writer and chunk range [A, B)
 
 ``key`` is a hash of everything that determines the contents (weights hash,
@@ -55,9 +59,9 @@ import zarr.errors
 from ckapipe.atomic import atomic_path
 from ckapipe.codecs import DEFAULT_COMPRESSION, NO_TAG, checksummed, chunk_tag, compressors as compression_chain, file_crc
 from ckapipe.errors import StoreError, suggest
-from ckapipe.kernels import check_minibatch_size
+from ckapipe.kernels import check_minibatch_size, ucentered_from_centred
 
-STORE_VERSION = 3  # 3: every chunk ends with its crc32c and has its tag recorded; 2: one Gram chunk per minibatch
+STORE_VERSION = 3  # 3: chunks end with their crc32c, tags recorded; Gram caches keep centred Grams with the diagonal
 CHECKSUMS = "checksums"  # the array of chunk tags, in a run and in each Gram cache
 ATTRS = "ckapipe"
 DTYPES = ("float32", "float16", "float64")  # what a layer array may hold
@@ -439,7 +443,9 @@ class Run:
         cache whose stamp disagrees (copied from another run, or left unstamped)
         is refused: its rows are positional, so another run's Grams would give
         numbers under the wrong labels. ``create`` makes whatever is missing, so
-        processes filling one run's Grams side by side may all ask for it.
+        processes filling one run's Grams side by side may all ask for it; in a
+        cache of store version 2 it adds the centred Grams beside the old rows
+        (which a reader may still be reading; they are never deleted here).
         """
         path = f"grams/m{m}"
         if path not in self.group:
@@ -449,7 +455,7 @@ class Run:
             group = self._create_gram_group(path)
         else:
             group = self.group[path]
-        if "done" in group and GramCache.TRIANGLES not in group:
+        if "done" in group and GramCache.LEGACY not in group and GramCache.CENTRED not in group:
             raise StoreError(
                 f"the Gram cache of run {self.name} at m={m} has the per-layer layout of ckapipe store version 1: "
                 f"delete {self.path / path} and it is filled again"
@@ -461,23 +467,25 @@ class Run:
                 f"the Gram cache of run {self.name} at m={m} is not this run's ({whose if stamp[0] else 'no stamp'}): "
                 f"delete {self.path / path} and it is filled again"
             )
-        n_mb, width = self.n_samples // m, m * (m - 1) // 2
+        n_mb, n_layers = self.n_samples // m, len(self.layer_names)
         if create:  # the markers last: a cache with markers has all its arrays
             if self.checksummed:
-                _create_missing(group, CHECKSUMS, shape=(n_mb,), chunks=(1,), dtype="int64", fill_value=NO_TAG)
-            _create_missing(group, GramCache.TRIANGLES, shape=(n_mb, len(self.layer_names), width),
-                            chunks=(1, len(self.layer_names), width), dtype="float64", fill_value=float("nan"),
-                            compressors=checksummed(()) if self.checksummed else None,
-                            config={"write_empty_chunks": True})
-            _create_missing(group, "done", shape=(n_mb,), chunks=(1,), dtype="uint8", fill_value=0)
-        elif GramCache.TRIANGLES not in group or "done" not in group:
+                _create_missing(group, CHECKSUMS, shape=(n_mb, 2), chunks=(1, 2), dtype="int64", fill_value=NO_TAG)
+            for name, width in ((GramCache.CENTRED, m * (m + 1) // 2), (GramCache.MEANS, m + 1)):
+                _create_missing(group, name, shape=(n_mb, n_layers, width), chunks=(1, n_layers, width),
+                                dtype="float64", fill_value=float("nan"),
+                                compressors=checksummed(()) if self.checksummed else GRAM_COMPRESSORS,
+                                config={"write_empty_chunks": True})
+            _create_missing(group, GramCache.MARKERS, shape=(n_mb,), chunks=(1,), dtype="uint8", fill_value=0)
+        elif GramCache.CENTRED not in group and GramCache.LEGACY not in group:
             return None
         cache = GramCache(group, self.layer_names, m, self.name, self.key, self.path, self.checksummed)
-        shape = cache._triangles.shape
-        if shape != (n_mb, len(self.layer_names), width) or (self.checksummed and CHECKSUMS not in group):
+        width = m * (m + 1) // 2 if cache.layout == 3 else m * (m - 1) // 2
+        shape = cache._rows.shape
+        if shape != (n_mb, n_layers, width) or (cache.tagged and CHECKSUMS not in group):
             raise StoreError(
                 f"the Gram cache of run {self.name} at m={m} does not fit the run "
-                f"({'no checksums' if shape == (n_mb, len(self.layer_names), width) else f'shape {shape}'}): "
+                f"({'no checksums' if shape == (n_mb, n_layers, width) else f'shape {shape}'}): "
                 f"delete {self.path / path} and it is filled again"
             )
         return cache
@@ -490,19 +498,28 @@ class Run:
             return self.group[path]
 
 
+GRAM_COMPRESSORS = None  # Grams are dense float64: compression buys little and costs every re-analysis
+
+
 @dataclass
 class GramCache:
-    """The U-centred Grams of one run at one minibatch size m, every layer of a minibatch in one chunk.
+    """The Grams of one run at one minibatch size m, every layer of a minibatch in one chunk.
 
-    Row k holds, for every layer in the run's order, the strict upper triangle of
-    U(X_k X_kᵀ) (m(m-1)/2 float64 numbers); the ``done`` marker of k is set once
-    the whole row is written. One chunk per minibatch means one file and one
-    read for all layers (per-layer arrays cost a Zarr call per layer and
-    minibatch, most of a re-analysis's time). In a checksummed store each row
-    ends with its crc32c and its tag is recorded in ``checksums`` before its marker.
+    Row k holds, for every layer in the run's order, the upper triangle with the
+    diagonal of C = X̃ X̃ᵀ, X̃ the mean-centred features of minibatch k (m(m+1)/2
+    float64 numbers), and the mean products [c_i·μ for each row i, μ·μ] (m + 1),
+    so that every kernel measure has what it needs: U(C) = U(X Xᵀ) for the unbiased
+    HSIC (derived on read), C itself, distances, and X Xᵀ = C + a1ᵀ + 1aᵀ + s. The
+    marker of k is set once the whole row is written. One chunk per minibatch means
+    one file and one read for all layers. In a checksummed store each of the row's
+    two files ends with its crc32c and their tags are recorded before the marker.
+
+    A cache of store version 2 (``layout == 2``) holds the U-centred strict triangles
+    only, without checksums: it serves ``read`` (linear CKA) and nothing else.
     """
 
-    TRIANGLES = "triangles"
+    CENTRED, MEANS, MARKERS = "centred", "mean_products", "centred_done"
+    LEGACY, LEGACY_MARKERS = "triangles", "done"  # store version 2
 
     group: zarr.Group = field(repr=False)
     layers: list[str]
@@ -521,12 +538,21 @@ class GramCache:
         return f"grams/m{self.m}"
 
     @functools.cached_property
-    def _triangles(self) -> zarr.Array:
-        return self.group[self.TRIANGLES]
+    def layout(self) -> int:
+        """3: centred Grams with their diagonal and mean products; 2: U-centred strict triangles only."""
+        return 3 if self.CENTRED in self.group else 2
+
+    @functools.cached_property
+    def _rows(self) -> zarr.Array:
+        return self.group[self.CENTRED if self.layout == 3 else self.LEGACY]
+
+    @functools.cached_property
+    def _means(self) -> zarr.Array:
+        return self.group[self.MEANS]
 
     @functools.cached_property
     def _markers(self) -> zarr.Array:
-        return self.group["done"]
+        return self.group[self.MARKERS if self.layout == 3 else self.LEGACY_MARKERS]
 
     @functools.cached_property
     def _checksums(self) -> zarr.Array:
@@ -534,7 +560,7 @@ class GramCache:
 
     @property
     def n_minibatches(self) -> int:
-        return self._triangles.shape[0]
+        return self._rows.shape[0]
 
     def done(self, ks: Sequence[int] | None = None) -> np.ndarray:
         """Boolean marker per minibatch (all of them, or those of ks)."""
@@ -545,36 +571,102 @@ class GramCache:
         return np.concatenate([self._markers[a:b] for a, b in spans(ks)]).astype(bool)
 
     def read(self, ks: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
-        """(len(ks), layers, m(m-1)/2) triangles of minibatches ks (sorted); an error naming the
-        run and the minibatch when a row is unreadable, or (checksummed) not the one written there.
+        """(len(ks), layers, m(m-1)/2) strict upper triangles of U(X Xᵀ) of minibatches ks (sorted):
+        what linear CKA reads, from either layout, into ``out`` when given (see ``read_centred``)."""
+        if self.layout == 2:
+            return self._read(self._rows, ks, out)
+        triangles = ucentered_from_centred(self.read_centred(ks))
+        if out is None:
+            return triangles
+        out[...] = triangles
+        return out
+
+    def read_centred(self, ks: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """(len(ks), layers, m(m+1)/2) upper triangles with the diagonal of the centred Grams; an error
+        naming the run and the minibatch when a row is unreadable, or (checksummed) not the one written there.
 
         Zarr decodes straight into ``out`` (C-contiguous float64 of that shape) when given:
         no second task-sized buffer, which the allocator would keep around.
         """
+        self._require_layout_3()
+        return self._read(self._rows, ks, out)
+
+    def read_means(self, ks: Sequence[int]) -> np.ndarray:
+        """(len(ks), layers, m + 1) mean products [c_i·μ, μ·μ] of minibatches ks (sorted)."""
+        self._require_layout_3()
+        return self._read(self._means, ks, None)
+
+    def write(self, ks: Sequence[int], centred: np.ndarray, means: np.ndarray) -> None:
+        """Rows ks (sorted; (len(ks), layers, m(m+1)/2) and (len(ks), layers, m + 1) on the host), then
+        their tags, then their markers."""
+        self._require_layout_3()
+        for array, values in ((self._rows, centred), (self._means, means)):
+            i = 0
+            for a, b in spans(ks):
+                array[a:b] = values[i:i + b - a]
+                i += b - a
+        if self.tagged:
+            for a, b in spans(ks):
+                self._checksums[a:b] = [[self._file_tag(array, k) for array in self.arrays] for k in range(a, b)]
+        for a, b in spans(ks):
+            self._markers[a:b] = 1
+
+    def _read(self, array: zarr.Array, ks: Sequence[int], out: np.ndarray | None) -> np.ndarray:
         from zarr.core.buffer import default_buffer_prototype
 
-        if self.checksummed:  # rows marked done must be the files written there; others read as NaN
+        if self.tagged:  # rows marked done must be the files written there; others read as NaN
             written = [k for k, done in zip(ks, self.done(ks)) if done]
-            for k, why in zip(written, self.tag_problems(written)):
+            for k, why in zip(written, self.tag_problems(written, [array])):
                 if why:
                     raise self.unreadable(k, why)
         if out is None:
-            out = np.empty((len(ks), *self._triangles.shape[1:]), dtype=np.float64)
+            out = np.empty((len(ks), *array.shape[1:]), dtype=np.float64)
         nd_buffer = default_buffer_prototype().nd_buffer
         i = 0
         for a, b in spans(ks):
             try:
-                self._triangles.get_basic_selection(slice(a, b), out=nd_buffer.from_numpy_array(out[i:i + b - a]))
+                array.get_basic_selection(slice(a, b), out=nd_buffer.from_numpy_array(out[i:i + b - a]))
             except Exception as err:  # noqa: BLE001 - codecs and stores raise many types
-                raise self.unreadable(self._first_unreadable(range(a, b)), decode_failure(err)) from None
+                raise self.unreadable(self._first_unreadable(array, range(a, b)), decode_failure(err)) from None
             i += b - a
         return out
 
-    def tag_problems(self, ks: Sequence[int]) -> list[str | None]:
-        """For each row k of ks (sorted): why its file is not the one written there, or None."""
+    @property
+    def arrays(self) -> list[zarr.Array]:
+        """The arrays a row is made of (one file each per minibatch), in the order of their tags."""
+        return [self._rows, self._means] if self.layout == 3 else [self._rows]
+
+    @property
+    def tagged(self) -> bool:
+        """Whether rows carry tags (a checksummed store's cache of this layout)."""
+        return self.checksummed and self.layout == 3
+
+    def tag_problems(self, ks: Sequence[int], arrays: Sequence[zarr.Array] | None = None) -> list[str | None]:
+        """For each row k of ks (sorted): why one of its files (of ``arrays``, default all) is not the
+        one written there, or None."""
+        if not self.tagged:
+            return [None] * len(ks)
         recorded = np.concatenate([self._checksums[a:b] for a, b in spans(ks)]) if len(ks) else []
-        return [tag_problem(self.run_key, self.run_path, self._triangles, self.label, k, tag)
-                for k, tag in zip(ks, recorded)]
+        columns = [(i, a) for i, a in enumerate(self.arrays) if arrays is None or any(a is b for b in arrays)]
+        return [next((why for i, array in columns
+                      if (why := tag_problem(self.run_key, self.run_path, array, self._label(array), k, tags[i]))), None)
+                for k, tags in zip(ks, recorded)]
+
+    def row_problem(self, k: int) -> str | None:
+        """Why row k does not decode to finite numbers, or None (after its tags are checked)."""
+        for array in self.arrays:
+            try:
+                if not np.isfinite(array[k]).all():
+                    return "it holds NaN or inf (its file is missing, or its bytes were changed)"
+            except Exception as err:  # noqa: BLE001 - codecs and stores raise many types
+                return decode_failure(err)
+        return None
+
+    def delete_row(self, k: int) -> None:
+        """Remove row k's files and its marker, so that it is filled again."""
+        for array in self.arrays:
+            chunk_file(self.run_path, array, k).unlink(missing_ok=True)
+        self._markers[k] = 0
 
     def unreadable(self, k: int, why: str) -> StoreError:
         return StoreError(
@@ -582,29 +674,28 @@ class GramCache:
             f"`ckapipe verify {self.run_name} --repair` deletes it (analyse with --no-gram-cache meanwhile)"
         )
 
-    def _first_unreadable(self, ks) -> int:
+    def _first_unreadable(self, array: zarr.Array, ks) -> int:
         for k in ks:
             try:
-                self._triangles[k]
+                array[k]
             except Exception:  # noqa: BLE001 - the row that fails to decode
                 return k
         return ks[0]
 
-    def write(self, ks: Sequence[int], triangles: np.ndarray) -> None:
-        """Rows ks (sorted; (len(ks), layers, width) on the host), then their tags, then their markers."""
-        i = 0
-        for a, b in spans(ks):
-            self._triangles[a:b] = triangles[i:i + b - a]
-            i += b - a
-        if self.checksummed:
-            for a, b in spans(ks):
-                self._checksums[a:b] = [self._file_tag(k) for k in range(a, b)]
-        for a, b in spans(ks):
-            self._markers[a:b] = 1
+    def _require_layout_3(self) -> None:
+        if self.layout != 3:
+            raise StoreError(
+                f"the Gram cache of run {self.run_name} (m={self.m}) has the layout of store version 2 "
+                f"(U-centred Grams only): it serves linear CKA; other measures rebuild it from the activations"
+            )
 
-    def _file_tag(self, k: int) -> int:
-        crc = file_crc(chunk_file(self.run_path, self._triangles, k))
-        return NO_TAG if crc is None else chunk_tag(self.run_key, self.label, k, crc)
+    def _label(self, array: zarr.Array) -> str:
+        return f"{self.label}/{array.basename}"
+
+    def _file_tag(self, array: zarr.Array, k: int) -> int:
+        crc = file_crc(chunk_file(self.run_path, array, k))
+        return NO_TAG if crc is None else chunk_tag(self.run_key, self._label(array), k, crc)
+
 
 
 def chunk_file(root: Path, array: zarr.Array, k: int) -> Path:

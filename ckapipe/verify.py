@@ -150,19 +150,8 @@ def chunk_problem(run: Run, layer: str, k: int) -> str | None:
 def gram_row_problems(cache: GramCache) -> list[tuple[int, str]]:
     """(k, why) for every completed Gram row that is not what was written there."""
     ks = [int(k) for k in np.flatnonzero(cache.done())]
-    tags = cache.tag_problems(ks) if cache.checksummed else [None] * len(ks)
-    triangles = cache.group[GramCache.TRIANGLES]
-    out = []
-    for k, why in zip(ks, tags):
-        if why is None:
-            try:
-                row = triangles[k]
-                why = None if np.isfinite(row).all() else "it holds NaN or inf (its file is missing, or its bytes were changed)"
-            except Exception as err:  # noqa: BLE001 - codecs and stores raise many types
-                why = decode_failure(err)
-        if why:
-            out.append((k, why))
-    return out
+    problems = [why or cache.row_problem(k) for k, why in zip(ks, cache.tag_problems(ks))]
+    return [(k, why) for k, why in zip(ks, problems) if why]
 
 
 def repair_run(report: RunReport) -> None:
@@ -187,9 +176,7 @@ def _delete_bad(report: RunReport) -> None:
                 chunk_file(run.path, run.layer(bad.layer), bad.k).unlink(missing_ok=True)
                 markers[bad.k] = 0
             else:
-                group = run.group[f"grams/m{bad.m}"]
-                chunk_file(run.path, group[GramCache.TRIANGLES], bad.k).unlink(missing_ok=True)
-                group["done"][bad.k] = 0
+                run.grams(bad.m).delete_row(bad.k)
                 if run.grams_only and bad.m == run.batch_size:
                     markers[bad.k] = 0
         for m in report.bad_caches:

@@ -99,10 +99,12 @@ def _zoo(name: str, params: dict, cache) -> nn.Module:
     from ckapipe.extract import zoo
 
     zoo.build(name)  # unknown names fail before any training
-    check_params(lambda seed=0, weights="trained": None, params, f"model zoo:{name}")
+    check_params(lambda seed=0, weights="trained", steps=None, teacher=None: None, params, f"model zoo:{name}")
     if params.get("weights", "trained") in RANDOM:
         return zoo.build(name)
-    return zoo.load(name, int_param(params, "seed", 0, f"model zoo:{name}"), cache)
+    steps = int_param(params, "steps", 0, f"model zoo:{name}") if "steps" in params else None
+    return zoo.load(name, int_param(params, "seed", 0, f"model zoo:{name}"), cache, steps=steps,
+                    teacher=params.get("teacher"))
 
 
 def _torchvision(name: str, params: dict, cache) -> nn.Module:

@@ -174,14 +174,15 @@ class _Aborted(Exception):
     pass
 
 
-def compute_grams(features: dict) -> dict[str, np.ndarray]:
-    """Upper triangles of the U-centred Grams of one minibatch, per layer (NumPy or CuPy in, host out)."""
-    from ckapipe.kernels import to_host, ucentered_gram
+def compute_grams(features: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The Gram cache's row of one minibatch, per layer: (upper triangle with the diagonal of the
+    centred Gram, mean products), see kernels.minibatch_grams (NumPy or CuPy in, host out)."""
+    from ckapipe.kernels import minibatch_grams, to_host
 
-    return {name: to_host(ucentered_gram(x)) for name, x in features.items()}
+    return {name: tuple(to_host(part) for part in minibatch_grams(x)) for name, x in features.items()}
 
 
-def device_grams(features: dict[str, torch.Tensor], dtype: str = "float32") -> dict[str, np.ndarray] | None:
+def device_grams(features: dict[str, torch.Tensor], dtype: str = "float32") -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
     """Grams computed where the activations are, on CUDA through CuPy, of the values as stored
     (cast to ``dtype`` first, as the writer casts them); None when that is not possible."""
     if not features or next(iter(features.values())).device.type != "cuda":
@@ -194,9 +195,11 @@ def device_grams(features: dict[str, torch.Tensor], dtype: str = "float32") -> d
     return compute_grams({name: cupy.from_dlpack(t) for name, t in stored.items()})
 
 
-def write_grams(cache, k: int, grams: dict[str, np.ndarray]) -> None:
+def write_grams(cache, k: int, grams: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """Gram row k of every layer (a store.GramCache), then its marker."""
-    cache.write([k], np.stack([grams[name] for name in cache.layers])[None])
+    centred = np.stack([grams[name][0] for name in cache.layers])[None]
+    means = np.stack([grams[name][1] for name in cache.layers])[None]
+    cache.write([k], centred, means)
 
 
 def _explain(err: BaseException, k: int, run: Run) -> BaseException:

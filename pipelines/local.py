@@ -72,10 +72,14 @@ def task_at(tasks: list[ExtractTask], index: int) -> ExtractTask:
 
 def analysis_options(study: Study, comparison: Comparison) -> dict:
     """The options that determine an analysis' numbers (shared by analyze and is_up_to_date)."""
-    options = {key: study.analyze[key] for key in ("batch_size", "completed_only", "use_gram_cache", "device")
+    options = {key: study.analyze[key] for key in ("batch_size", "completed_only", "use_gram_cache", "device", "measures")
                if key in study.analyze}
     if comparison.batch_size is not None:
         options["batch_size"] = comparison.batch_size
+    if comparison.measures is not None:
+        options["measures"] = comparison.measures
+    if comparison.trajectory is not None and comparison.trajectory.rankme == "minibatch":
+        options["rankme"] = True
     options["pair_by_position"] = comparison.pair_by_position
     return options
 
@@ -94,8 +98,25 @@ def analyze_comparison(study: Study, comparison: Comparison, *, scheduler=None, 
     say(f"analyze {comparison.name}: {', '.join(comparison.runs)}")
     results = stage.analyze(study.cache, runs, out=out, overwrite=True, scheduler=scheduler,
                             scheduler_file=scheduler_file, progress=progress, **options)
-    stage.plot_results(results, out_dir=out)
+    if comparison.trajectory is not None:
+        trajectory_figures(study, comparison, results, progress)
+    else:
+        stage.plot_results(results, out_dir=out)
     return results
+
+
+def trajectory_figures(study: Study, comparison: Comparison, results, progress: bool = True) -> list[Path]:
+    """trajectory.csv and the step plots of a trajectory comparison (analyze.trajectory), beside its results."""
+    from ckapipe.analyze.trajectory import plot_trajectory, trajectory_view
+
+    trajectory = comparison.trajectory
+    names = dict(zip(comparison.runs, store_names(study, list(comparison.runs))))
+    series = {label: [(step, names[run]) for step, run in points] for label, points in trajectory.series}
+    reference = names[trajectory.reference] if trajectory.reference else None
+    view = trajectory_view(results, series, reference, rankme=trajectory.rankme, cache=study.cache, progress=progress)
+    out = study.comparison_dir(comparison)
+    (out / "trajectory.csv").write_text(view.to_csv())
+    return plot_trajectory(view, out / "plots")
 
 
 def analyze_stage(study: Study, *, scheduler: str | None = None, scheduler_file: str | None = None,

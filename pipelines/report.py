@@ -4,6 +4,7 @@
 JSON, heatmaps) and, across comparisons::
 
     summary.csv   comparison, run_a, layer_a, run_b, best_layer_b, cka, cka_same_position
+                  (and rankme_a, rankme_b: the minibatch RankMe of both layers, when an analysis has it)
     summary.txt   the same as text, one block per pair
 """
 
@@ -21,10 +22,13 @@ def study_rows(study: Study, results: dict) -> list[dict]:
         res = results[name]
         for a, b in comparison.pairs:
             matrix = res.cka(a, b)
+            ranks = (res.layer_rankme(a), dict(zip(res.layer_names(b), res.layer_rankme(b)))) if res.rankme is not None else None
             for i, (layer_a, best, value) in enumerate(res.best_matches(a, b)):
                 same = matrix[i, i] if i < matrix.shape[1] else float("nan")
                 rows.append({"comparison": name, "run_a": a, "layer_a": layer_a, "run_b": b,
                              "best_layer_b": best, "cka": value, "cka_same_position": float(same)})
+                if ranks is not None:
+                    rows[-1].update(rankme_a=float(ranks[0][i]), rankme_b=float(ranks[1].get(best, float("nan"))))
     return rows
 
 
@@ -41,6 +45,7 @@ def write_study_report(study: Study, results: dict) -> str:
 def rows_to_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
     fields = ["comparison", "run_a", "layer_a", "run_b", "best_layer_b", "cka", "cka_same_position"]
+    fields += ["rankme_a", "rankme_b"] if any("rankme_a" in row for row in rows) else []
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
@@ -53,5 +58,6 @@ def rows_to_text(rows: list[dict]) -> str:
         if (row["comparison"], row["run_a"], row["run_b"]) != block:
             block = (row["comparison"], row["run_a"], row["run_b"])
             lines += ["", f"[{row['comparison']}] {row['run_a']} -> best layer of {row['run_b']}"]
-        lines.append(f"  {row['layer_a']:<12} {row['best_layer_b']:<12} {row['cka']:.4f}")
+        rank = f"  RankMe {row['rankme_a']:.1f} / {row['rankme_b']:.1f}" if "rankme_a" in row else ""
+        lines.append(f"  {row['layer_a']:<12} {row['best_layer_b']:<12} {row['cka']:.4f}{rank}")
     return "\n".join(lines).lstrip("\n") + "\n"

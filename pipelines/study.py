@@ -20,12 +20,19 @@ The schema (every section but ``runs`` is optional)::
       NAME: {teacher: RUN, students: [RUN, ...]}
       NAME: {ensemble: [RUN, ...]}                        # every member vs every other
       NAME: {pairs: [[RUN, RUN], ...]}
-            # + optional: pair_by_position, batch_size
-    analyze:   {batch_size, device, completed_only, use_gram_cache}
+      NAME: {trajectory: {checkpoints: [SPEC] | {SERIES: SPEC, ...},   # SPEC holds {step}
+                          steps: [1, 5, ...], reference: RUN, arch: SPEC, rankme: minibatch|full|none}}
+            # + optional: pair_by_position, batch_size, measures: [linear, rbf:0.5, ...]
+    analyze:   {batch_size, device, completed_only, use_gram_cache, measures}
     dask:      {scheduler, scheduler_file, cluster: threads|local|slurm, workers,
                 threads_per_worker}
     slurm:     {partition, account, time, mem, gres, cpus_per_task, extra: [...],
                 setup: [...], tasks_per_run, analyze: {same keys}}
+
+A trajectory comparison adds a run per checkpoint (``COMPARISON-SERIES-stepS``,
+extracted with the extract section's settings, like any run of the job array) and
+compares each with the reference run (default: the last checkpoint of its series),
+layer by layer, against the step (``analyze.trajectory``).
 
 Relative paths (cache, results, checkpoint files) are relative to the current
 directory, where ``make`` and ``ckapipe run`` are started.
@@ -42,7 +49,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ckapipe.errors import PipelineError, StoreError, suggest
+from ckapipe.errors import CkapipeError, PipelineError, StoreError, suggest
 from ckapipe.kernels import MIN_MINIBATCH
 from ckapipe.store import DTYPES, RUN_NAME, check_run_name, default_cache
 
@@ -84,6 +91,19 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class Trajectory:
+    """A series of checkpoints per training (``series``: name -> ((step, run), ...), steps increasing),
+    each compared with ``reference`` (None: the series' last checkpoint)."""
+
+    series: tuple[tuple[str, tuple[tuple[int, str], ...]], ...]
+    reference: str | None = None
+    rankme: str = "minibatch"  # minibatch (from the Gram cache), full (reads the activations) or none
+
+    def reference_of(self, series: str) -> str:
+        return self.reference or dict(self.series)[series][-1][1]
+
+
+@dataclass(frozen=True)
 class Comparison:
     """One analysis: the runs it reads, and the pairs it is about."""
 
@@ -92,6 +112,9 @@ class Comparison:
     pairs: tuple[tuple[str, str], ...]
     pair_by_position: bool = False
     batch_size: int | None = None
+    measures: tuple[str, ...] | None = None
+    trajectory: Trajectory | None = None
+    new_runs: tuple[RunConfig, ...] = ()  # the trajectory's checkpoint runs
 
 
 @dataclass(frozen=True)
@@ -134,8 +157,11 @@ EXTRACT_KEYS: dict[str, type | tuple] = {
     "dataset": str, "layers": list, "batch_size": int, "order_seed": int, "dtype": str, "device": str,
     "reduction": str, "limit": (int, type(None)), "grams": bool, "grams_only": bool,
 }
-KINDS = ("runs", "teacher", "ensemble", "pairs")
-ANALYZE_KEYS = {"batch_size": (int, type(None)), "device": str, "completed_only": bool, "use_gram_cache": bool}
+KINDS = ("runs", "teacher", "ensemble", "pairs", "trajectory")
+ANALYZE_KEYS = {"batch_size": (int, type(None)), "device": str, "completed_only": bool, "use_gram_cache": bool,
+                "measures": list}
+TRAJECTORY_KEYS = {"checkpoints": (list, dict), "steps": list, "reference": str, "arch": str, "rankme": str}
+RANKME_CHOICES = ("minibatch", "full", "none")
 DASK_KEYS = {
     "scheduler": (str, type(None)), "scheduler_file": (str, type(None)), "cluster": str,
     "workers": int, "threads_per_worker": int,
@@ -229,13 +255,14 @@ def load_study(path: str | os.PathLike, *, cache: str | os.PathLike | None = Non
         raise source.error(top["study"][1], "study", f"{name!r} is not a usable directory name")
     defaults = load_extract_defaults(source, top.get("extract"))
     runs = load_runs(source, top["runs"][1], defaults)
-    comparisons = load_comparisons(source, top.get("comparisons"), runs)
+    comparisons = load_comparisons(source, top.get("comparisons"), runs, defaults)
+    runs = {**runs, **{run.name: run for c in comparisons.values() for run in c.new_runs}}
     return Study(
         name=name, path=path.resolve(),
         cache=Path(cache or values.get("cache") or default_cache()).resolve(),
         results=(Path(results or values.get("results", "results")) / name).resolve(),
         runs=runs, comparisons=comparisons,
-        analyze=load_flat(source, top.get("analyze"), "analyze", ANALYZE_KEYS),
+        analyze=load_analyze(source, top.get("analyze")),
         dask=load_dask(source, top.get("dask")),
         slurm=load_slurm(source, top.get("slurm")),
     )
@@ -330,23 +357,30 @@ def check_checkpoint(source: Source, node: yaml.Node, model: str, where: str) ->
         raise source.error(node, where, f"checkpoint file {head} does not exist")
 
 
-def load_comparisons(source: Source, entry, runs: dict[str, RunConfig]) -> dict[str, Comparison]:
+def load_comparisons(source: Source, entry, runs: dict[str, RunConfig], defaults: dict | None = None) -> dict[str, Comparison]:
     if entry is None:
         return {}
     items = source.mapping(entry[1], "comparisons")
-    return {name: load_comparison(source, name, node, runs) for name, (_, node) in items.items()}
+    comparisons: dict[str, Comparison] = {}
+    for name, (_, node) in items.items():
+        comparisons[name] = load_comparison(source, name, node, runs, defaults or {})
+        for run in comparisons[name].new_runs:
+            if run.name in runs or any(run.name in {r.name for r in c.new_runs} for c in list(comparisons.values())[:-1]):
+                raise source.error(node, f"comparisons.{name}.trajectory", f"checkpoint run {run.name!r} is named twice")
+    return comparisons
 
 
-def load_comparison(source: Source, name: str, node: yaml.Node, runs: dict[str, RunConfig]) -> Comparison:
+def load_comparison(source: Source, name: str, node: yaml.Node, runs: dict[str, RunConfig],
+                    defaults: dict | None = None) -> Comparison:
     where = f"comparisons.{name}"
     if not RUN_NAME.match(name):
         raise source.error(node, where, "a comparison name may hold letters, digits and _ . + @ = - only")
     schema = {"runs": (list, str), "teacher": str, "students": list, "ensemble": list, "pairs": list,
-              "pair_by_position": bool, "batch_size": int}
+              "trajectory": dict, "pair_by_position": bool, "batch_size": int, "measures": list}
     items = source.mapping(node, where, schema)
     kinds = [k for k in KINDS if k in items]
     if len(kinds) != 1:
-        raise source.error(node, where, "give exactly one of runs, teacher (with students), ensemble, pairs"
+        raise source.error(node, where, "give exactly one of runs, teacher (with students), ensemble, pairs, trajectory"
                            + (f" (got {', '.join(kinds)})" if kinds else ""))
     run_name = run_checker(source, runs)
     kind = kinds[0]
@@ -358,11 +392,99 @@ def load_comparison(source: Source, name: str, node: yaml.Node, runs: dict[str, 
         members, pairs = load_run_set(source, items["ensemble"][1], f"{where}.ensemble", runs, run_name)
     elif kind == "teacher":
         members, pairs = load_teacher(source, items, where, run_name)
+    elif kind == "trajectory":
+        trajectory, new_runs = load_trajectory(source, name, items["trajectory"][1], f"{where}.trajectory",
+                                               run_name, defaults or {})
+        members, pairs = trajectory_pairs(trajectory)
     else:
         members, pairs = load_pairs(source, items["pairs"][1], f"{where}.pairs", run_name)
     options = source.section({k: v for k, v in items.items() if k in ("pair_by_position", "batch_size")},
                              where, schema)
+    if "measures" in items:
+        options["measures"] = load_measures(source, items["measures"][1], f"{where}.measures")
+    if kind == "trajectory":
+        options.update(trajectory=trajectory, new_runs=tuple(new_runs))
     return Comparison(name=name, runs=tuple(members), pairs=tuple(pairs), **options)
+
+
+def load_measures(source: Source, node: yaml.Node, where: str) -> tuple[str, ...]:
+    """Measure spellings (analyze.measures), checked here so that a typo names its line."""
+    from ckapipe.analyze.measures import parse_measures
+
+    names = source.strings(node, where)
+    try:
+        return tuple(measure.name for measure in parse_measures(names))
+    except CkapipeError as err:
+        raise source.error(node, where, str(err)) from None
+
+
+def load_analyze(source: Source, entry) -> dict:
+    analyze = load_flat(source, entry, "analyze", ANALYZE_KEYS)
+    if "measures" in analyze:
+        node = source.mapping(entry[1], "analyze", ANALYZE_KEYS)["measures"][1]
+        analyze["measures"] = load_measures(source, node, "analyze.measures")
+    return analyze
+
+
+def load_trajectory(source: Source, comparison: str, node: yaml.Node, where: str, run_name,
+                    defaults: dict) -> tuple[Trajectory, list[RunConfig]]:
+    """The trajectory section: its checkpoint runs (one per series and step) and what they are compared with."""
+    items = source.mapping(node, where, TRAJECTORY_KEYS)
+    for required in ("checkpoints", "steps"):
+        if required not in items:
+            raise source.error(node, f"{where}.{required}", "missing: a trajectory needs checkpoints and steps")
+    patterns_node = items["checkpoints"][1]
+    if isinstance(patterns_node, yaml.MappingNode):
+        patterns = {key: source.typed(v, f"{where}.checkpoints.{key}", str)
+                    for key, (_, v) in source.mapping(patterns_node, f"{where}.checkpoints").items()}
+    else:
+        listed = source.strings(patterns_node, f"{where}.checkpoints")
+        if len(listed) != 1:
+            raise source.error(patterns_node, f"{where}.checkpoints",
+                               f"{len(listed)} checkpoint patterns: name each series, e.g. {{kd: PATTERN, ce: PATTERN}}")
+        patterns = {comparison: listed[0]}
+    steps_node = items["steps"][1]
+    steps = [source.typed(item, f"{where}.steps[{i}]", int) for i, item in enumerate(source_items(source, steps_node, f"{where}.steps"))]
+    if not steps or min(steps) < 0 or len(set(steps)) != len(steps):
+        raise source.error(steps_node, f"{where}.steps", "give distinct steps, at least one, none negative")
+    steps = sorted(steps)
+    reference = run_name(items["reference"][1], f"{where}.reference") if "reference" in items else None
+    rankme = source.typed(items["rankme"][1], f"{where}.rankme", str) if "rankme" in items else "minibatch"
+    if rankme not in RANKME_CHOICES:
+        raise source.error(items["rankme"][1], f"{where}.rankme", f"{rankme!r} is not one of {', '.join(RANKME_CHOICES)}")
+    arch = source.typed(items["arch"][1], f"{where}.arch", str) if "arch" in items else None
+    series, new_runs = [], []
+    for label, pattern in patterns.items():
+        here = f"{where}.checkpoints" + (f".{label}" if isinstance(patterns_node, yaml.MappingNode) else "")
+        if "{step}" not in pattern:
+            raise source.error(patterns_node, here, f"checkpoint pattern {pattern!r} has no {{step}}")
+        points = []
+        for step in steps:
+            run = f"{comparison}-step{step}" if label == comparison else f"{comparison}-{label}-step{step}"
+            if not RUN_NAME.match(run):
+                raise source.error(patterns_node, here, f"series name {label!r} makes the run name {run!r} unusable")
+            model = pattern.replace("{step}", str(step))
+            if arch:
+                model += ("&" if "?" in model else "?") + f"arch={arch}"
+            merged = {**defaults, "model": (patterns_node, model)}
+            if "dataset" not in merged:
+                raise source.error(node, where, "no dataset for the checkpoints: give it in the extract section")
+            check_checkpoint(source, patterns_node, model, here)
+            new_runs.append(RunConfig(name=run, **{key: value for key, (_, value) in merged.items()}))
+            points.append((step, run))
+        series.append((label, tuple(points)))
+    return Trajectory(tuple(series), reference, rankme), new_runs
+
+
+def trajectory_pairs(trajectory: Trajectory) -> tuple[list[str], list[tuple[str, str]]]:
+    """The runs of a trajectory comparison (reference first) and its pairs: (reference, checkpoint)."""
+    members = [trajectory.reference] if trajectory.reference else []
+    pairs = []
+    for label, points in trajectory.series:
+        members += [run for _, run in points]
+        reference = trajectory.reference_of(label)
+        pairs += [(reference, run) for _, run in points if run != reference]
+    return members, pairs
 
 
 def run_checker(source: Source, runs: dict) -> Callable[[yaml.Node, str], str]:

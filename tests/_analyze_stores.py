@@ -14,7 +14,7 @@ def make_run(cache, name, layers, m, sample_ids=None, complete=True, chunks=None
     ``chunks`` limits the chunks written (the others stay missing); ``grams_only``
     writes no activations but fills the Gram cache at m from the given arrays.
     """
-    from ckapipe.kernels import ucentered_gram
+    from ckapipe.kernels import minibatch_grams
 
     n = len(next(iter(layers.values())))
     ids = np.arange(n) if sample_ids is None else np.asarray(sample_ids)
@@ -32,7 +32,8 @@ def make_run(cache, name, layers, m, sample_ids=None, complete=True, chunks=None
     for k in todo:
         rows = run.chunk_slice(k)
         if grams is not None and rows.stop - rows.start == m:
-            grams.write([k], np.stack([ucentered_gram(layers[layer][rows]) for layer in grams.layers])[None])
+            parts = [minibatch_grams(layers[layer][rows]) for layer in grams.layers]
+            grams.write([k], np.stack([c for c, _ in parts])[None], np.stack([a for _, a in parts])[None])
         run.write_chunk(k, {layer: x[rows] for layer, x in layers.items()})
     if complete and chunks is None:
         run.refresh_status()

@@ -252,13 +252,15 @@ def test_gram_cache_rows_round_trip_by_minibatch(tmp_path):
     run = make_run(tmp_path, "net", random_layers(np.random.default_rng(3), 80, [6, 9, 4]), 16)
     cache = run.grams(8, create=True)
     assert cache.n_minibatches == 10 and not cache.done().any()
-    rows = np.random.default_rng(4).standard_normal((3, 3, 8 * 7 // 2))
-    cache.write([0, 1, 3], rows)
+    rows = np.random.default_rng(4).standard_normal((3, 3, 8 * 9 // 2))
+    means = np.random.default_rng(5).standard_normal((3, 3, 9))
+    cache.write([0, 1, 3], rows, means)
     again = run.grams(8)
     assert list(again.done()) == [True, True, False, True] + [False] * 6
     assert list(again.done([1, 2, 3])) == [True, False, True]
-    np.testing.assert_array_equal(again.read([0, 1, 3]), rows)
-    into = np.zeros((2, 3, 28))
-    assert again.read([1, 3], into) is into
+    np.testing.assert_array_equal(again.read_centred([0, 1, 3]), rows)
+    np.testing.assert_array_equal(again.read_means([0, 1, 3]), means)
+    into = np.zeros((2, 3, 36))
+    assert again.read_centred([1, 3], into) is into
     np.testing.assert_array_equal(into, rows[1:])
-    assert np.isnan(again.read([2])).all()
+    assert np.isnan(again.read_centred([2])).all()

@@ -160,7 +160,7 @@ def _chunk(cache, slug, layer, k) -> Path:
 
 
 def _gram_row(cache, slug, k) -> Path:
-    return _store(cache, slug) / "grams" / f"m{M}" / "triangles" / "c" / str(k) / "0" / "0"
+    return _store(cache, slug) / "grams" / f"m{M}" / "centred" / "c" / str(k) / "0" / "0"
 
 
 CORRUPTIONS = {

@@ -85,7 +85,7 @@ BAD = {
     "unknown teacher": ("extract: {dataset: digits}\nruns: {a: zoo:cnn2}\ncomparisons:\n  kd: {teacher: t, students: [a]}\n",
                         4, "comparisons.kd.teacher: no run 't' in this study"),
     "two kinds": ("extract: {dataset: digits}\nruns: {a: zoo:cnn2, b: zoo:cnn3}\ncomparisons:\n  c: {runs: [a, b], ensemble: [a, b]}\n",
-                  4, "comparisons.c: give exactly one of runs, teacher (with students), ensemble, pairs (got runs, ensemble)"),
+                  4, "comparisons.c: give exactly one of runs, teacher (with students), ensemble, pairs, trajectory (got runs, ensemble)"),
     "a pair of three": ("extract: {dataset: digits}\nruns: {a: zoo:cnn2, b: zoo:cnn3}\ncomparisons:\n  c:\n    pairs:\n      - [a, b, a]\n",
                         6, "comparisons.c.pairs[0]: a pair names two runs, got 3"),
     "missing checkpoint": ("extract: {dataset: digits}\nruns:\n  a: checkpoints/nowhere.pt\n", 3,
