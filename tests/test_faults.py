@@ -291,7 +291,7 @@ BAD_INPUT = [
     (["extract", "-m", "zoo:mlp2?seed=abc"], "model zoo:mlp2: seed='abc' is not an integer"),
     (["extract", "-m", "zoo:mlp2?weights=none&init_seed=abc"], "init_seed='abc' is not an integer"),
     (["extract", "-m", A, "-d", "digits?size=abc"], "dataset digits?size=abc: size='abc' is not an integer"),
-    (["extract", "-m", "zoo:mlp2?dept=2"], "takes no parameter 'dept' (its parameters are seed, weights)"),
+    (["extract", "-m", "zoo:mlp2?dept=2"], "takes no parameter 'dept' (its parameters are seed, weights, steps, teacher)"),
     (["extract", "-m", "tests.fault_fixtures:flagged?flg=false"], "takes no parameter 'flg'; did you mean: flag?"),
     (["extract", "-m", "tests.extract_fixtures:block_net", "--random-init"], "has no 'weights' parameter"),
     (["extract", "-m", A, "--order-seed", "-1"], "--order-seed -1 is not a non-negative integer"),
