@@ -90,19 +90,20 @@ class ChunkWriter:
 
     def close(self) -> None:
         """Wait until every queued chunk is written; raise the first error."""
-        self._stop()
+        self._stop(drop=False)
         self._raise_error()
 
     def abort(self) -> None:
         """Stop without writing what is still queued (after an error in the forward loop)."""
         self.error = self.error or _Aborted()
         self._drain()
-        self._stop()
+        self._stop(drop=True)
 
-    def _stop(self) -> None:
-        """Send every writer thread its stop signal, join them, close the progress bar."""
+    def _stop(self, drop: bool) -> None:
+        """Send every writer thread its stop signal (behind the queued chunks, or dropping them),
+        join them, close the progress bar."""
         for _ in self.threads:
-            self._put_stop()
+            self._put_stop(drop)
         for thread in self.threads:
             thread.join()
         if self.progress is not None:
@@ -137,13 +138,14 @@ class ChunkWriter:
                 rate = self.written_bytes / max(self.progress.elapsed(), 1e-9) / 1e6
             self.progress.update(rows, f"{rate:.1f} MB/s")
 
-    def _put_stop(self) -> None:
+    def _put_stop(self, drop: bool) -> None:
         while True:
             try:
                 self.queue.put(None, timeout=0.1)
                 return
             except queue.Full:
-                self._drain()
+                if drop:
+                    self._drain()
 
     def _drain(self) -> None:
         try:
