@@ -19,9 +19,15 @@ from ckapipe.analyze.results import Results, load_results  # noqa: E402
 
 
 def plot_results(results_or_path, out_dir=None, **options):
-    """Heatmaps and per-minibatch CKA views; see ``ckapipe.analyze.plots.plot_results``."""
+    """Heatmaps and per-minibatch CKA views (``ckapipe.analyze.plots.plot_results``); for results
+    that keep a study's view (an ensemble, a teacher and students: ``ckapipe.analyze.views``),
+    that view's figures, unless ``pair`` or ``layers`` ask for one pair's."""
     from ckapipe.analyze.plots import plot_results as _plot
+    from ckapipe.analyze.views import plot_view, read_view
 
+    path = results_or_path.path if isinstance(results_or_path, Results) else results_or_path
+    if path is not None and not (options.get("pair") or options.get("layers")) and read_view(path) is not None:
+        return plot_view(results_or_path, None, out_dir)
     return _plot(results_or_path, out_dir, **options)
 
 

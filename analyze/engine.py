@@ -18,7 +18,9 @@ is bounded by a few tasks' activations, whatever N is.
 from __future__ import annotations
 
 import math
+import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -32,9 +34,9 @@ from ckapipe.kernels import PRODUCTS, to_host
 from ckapipe.analyze.pairing import Pairing, analysis_batch_size, plan_pairing
 from ckapipe.analyze.results import Results, RunEntry, check_out, recorded_inputs, write_results
 from ckapipe.devices import resolve_device
-from ckapipe.errors import CkapipeError
+from ckapipe.errors import CkapipeError, StoreError
 from ckapipe.progress import Progress
-from ckapipe.store import Run, find_runs
+from ckapipe.store import Run, find_runs, open_run
 
 MINIBATCHES_PER_TASK = 4
 TASK_TRIANGLE_BYTES = 512 * 2**20  # a task's stacked Gram triangles stay under this (fewer minibatches if needed)
@@ -96,11 +98,12 @@ def plan_analysis(
 
 
 def resolve_runs(cache, runs: Sequence[str | Run]) -> list[Run]:
+    """The runs' stores at absolute paths: Dask workers need not share the client's directory."""
     if not runs:
         raise CkapipeError("name at least one run to analyse")
     if all(isinstance(r, Run) for r in runs):
-        return list(runs)
-    return find_runs(cache, [r.name if isinstance(r, Run) else r for r in runs])
+        return [r if r.path.is_absolute() else open_run(r.path.absolute()) for r in runs]
+    return find_runs(Path(cache).absolute(), [r.name if isinstance(r, Run) else r for r in runs])
 
 
 def per_task(m: int, runs: Sequence[Run], measures: Sequence[Measure] = (Measure(DEFAULT),)) -> int:
@@ -168,7 +171,8 @@ def group_measures(features: Sequence[dict], measures: Sequence[Measure], rankme
     return out
 
 
-def compute(plan: Plan, device: str = "cpu", scheduler=None, scheduler_file=None, progress=True) -> dict:
+def compute(plan: Plan, device: str = "cpu", scheduler=None, scheduler_file=None, progress=True,
+            no_workers_timeout=None) -> dict:
     """Run the plan's tasks on Dask; {measure name: (n_minibatches, L, L)} in minibatch order
     (and "rankme": (n_minibatches, L) when the plan asks for it).
 
@@ -195,7 +199,7 @@ def compute(plan: Plan, device: str = "cpu", scheduler=None, scheduler_file=None
         with single_threaded_blas(device == "cpu"):
             parts = _compute_threaded(tasks, progress)
     else:
-        parts = _compute_distributed(tasks, scheduler, scheduler_file, progress)
+        parts = _compute_distributed(tasks, scheduler, scheduler_file, progress, plan, no_workers_timeout)
     return {name: np.concatenate([part[name] for part in parts], axis=0) for name in parts[0]}
 
 
@@ -217,30 +221,129 @@ def _compute_threaded(tasks, progress):
         bar.close()
 
 
-def _compute_distributed(tasks, scheduler, scheduler_file, progress):
-    try:
-        from distributed import Client, as_completed
-    except ImportError:
-        raise CkapipeError("a Dask cluster needs the distributed package: pip install 'ckapipe[cluster]'") from None
-    if hasattr(scheduler, "compute"):  # a Client given by the caller
-        client, own = scheduler, False
-    else:
-        try:
-            client = Client(scheduler_file=scheduler_file) if scheduler_file else Client(scheduler, timeout="30s")
-        except (OSError, TimeoutError, ValueError) as err:
-            where = scheduler_file or scheduler
-            raise CkapipeError(f"cannot connect to the Dask scheduler {where}: {err}") from None
-        own = True
+def _compute_distributed(tasks, scheduler, scheduler_file, progress, plan: Plan, no_workers_timeout=None):
+    """The tasks on a Dask cluster. Every way a cluster can fail ends in one CkapipeError:
+    a worker that cannot see a store (named), a task whose workers kept dying
+    (``KilledWorker``: named, with the worker), no worker for ``no_workers_timeout``."""
+    timeout = _no_workers_timeout(no_workers_timeout)
+    client, own = _client(scheduler, scheduler_file)
+    stores = [str(run.path) for run in plan.runs]
     bar = _bar(len(tasks), progress)
+    futures = []
     try:
+        _check_workers_see(client, stores)
         futures = client.compute(tasks)
-        for _ in as_completed(futures):
+        for future in _as_completed(client, futures, timeout, scheduler_file or scheduler):
+            if future.status == "error":
+                _raise_task_error(client, future, plan, stores)
             bar.update(1)
         return client.gather(futures)
     finally:
         bar.close()
         if own:
             client.close()
+        else:
+            client.cancel(futures)
+
+
+def _client(scheduler, scheduler_file):
+    """(client, whether we own it): a Client given by the caller, or one connected here."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise CkapipeError("a Dask cluster needs the distributed package: pip install 'ckapipe[cluster]'") from None
+    if hasattr(scheduler, "compute"):
+        return scheduler, False
+    try:
+        client = Client(scheduler_file=str(scheduler_file)) if scheduler_file else Client(scheduler, timeout="30s")
+    except (OSError, TimeoutError, ValueError) as err:
+        raise CkapipeError(f"cannot connect to the Dask scheduler {scheduler_file or scheduler}: {err}") from None
+    return client, True
+
+
+NO_WORKERS_TIMEOUT = "60s"  # default of the Dask config key ckapipe.no-workers-timeout
+WATCH_SECONDS = 1.0  # how often a waiting analysis asks the scheduler for its workers
+
+
+def _no_workers_timeout(value=None) -> float:
+    """Seconds an analysis waits without any Dask worker: ``value``, else the Dask config key
+    ``ckapipe.no-workers-timeout`` (env ``DASK_CKAPIPE__NO_WORKERS_TIMEOUT``), else 60 s."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    value = value if value is not None else dask.config.get("ckapipe.no-workers-timeout", NO_WORKERS_TIMEOUT)
+    try:
+        return float(parse_timedelta(value, default="s"))
+    except (TypeError, ValueError, KeyError):
+        raise CkapipeError(f"no-workers timeout {value!r} is not a duration such as 60, 90s or 10m") from None
+
+
+def _as_completed(client, futures, timeout: float, where):
+    """Yield the futures as they finish; stop with one line when the scheduler has had no worker
+    for ``timeout`` seconds (its tasks would wait for ever)."""
+    from distributed import wait
+
+    pending, alone_since = set(futures), None
+    while pending:
+        try:
+            done, pending = wait(pending, timeout=WATCH_SECONDS, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            done = ()
+        yield from done
+        if done or client.nthreads():
+            alone_since = None
+        elif alone_since is None:
+            alone_since = time.monotonic()
+        elif time.monotonic() - alone_since > timeout:
+            raise CkapipeError(
+                f"the Dask scheduler {where} has had no worker for {timeout:.0f} s: analysis stopped with "
+                f"{len(pending)} of {len(futures)} tasks left; start workers and run it again, or wait longer "
+                f"(Dask config ckapipe.no-workers-timeout, e.g. DASK_CKAPIPE__NO_WORKERS_TIMEOUT=10m)")
+
+
+def _raise_task_error(client, future, plan: Plan, stores) -> None:
+    """A failed task's error as one line where it is the cluster's doing; else the task's own error."""
+    from distributed import KilledWorker
+
+    err = future.exception()
+    if isinstance(err, KilledWorker):
+        n = err.allowed_failures
+        died = (f"the worker running it ({err.last_worker.address}) died" if n == 0 else
+                f"the {n + 1} workers that ran it died, the last one {err.last_worker.address}")
+        raise CkapipeError(
+            f"Dask task {err.task} ({task_label(plan, err.task)}) failed: {died}, and "
+            f"distributed.scheduler.allowed-failures is {n}; the workers' logs say why they died "
+            f"(memory limit, killed)") from None
+    if isinstance(err, (OSError, CkapipeError)):
+        _check_workers_see(client, stores)  # a worker that joined later and cannot see a store
+    future.result()  # the task's own error, with its traceback
+
+
+def task_label(plan: Plan, key) -> str:
+    """What a task key of ``compute`` stands for: its run and minibatches."""
+    parts = str(key).rsplit("-", 2) if str(key).startswith("features-") else str(key).rsplit("-", 1)
+    try:
+        ks = plan.tasks[int(parts[1])]
+        span = f"minibatches {ks[0]}-{ks[-1]}"
+        return f"Grams of run {plan.runs[int(parts[2])].name}, {span}" if len(parts) == 3 else f"HSIC of {span}"
+    except (IndexError, ValueError):
+        return "an analysis task"
+
+
+def _check_workers_see(client, stores) -> None:
+    """Every worker can open every run store, or a StoreError naming the first worker that cannot."""
+    seen = client.run(_unseen_stores, stores, on_error="ignore")
+    for worker, (host, unseen) in sorted(seen.items()):
+        if unseen:
+            more = f" (and {len(unseen) - 1} more)" if len(unseen) > 1 else ""
+            raise StoreError(
+                f"Dask worker {worker} on host {host} cannot see run store {unseen[0]}{more}: run the workers "
+                f"where the cache is at the same path (a filesystem shared by every node)")
+
+
+def _unseen_stores(stores) -> tuple[str, list[str]]:
+    """On a worker: its host name, and the stores it cannot see."""
+    return socket.gethostname(), [s for s in stores if not (Path(s) / "zarr.json").is_file()]
 
 
 def _bar(total, progress):
@@ -262,7 +365,7 @@ def array_namespace(device: str):
 def analyze(
     cache, runs, *, out=None, pair_by_position=False, batch_size=None, device="auto", scheduler=None,
     scheduler_file=None, completed_only=False, overwrite=False, use_gram_cache=True, progress=True,
-    precision="float64", measures=DEFAULT, rankme=False,
+    precision="float64", measures=DEFAULT, rankme=False, no_workers_timeout=None,
 ) -> Results:
     """Minibatch CKA of every pair of layers of the named runs (each run with itself too).
 
@@ -273,7 +376,9 @@ def analyze(
     products on CPUs, about 1e-9 off in CKA; such Grams are not cached.
     ``measures``: ``"linear,rbf:0.5,mutual_knn:10"`` or a list (``analyze.measures``); the
     first is ``results.cka``, every one is ``results.cka(a, b, measure=...)``. ``rankme``:
-    the minibatch RankMe of every layer too (``results.rankme``).
+    the minibatch RankMe of every layer too (``results.rankme``). On a Dask cluster
+    (``scheduler``: address or Client; ``scheduler_file``) the analysis stops after
+    ``no_workers_timeout`` without workers (default: Dask config ``ckapipe.no-workers-timeout``, 60 s).
     """
     if out is not None:
         check_out(out, overwrite)
@@ -285,7 +390,7 @@ def analyze(
     if progress:
         for note in plan.pairing.notes:
             print(f"ckapipe: note: {note}", file=sys.stderr)
-    computed = compute(plan, resolve_device(device, "cupy"), scheduler, scheduler_file, progress)
+    computed = compute(plan, resolve_device(device, "cupy"), scheduler, scheduler_file, progress, no_workers_timeout)
     entries = [RunEntry(r.name, r.slug, r.key, tuple(r.layer_names), str(r.path)) for r in plan.runs]
     names = [measure.name for measure in plan.measures]
     results = Results(entries, computed[names[0]], np.asarray(plan.pairing.minibatches), plan.inputs,

@@ -26,6 +26,7 @@ def run_study(
     dask_cluster: str | None = None,
     dask_workers: int | None = None,
     wait: bool = False,
+    force: bool = False,
     progress: bool = True,
     say: Callable[[str], None] = print,
 ):
@@ -34,8 +35,9 @@ def run_study(
     In this process it returns the analysis results by comparison name (empty
     for the extract stage). With ``slurm`` it submits the jobs (or, with
     ``dry_run``, prints their scripts) and returns the submitted job ids;
-    ``wait`` blocks until they leave the queue. ``cache`` and ``results``
-    override the file's directories; ``tasks`` picks extraction tasks by index.
+    ``wait`` blocks until they leave the queue; a study whose jobs are still
+    queued is refused unless ``force``. ``cache`` and ``results`` override the
+    file's directories; ``tasks`` picks extraction tasks by index.
     """
     if stage not in STAGES:
         raise PipelineError(f"unknown stage {stage!r}: choose {', '.join(STAGES)}")
@@ -45,7 +47,7 @@ def run_study(
     if slurm:
         return submit_study(study, stage, tasks=tasks, slurm_options=slurm_options or {}, scheduler=scheduler,
                             scheduler_file=scheduler_file, dask_cluster=dask_cluster, dask_workers=dask_workers,
-                            dry_run=dry_run, wait=wait, say=say)
+                            dry_run=dry_run, wait=wait, force=force, say=say)
     return run_here(study, stage, tasks=tasks, scheduler=scheduler, scheduler_file=scheduler_file,
                     dask_cluster=dask_cluster, dask_workers=dask_workers, progress=progress, say=say)
 
@@ -63,7 +65,7 @@ def run_here(study: Study, stage: str, *, tasks, scheduler, scheduler_file, dask
 
 
 def submit_study(study: Study, stage: str, *, tasks, slurm_options, scheduler, scheduler_file, dask_cluster,
-                 dask_workers, dry_run, wait, say) -> list:
+                 dask_workers, dry_run, wait, force=False, say) -> list:
     from ckapipe.pipelines import slurm
 
     dask_args = slurm.analysis_dask_args(study, scheduler, scheduler_file, dask_cluster, dask_workers)
@@ -74,6 +76,8 @@ def submit_study(study: Study, stage: str, *, tasks, slurm_options, scheduler, s
     if not jobs:
         say(f"nothing to submit for stage {stage}: no unfinished extraction task, no comparison to analyze")
         return []
+    if not force:
+        slurm.refuse_if_queued(study)
     submitted = slurm.submit_jobs(jobs, say=say)
     if wait and submitted:
         states = slurm.wait_for_jobs([s.job_id for s in submitted])

@@ -32,6 +32,7 @@ def parse_tasks(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--slurm", is_flag=True, help="Submit the stages as SLURM jobs instead of running them here.")
 @click.option("--dry-run", is_flag=True, help="With --slurm: print the job scripts instead of submitting them.")
 @click.option("--wait", is_flag=True, help="With --slurm: wait until the jobs have finished.")
+@click.option("--force", is_flag=True, help="With --slurm: submit even while the study's jobs are still queued.")
 @click.option("--task", "--tasks", "tasks", callback=parse_tasks, default=None, metavar="LIST",
               help="Extraction tasks by index (1,4-6): run them here, or with --slurm resubmit them.")
 @click.option("--partition", default=None, help="SLURM partition (-p).")
@@ -48,7 +49,7 @@ def parse_tasks(ctx, param, value: str | None) -> list[int] | None:
               help="Start a Dask cluster for the analysis (default: the pipeline's dask.cluster).")
 @click.option("--dask-workers", type=int, default=None, help="Workers of the started Dask cluster.")
 @quiet_option
-def run(pipeline, stage, cache, results, slurm, dry_run, wait, tasks, partition, account, time_limit, mem, gres,
+def run(pipeline, stage, cache, results, slurm, dry_run, wait, force, tasks, partition, account, time_limit, mem, gres,
         cpus_per_task, extra, scheduler, scheduler_file, dask_cluster, dask_workers, quiet):
     """Run the study in PIPELINE (a YAML file): extract its runs, then analyze its comparisons.
 
@@ -61,11 +62,11 @@ def run(pipeline, stage, cache, results, slurm, dry_run, wait, tasks, partition,
       ckapipe run study.yaml --slurm --dry-run
       ckapipe run study.yaml --slurm --partition gpu --gres gpu:1 --time 04:00:00
     """
-    if (dry_run or wait) and not slurm:
-        raise click.UsageError(f"--{'dry-run' if dry_run else 'wait'} goes with --slurm")
+    if (dry_run or wait or force) and not slurm:
+        raise click.UsageError(f"--{'dry-run' if dry_run else 'wait' if wait else 'force'} goes with --slurm")
     slurm_options = {"partition": partition, "account": account, "time": time_limit, "mem": mem, "gres": gres,
                      "cpus_per_task": cpus_per_task, "extra": list(extra)}
     run_study(pipeline, stage, cache=cache, results=results, slurm=slurm, dry_run=dry_run, tasks=tasks,
               slurm_options=slurm_options, scheduler=scheduler, scheduler_file=scheduler_file,
-              dask_cluster=dask_cluster, dask_workers=dask_workers, wait=wait, progress=not quiet,
+              dask_cluster=dask_cluster, dask_workers=dask_workers, wait=wait, force=force, progress=not quiet,
               say=(lambda line: None) if quiet else click.echo)

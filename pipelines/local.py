@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ckapipe.analyze.views import VIEW_FILE, EnsembleView, TeacherView, check_view, plot_view, read_view, write_view
+from ckapipe.errors import CkapipeError, PipelineError
 from ckapipe.pipelines.dask_cluster import dask_scheduler
 from ckapipe.pipelines.manifest import record_store, store_names
 from ckapipe.pipelines.report import write_study_report
-from ckapipe.errors import PipelineError
-from ckapipe.pipelines.study import Comparison, RunConfig, Study
+from ckapipe.pipelines.study import Comparison, Study
+from ckapipe.store import open_run
 
 Say = Callable[[str], None]
 
@@ -84,53 +86,104 @@ def analysis_options(study: Study, comparison: Comparison) -> dict:
     return options
 
 
-def analyze_comparison(study: Study, comparison: Comparison, *, scheduler=None, scheduler_file=None,
-                       progress: bool = True, say: Say = print):
-    """Analyze one comparison unless its results are up to date; plot it. Returns the results."""
+def analyze_comparison(study: Study, comparison: Comparison, stores: dict[str, str], *, scheduler=None,
+                       scheduler_file=None, no_workers_timeout=None, progress: bool = True, say: Say = print):
+    """Analyze one comparison unless its results are up to date; draw it. Returns the results.
+
+    ``stores``: the store of each of its runs (``manifest.store_names``)."""
     import ckapipe.analyze as stage
 
     out = study.comparison_dir(comparison)
-    runs = store_names(study, list(comparison.runs))
+    runs = [stores[name] for name in comparison.runs]
     options = analysis_options(study, comparison)
+    view = comparison_view(comparison, stores)
     if stage.is_up_to_date(out, study.cache, runs, **options):
         say(f"analyze {comparison.name}: up to date ({out})")
-        return stage.load_results(out)
+        results = stage.load_results(out)
+        if view is not None and read_view(out) != view:
+            draw(results, view, out)
+        return results
     say(f"analyze {comparison.name}: {', '.join(comparison.runs)}")
     results = stage.analyze(study.cache, runs, out=out, overwrite=True, scheduler=scheduler,
-                            scheduler_file=scheduler_file, progress=progress, **options)
+                            scheduler_file=scheduler_file, no_workers_timeout=no_workers_timeout,
+                            progress=progress, **options)
     if comparison.trajectory is not None:
-        trajectory_figures(study, comparison, results, progress)
+        trajectory_figures(study, comparison, results, stores, progress)
     else:
-        stage.plot_results(results, out_dir=out)
+        draw(results, view, out)
     return results
 
 
-def trajectory_figures(study: Study, comparison: Comparison, results, progress: bool = True) -> list[Path]:
+def trajectory_figures(study: Study, comparison: Comparison, results, stores: dict[str, str],
+                       progress: bool = True) -> list[Path]:
     """trajectory.csv and the step plots of a trajectory comparison (analyze.trajectory), beside its results."""
     from ckapipe.analyze.trajectory import plot_trajectory, trajectory_view
 
     trajectory = comparison.trajectory
-    names = dict(zip(comparison.runs, store_names(study, list(comparison.runs))))
-    series = {label: [(step, names[run]) for step, run in points] for label, points in trajectory.series}
-    reference = names[trajectory.reference] if trajectory.reference else None
+    series = {label: [(step, stores[run]) for step, run in points] for label, points in trajectory.series}
+    reference = stores[trajectory.reference] if trajectory.reference else None
     view = trajectory_view(results, series, reference, rankme=trajectory.rankme, cache=study.cache, progress=progress)
     out = study.comparison_dir(comparison)
     (out / "trajectory.csv").write_text(view.to_csv())
     return plot_trajectory(view, out / "plots")
 
 
+def comparison_view(comparison: Comparison, stores: dict[str, str]):
+    """The view a comparison's kind asks for, its runs named by store; None for runs and pairs."""
+    runs = {name: stores[name] for name in comparison.runs}
+    if comparison.kind == "ensemble":
+        return EnsembleView(members=comparison.runs, layers=comparison.layers, runs=runs)
+    if comparison.kind == "teacher":
+        return TeacherView(teacher=comparison.runs[0], students=comparison.runs[1:], layers=comparison.layers or (),
+                           runs=runs)
+    return None
+
+
+def draw(results, view, out: Path) -> None:
+    """The figures the comparison asks for: its view's, or every pair's heatmap for runs and pairs."""
+    import ckapipe.analyze as stage
+
+    if view is None:
+        (out / VIEW_FILE).unlink(missing_ok=True)
+        stage.plot_results(results, out_dir=out)
+        return
+    write_view(view, out)
+    plot_view(results, view, out)
+
+
+def check_layers(study: Study, comparison: Comparison, stores: dict[str, str]) -> None:
+    """The layers a comparison names exist in its runs' stores: said before any analysis starts."""
+    view = comparison_view(comparison, stores)
+    if view is None:
+        return
+    try:
+        check_view(view, lambda name: open_run(study.cache / stores[name]).layer_names)
+    except CkapipeError as err:
+        raise PipelineError(f"{study.path}: comparisons.{comparison.name}.layers: {err}") from None
+
+
 def analyze_stage(study: Study, *, scheduler: str | None = None, scheduler_file: str | None = None,
                   workers: int | None = None, cluster: str | None = None, progress: bool = True,
                   say: Say = print) -> dict:
-    """Analyze every comparison of the study on the Dask cluster it asks for; write the study table."""
+    """Analyze every comparison of the study on the Dask cluster it asks for; write the study table.
+
+    Every run's store and every named layer is found before a cluster is started."""
     if not study.comparisons:
         say("no comparisons in the study: nothing to analyze")
         return {}
+    stores = study_stores(study)
+    for name, comparison in study.comparisons.items():
+        check_layers(study, comparison, stores[name])
     with dask_scheduler(study.dask, scheduler=scheduler, scheduler_file=scheduler_file,
                         workers=workers, cluster=cluster, job=study.job_settings("analyze"),
                         log_directory=str(study.slurm_logs), say=say) as target:
-        results = {name: analyze_comparison(study, comparison, progress=progress, say=say, **target)
+        results = {name: analyze_comparison(study, comparison, stores[name], progress=progress, say=say, **target)
                    for name, comparison in study.comparisons.items()}
-    say(write_study_report(study, results).rstrip())
+    say(write_study_report(study, results, stores).rstrip())
     say(f"results: {study.results}/ (summary.csv, summary.txt, one directory per comparison)")
     return results
+
+
+def study_stores(study: Study, record: bool = True) -> dict[str, dict[str, str]]:
+    """Comparison -> {run: store} for every comparison of the study (or the error naming what is missing)."""
+    return {name: dict(zip(c.runs, store_names(study, list(c.runs), record))) for name, c in study.comparisons.items()}

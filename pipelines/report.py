@@ -15,15 +15,17 @@ import io
 from ckapipe.pipelines.study import Study
 
 
-def study_rows(study: Study, results: dict) -> list[dict]:
-    """One row per layer of run a for every pair a comparison is about."""
+def study_rows(study: Study, results: dict, stores: dict) -> list[dict]:
+    """One row per layer of run a for every pair a comparison is about; ``stores``: comparison ->
+    {run: store}, how the results name the study's runs (a run cached under another name is an alias)."""
     rows = []
     for name, comparison in study.comparisons.items():
-        res = results[name]
+        res, store = results[name], stores[name]
         for a, b in comparison.pairs:
-            matrix = res.cka(a, b)
-            ranks = (res.layer_rankme(a), dict(zip(res.layer_names(b), res.layer_rankme(b)))) if res.rankme is not None else None
-            for i, (layer_a, best, value) in enumerate(res.best_matches(a, b)):
+            matrix = res.cka(store[a], store[b])
+            ranks = ((res.layer_rankme(store[a]), dict(zip(res.layer_names(store[b]), res.layer_rankme(store[b]))))
+                     if res.rankme is not None else None)
+            for i, (layer_a, best, value) in enumerate(res.best_matches(store[a], store[b])):
                 same = matrix[i, i] if i < matrix.shape[1] else float("nan")
                 rows.append({"comparison": name, "run_a": a, "layer_a": layer_a, "run_b": b,
                              "best_layer_b": best, "cka": value, "cka_same_position": float(same)})
@@ -32,9 +34,9 @@ def study_rows(study: Study, results: dict) -> list[dict]:
     return rows
 
 
-def write_study_report(study: Study, results: dict) -> str:
+def write_study_report(study: Study, results: dict, stores: dict) -> str:
     """Write summary.csv and summary.txt into the study's results directory; return the text."""
-    rows = study_rows(study, results)
+    rows = study_rows(study, results, stores)
     study.results.mkdir(parents=True, exist_ok=True)
     (study.results / "summary.csv").write_text(rows_to_csv(rows))
     text = rows_to_text(rows)

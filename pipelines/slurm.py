@@ -13,6 +13,10 @@
   on dask-jobqueue's SLURMCluster or an existing scheduler, as the pipeline's
   ``dask`` section or the command line says.
 
+A study whose jobs are still in the queue (looked up with ``squeue`` by the
+jobs' names, and kept when their script is this study's) is not submitted
+again unless forced: a second array would extract into the same stores.
+
 The jobs run this installation's ``ckapipe`` (its absolute path), in the
 directory ``ckapipe run --slurm`` was started from, with the cache and results
 at absolute paths: they must lie on a filesystem the compute nodes share.
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ckapipe.pipelines.local import ExtractTask, extract_tasks
+from ckapipe.pipelines.local import ExtractTask, extract_tasks, study_stores
 from ckapipe.pipelines.manifest import recorded_store
 from ckapipe.errors import PipelineError, StoreError
 from ckapipe.pipelines.study import Study
@@ -98,8 +102,12 @@ def run_command(study: Study, stage: str, extra: list[str], shell_tail: str = ""
     return f"{ckapipe_command()} run {' '.join(shlex.quote(a) for a in args)}{shell_tail}"
 
 
+def job_name(study: Study, kind: str) -> str:
+    return f"ckapipe-{kind}-{study.name}"
+
+
 def script_text(study: Study, name: str, settings: dict, header: list[str], command: str) -> str:
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=ckapipe-{name}-{study.name}", *header, *directives(settings),
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name(study, name)}", *header, *directives(settings),
              "", "# written by `ckapipe run --slurm`; resubmitting the study resubmits what did not finish",
              "set -euo pipefail",
              "export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-1}  # also for Dask worker processes (ckapipe.cli.one_malloc_arena)",
@@ -193,8 +201,39 @@ def plan_jobs(study: Study, stage: str, *, tasks: list[int] | None = None, overr
         if todo:
             jobs.append(extract_script(study, todo, overrides))
     if stage in ("analyze", "all") and study.comparisons:
+        if not jobs:
+            study_stores(study, record=False)  # no extraction before it: a run the job would not find is said now
         jobs.append(analyze_script(study, overrides, dask_args or []))
     return jobs
+
+
+def queued_jobs(study: Study) -> list[tuple[str, str, str]]:
+    """(job id, name, state) of the study's jobs in the SLURM queue: ``squeue`` by the jobs' names,
+    kept when their batch script is this study's (another results directory is another study)."""
+    names = ",".join(job_name(study, kind) for kind in ("extract", "analyze"))
+    try:
+        proc = subprocess.run(["squeue", "-h", "--name", names, "-o", "%F|%j|%T|%o"], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise PipelineError("squeue not found: --slurm needs a SLURM cluster (or use --dry-run to see the scripts)") from None
+    if proc.returncode != 0:
+        raise PipelineError(f"squeue failed: {(proc.stderr or proc.stdout).strip() or proc.returncode}")
+    jobs = {}
+    for line in proc.stdout.splitlines():
+        job_id, name, state, command = (line.split("|") + ["", "", ""])[:4]
+        if Path(command).parent == script_dir(study):
+            jobs.setdefault(job_id, (job_id, name, state))
+    return sorted(jobs.values(), key=lambda job: (len(job[0]), job[0]))  # in submission order
+
+
+def refuse_if_queued(study: Study) -> None:
+    """A one-line error naming the study's queued jobs, if any."""
+    jobs = queued_jobs(study)
+    if jobs:
+        ids = [job_id for job_id, _, _ in jobs]
+        listed = ", ".join(f"{job_id} ({name}, {state})" for job_id, name, state in jobs)
+        raise PipelineError(f"study {study.name} still has jobs in the SLURM queue: {listed}; wait for them "
+                            f"(squeue -j {','.join(ids)}), cancel them (scancel {' '.join(ids)}), or submit "
+                            f"again anyway with --force")
 
 
 def submit_jobs(jobs: list[JobScript], say: Callable[[str], None] = print) -> list[Submitted]:

@@ -17,15 +17,17 @@ The schema (every section but ``runs`` is optional)::
     runs:      {RUN: MODEL-SPEC | {model: SPEC, <any extract key>}}
     comparisons:
       NAME: {runs: [RUN, ...] | all}                      # all pairs among them
-      NAME: {teacher: RUN, students: [RUN, ...]}
-      NAME: {ensemble: [RUN, ...]}                        # every member vs every other
+      NAME: {teacher: RUN, students: [RUN, ...],
+             layers: [LAYER | [TEACHER-LAYER, STUDENT-LAYER], ...]}  # per-minibatch views of these
+      NAME: {ensemble: [RUN, ...],                        # every member vs every other
+             layers: [LAYER, ...] | {RUN: [LAYER, ...]}}  # matched layers (default: relative depth)
       NAME: {pairs: [[RUN, RUN], ...]}
       NAME: {trajectory: {checkpoints: [SPEC] | {SERIES: SPEC, ...},   # SPEC holds {step}
                           steps: [1, 5, ...], reference: RUN, arch: SPEC, rankme: minibatch|full|none}}
             # + optional: pair_by_position, batch_size, measures: [linear, rbf:0.5, ...]
     analyze:   {batch_size, device, completed_only, use_gram_cache, measures}
     dask:      {scheduler, scheduler_file, cluster: threads|local|slurm, workers,
-                threads_per_worker}
+                threads_per_worker, dashboard: ADDRESS, no_workers_timeout: SECONDS}
     slurm:     {partition, account, time, mem, gres, cpus_per_task, extra: [...],
                 setup: [...], tasks_per_run, analyze: {same keys}}
 
@@ -105,7 +107,12 @@ class Trajectory:
 
 @dataclass(frozen=True)
 class Comparison:
-    """One analysis: the runs it reads, and the pairs it is about."""
+    """One analysis: the runs it reads, the pairs it is about, and the question its kind asks.
+
+    ``layers``: for an ensemble, the matched layers of each member ({run: (layer, ...)},
+    shallow to deep; None: matched by relative depth); for a teacher (``runs[0]``) and
+    its students, the (teacher layer, student layer) pairs of the per-minibatch views.
+    """
 
     name: str
     runs: tuple[str, ...]
@@ -115,6 +122,8 @@ class Comparison:
     measures: tuple[str, ...] | None = None
     trajectory: Trajectory | None = None
     new_runs: tuple[RunConfig, ...] = ()  # the trajectory's checkpoint runs
+    kind: str = "runs"  # runs, teacher, ensemble, pairs or trajectory
+    layers: Any = None
 
 
 @dataclass(frozen=True)
@@ -164,7 +173,7 @@ TRAJECTORY_KEYS = {"checkpoints": (list, dict), "steps": list, "reference": str,
 RANKME_CHOICES = ("minibatch", "full", "none")
 DASK_KEYS = {
     "scheduler": (str, type(None)), "scheduler_file": (str, type(None)), "cluster": str,
-    "workers": int, "threads_per_worker": int,
+    "workers": int, "threads_per_worker": int, "dashboard": (str, bool), "no_workers_timeout": (int, float, str),
 }
 DASK_CLUSTERS = ("threads", "local", "slurm")
 SLURM_JOB_KEYS = {
@@ -376,7 +385,8 @@ def load_comparison(source: Source, name: str, node: yaml.Node, runs: dict[str, 
     if not RUN_NAME.match(name):
         raise source.error(node, where, "a comparison name may hold letters, digits and _ . + @ = - only")
     schema = {"runs": (list, str), "teacher": str, "students": list, "ensemble": list, "pairs": list,
-              "trajectory": dict, "pair_by_position": bool, "batch_size": int, "measures": list}
+              "trajectory": dict, "pair_by_position": bool, "batch_size": int, "measures": list,
+              "layers": (list, dict)}
     items = source.mapping(node, where, schema)
     kinds = [k for k in KINDS if k in items]
     if len(kinds) != 1:
@@ -386,6 +396,8 @@ def load_comparison(source: Source, name: str, node: yaml.Node, runs: dict[str, 
     kind = kinds[0]
     if "students" in items and kind != "teacher":
         raise source.error(items["students"][0], f"{where}.students", "students need a teacher")
+    if "layers" in items and kind not in ("teacher", "ensemble"):
+        raise source.error(items["layers"][0], f"{where}.layers", "layers go with an ensemble or a teacher")
     if kind == "runs":
         members, pairs = load_run_set(source, items["runs"][1], f"{where}.runs", runs, run_name)
     elif kind == "ensemble":
@@ -398,13 +410,59 @@ def load_comparison(source: Source, name: str, node: yaml.Node, runs: dict[str, 
         members, pairs = trajectory_pairs(trajectory)
     else:
         members, pairs = load_pairs(source, items["pairs"][1], f"{where}.pairs", run_name)
+    layers = None
+    if "layers" in items:
+        load = load_member_layers if kind == "ensemble" else load_layer_pairs
+        layers = load(source, items["layers"][1], f"{where}.layers", members)
     options = source.section({k: v for k, v in items.items() if k in ("pair_by_position", "batch_size")},
                              where, schema)
     if "measures" in items:
         options["measures"] = load_measures(source, items["measures"][1], f"{where}.measures")
     if kind == "trajectory":
         options.update(trajectory=trajectory, new_runs=tuple(new_runs))
-    return Comparison(name=name, runs=tuple(members), pairs=tuple(pairs), **options)
+    return Comparison(name=name, runs=tuple(members), pairs=tuple(pairs), kind=kind, layers=layers, **options)
+
+
+def load_member_layers(source, node, where, members) -> dict[str, tuple[str, ...]]:
+    """An ensemble's matched layers: one list for every member, or one list per member, of one length."""
+    if isinstance(node, yaml.SequenceNode):
+        layers = tuple(non_empty(source, node, where))
+        return {member: layers for member in members}
+    items = source.mapping(node, where, {member: list for member in members})
+    missing = [m for m in members if m not in items]
+    if missing:
+        raise source.error(node, where, f"no layers for {', '.join(missing)}: name the matched layers of every member")
+    out = {m: tuple(non_empty(source, items[m][1], f"{where}.{m}")) for m in members}
+    lengths = {len(v) for v in out.values()}
+    if len(lengths) > 1:
+        counts = ", ".join(f"{m}: {len(v)}" for m, v in out.items())
+        raise source.error(node, where, f"every member needs as many matched layers ({counts})")
+    return out
+
+
+def load_layer_pairs(source, node, where, members) -> tuple[tuple[str, str], ...]:
+    """Teacher/student layer pairs: ``LAYER`` (the same name in both) or ``[TEACHER-LAYER, STUDENT-LAYER]``."""
+    pairs = []
+    for i, item in enumerate(source_items(source, node, where)):
+        here = f"{where}[{i}]"
+        if isinstance(item, yaml.SequenceNode):
+            pair = source.strings(item, here)
+            if len(pair) != 2:
+                raise source.error(item, here, f"a layer pair names a teacher layer and a student layer, got {len(pair)}")
+            pairs.append(tuple(pair))
+        else:
+            layer = source.typed(item, here, str)
+            pairs.append((layer, layer))
+    if not pairs:
+        raise source.error(node, where, "empty: name at least one layer")
+    return tuple(pairs)
+
+
+def non_empty(source, node, where) -> list[str]:
+    layers = source.strings(node, where)
+    if not layers:
+        raise source.error(node, where, "empty: name at least one layer")
+    return layers
 
 
 def load_measures(source: Source, node: yaml.Node, where: str) -> tuple[str, ...]:
@@ -557,6 +615,15 @@ def load_dask(source: Source, entry) -> dict:
     if dask.get("cluster", "threads") not in DASK_CLUSTERS:
         node = source.mapping(entry[1], "dask", DASK_KEYS)["cluster"][1]
         raise source.error(node, "dask.cluster", f"{dask['cluster']!r} is not one of {', '.join(DASK_CLUSTERS)}")
+    if "no_workers_timeout" in dask:
+        from dask.utils import parse_timedelta
+
+        try:
+            parse_timedelta(dask["no_workers_timeout"], default="s")
+        except (TypeError, ValueError, KeyError):
+            node = source.mapping(entry[1], "dask", DASK_KEYS)["no_workers_timeout"][1]
+            raise source.error(node, "dask.no_workers_timeout",
+                               f"{dask['no_workers_timeout']!r} is not a duration such as 60, 90s or 10m") from None
     return dask
 
 
