@@ -138,12 +138,14 @@ class ChunkWriter:
             self.progress.update(rows, f"{rate:.1f} MB/s")
 
     def _put_stop(self) -> None:
+        """Queue a stop signal behind the chunks still queued; drop those only after an error."""
         while True:
             try:
                 self.queue.put(None, timeout=0.1)
                 return
             except queue.Full:
-                self._drain()
+                if self.error is not None:
+                    self._drain()
 
     def _drain(self) -> None:
         try:

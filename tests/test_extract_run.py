@@ -262,3 +262,16 @@ def test_gram_cache_rows_round_trip_by_minibatch(tmp_path):
     assert again.read([1, 3], into) is into
     np.testing.assert_array_equal(into, rows[1:])
     assert np.isnan(again.read([2])).all()
+
+
+def test_a_disk_slower_than_the_model_loses_no_chunk(zoo_cache, tmp_path, monkeypatch):
+    """The writers' queue fills while they write (a slow disk): closing waits for every queued chunk."""
+    real = store.Run.write_chunk
+
+    def slow_disk(self, k, arrays):
+        time.sleep(0.3)
+        real(self, k, arrays)
+
+    monkeypatch.setattr(store.Run, "write_chunk", slow_disk)
+    run = _extract(_cache(zoo_cache, tmp_path), limit=640)  # 10 minibatches: 2 in the writers, 4 queued, 4 waiting
+    assert run.status == store.COMPLETE and run.done().all()
