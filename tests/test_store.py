@@ -3,6 +3,8 @@ stores that are not ckapipe's, writer locks, names and aliases, and the Gram cac
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 import signal
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 import zarr
 
 from ckapipe import store
+from ckapipe.atomic import atomic_path, describe_os_error
 from ckapipe.errors import CkapipeError, StoreError
 from ckapipe.locks import lock_dir, writer_lock
 from tests import REPO
@@ -218,3 +221,61 @@ def test_a_run_too_small_for_a_gram_size(cache, layers):
     with pytest.raises(CkapipeError, match="at least 4"):
         run.grams(2, create=True)
     assert store.disk_size(run.path) > layers["l0"].nbytes // 4  # compressed, but there
+
+
+def test_a_lock_that_cannot_be_read_is_dead_and_one_from_another_host_is_alive(cache, layers):
+    run = make_run(cache, "net", layers, 16, chunks=[])
+    locks = lock_dir(run.path)
+    locks.mkdir(parents=True)
+    (locks / "0-2.lock").write_text("")  # a writer killed between creating its claim and writing it
+    with writer_lock(run.path, range(0, 2)):
+        pass
+    (locks / "0-2.lock").write_text("gpu-node-17 4242\n")  # we cannot look into another node's processes
+    with pytest.raises(StoreError, match=r"being extracted by another process \(gpu-node-17 4242\)"):
+        with writer_lock(run.path, range(1, 3)):
+            pass
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_a_write_that_fails_leaves_nothing_behind(tmp_path):
+    """ENOSPC from the kernel (/dev/full) inside the block: one line naming the path, no temporary left."""
+    target = tmp_path / "results"
+    with pytest.raises(StoreError, match=rf"cannot write {target}: the disk is full"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "part").write_text("half")
+            with open("/dev/full", "wb") as full:
+                full.write(b"x")
+                full.flush()
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_first_writer_wins_unless_replacing(tmp_path):
+    target = tmp_path / "store"
+    for text in ("first", "second"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "who").write_text(text)
+    assert (target / "who").read_text() == "first" and sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    with atomic_path(target, replace=True) as tmp:  # a directory is replaced whole
+        tmp.mkdir()
+        (tmp / "new").write_text("third")
+    assert [p.name for p in target.iterdir()] == ["new"] and sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    with atomic_path(tmp_path / "alias", replace=True) as tmp:
+        tmp.write_text("a")
+    with atomic_path(tmp_path / "alias", replace=True) as tmp:
+        tmp.write_text("b")
+    assert (tmp_path / "alias").read_text() == "b"
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "the file system is read-only"),
+                                         (errno.EACCES, "permission denied"), (errno.EIO, os.strerror(errno.EIO))])
+def test_file_system_errors_in_a_few_words(code, words):
+    assert describe_os_error(OSError(code, os.strerror(code))) == words
