@@ -85,13 +85,13 @@ def extras_missing() -> str | None:
 MISSING = {"slurm": slurm_missing, "gpu": gpu_missing, "extras": extras_missing}
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A failed slurm test reports the queue and the node as they are: a job stuck in PENDING says why."""
-    report = yield
+    outcome = yield
+    report = outcome.get_result()
     if report.failed and item.get_closest_marker("slurm") is not None and shutil.which("squeue"):
         report.sections.append(("SLURM state", slurm_state()))
-    return report
 
 
 def slurm_state() -> str:
