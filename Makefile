@@ -67,7 +67,7 @@ analyze: install
 submit: install
 	$(CKAPIPE) run $(PIPELINE) --slurm
 
-# Two environments; -rs prints the reason of every skip. The default one runs everything but
+# Two environments; -rfEs prints the reason of every skip (and names each failure and error). The default one runs everything but
 # the extras and gpu tests, so a skip there is always worth reading; in .venv-extras the extras
 # must import (CKAPIPE_REQUIRE_EXTRAS: a missing or broken torchvision fails, never skips).
 PYTEST_DEFAULT := -m "not extras and not gpu"
@@ -76,17 +76,17 @@ PYTEST_EXTRAS  := -m extras
 test: test-default test-extras
 
 test-default: install-test
-	$(PY) -m pytest -q -rs $(PYTEST_DEFAULT)
+	$(PY) -m pytest -q -rfEs $(PYTEST_DEFAULT)
 
 test-extras: install-extras
-	CKAPIPE_REQUIRE_EXTRAS=1 $(XPY) -m pytest -q -rs $(PYTEST_EXTRAS)
+	CKAPIPE_REQUIRE_EXTRAS=1 $(XPY) -m pytest -q -rfEs $(PYTEST_EXTRAS)
 
 # The same two runs under coverage (subprocesses too: [tool.coverage.run] patch = subprocess),
 # combined: the percentage per module.
 coverage: install-test install-extras
 	rm -f .coverage .coverage.*
-	COVERAGE_FILE=$(CURDIR)/.coverage $(PY) -m coverage run -m pytest -q -rs $(PYTEST_DEFAULT)
-	COVERAGE_FILE=$(CURDIR)/.coverage CKAPIPE_REQUIRE_EXTRAS=1 $(XPY) -m coverage run -m pytest -q -rs $(PYTEST_EXTRAS)
+	COVERAGE_FILE=$(CURDIR)/.coverage $(PY) -m coverage run -m pytest -q -rfEs $(PYTEST_DEFAULT)
+	COVERAGE_FILE=$(CURDIR)/.coverage CKAPIPE_REQUIRE_EXTRAS=1 $(XPY) -m coverage run -m pytest -q -rfEs $(PYTEST_EXTRAS)
 	$(PY) -m coverage combine -q
 	$(PY) -m coverage report
 

@@ -83,3 +83,20 @@ def test_a_cluster_started_for_the_analysis(default_study, local_results, tmp_pa
     out, lines = analyze_elsewhere(default_study, tmp_path, dask_cluster="local", dask_workers=2)
     assert any("LocalCluster, 2 worker processes" in line for line in lines), lines
     assert_same_results(local_results, out, study_pairs(default_study["study"]))
+
+
+def test_an_unknown_cluster_or_a_missing_package_is_one_line(monkeypatch):
+    from ckapipe.errors import PipelineError
+    from ckapipe.pipelines.dask_cluster import dask_scheduler
+
+    with pytest.raises(PipelineError, match=r"unknown Dask cluster 'k8s': choose threads, local or slurm"):
+        with dask_scheduler({}, cluster="k8s", say=lambda line: None):
+            pass
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # import fails as if not installed
+    with pytest.raises(PipelineError, match=r"dask.cluster: slurm needs dask-jobqueue: pip install 'ckapipe\[cluster\]'"):
+        with dask_scheduler({"cluster": "slurm"}, workers=1, say=lambda line: None):
+            pass
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(PipelineError, match=r"a Dask cluster needs distributed: pip install 'ckapipe\[cluster\]'"):
+        with dask_scheduler({"cluster": "local"}, workers=1, say=lambda line: None):
+            pass

@@ -307,3 +307,20 @@ def test_cuda_without_a_gpu_is_refused(zoo_cache, tmp_path):
     with pytest.raises(CkapipeError, match=r"unknown device 'gpu': use auto, cpu, cuda or cuda:i"):
         _extract(cache, device="gpu")
     assert not store.list_runs(tmp_path)  # refused before a store was created
+
+
+def test_ctrl_c_mid_extraction_exits_130_and_keeps_what_was_written(tmp_path):
+    """SIGINT, as a terminal's Ctrl-C sends it: 'ckapipe: aborted', exit status 130, the chunks
+    written so far kept with their markers (a rerun resumes from there)."""
+    command = [sys.executable, "-m", "ckapipe", "extract", "-m", "tests.spec_factories:slow?delay=0.05", "-b", "8",
+               "--limit", "320", "--cache", str(tmp_path), "-q"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_chunks(tmp_path, proc, at_least=3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "ckapipe: aborted", err
+    (run,) = store.list_runs(tmp_path)
+    assert run.status == store.IN_PROGRESS and 3 <= run.done().sum() < 40
