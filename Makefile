@@ -67,9 +67,10 @@ analyze: install
 submit: install
 	$(CKAPIPE) run $(PIPELINE) --slurm
 
-# Two environments; -rfEs prints the reason of every skip (and names each failure and error). The default one runs everything but
-# the extras and gpu tests, so a skip there is always worth reading; in .venv-extras the extras
-# must import (CKAPIPE_REQUIRE_EXTRAS: a missing or broken torchvision fails, never skips).
+# Two environments; -rfEs prints the reason of every skip and names every failure. The
+# default one runs everything but the extras and gpu tests, so a skip there is always worth
+# reading; in .venv-extras the extras must import (CKAPIPE_REQUIRE_EXTRAS: a missing or
+# broken torchvision fails, never skips).
 PYTEST_DEFAULT := -m "not extras and not gpu"
 PYTEST_EXTRAS  := -m extras
 
