@@ -2,6 +2,7 @@
 #   make extract analyze     run the default study (pipelines/default.yaml)
 #   make test                the test suite (what CI runs); the model-source tests
 #                            run again in .venv-extras, with torchvision, timm and transformers
+#   make coverage            the same under coverage, subprocesses included: % per module
 #   make bench               benchmarks (in .venv-extras: torchvision's ResNets); writes docs/benchmarks.md
 #   make submit              the same as SLURM jobs (ckapipe run PIPELINE --slurm)
 #   make device-wheels       wheels for a GPU node's Python 3.12 (then: bash scripts/gpu_check.sh there)
@@ -30,7 +31,7 @@ $(error $(PYTHON) is not Python 3.11 or newer: run make PYTHON=python3.11 (or 3.
 endif
 endif
 
-.PHONY: install install-test install-extras extract analyze submit test bench device-wheels clean
+.PHONY: install install-test install-extras extract analyze submit test test-default test-extras coverage bench device-wheels clean
 
 install: $(VENV)/.installed
 
@@ -69,16 +70,36 @@ analyze: install
 submit: install
 	$(CKAPIPE) run $(PIPELINE) --slurm $(STUDY_DIRS)
 
-test: install-test install-extras
-	$(PY) -m pytest -q
-	$(XPY) -m pytest -q -m extras
+# Two environments; -rfEs prints the reason of every skip and names every failure. The
+# default one runs everything but the extras and gpu tests, so a skip there is always worth
+# reading; in .venv-extras the extras must import (CKAPIPE_REQUIRE_EXTRAS: a missing or
+# broken torchvision fails, never skips).
+PYTEST_DEFAULT := -m "not extras and not gpu"
+PYTEST_EXTRAS  := -m extras
+
+test: test-default test-extras
+
+test-default: install-test
+	$(PY) -m pytest -q -rfEs $(PYTEST_DEFAULT)
+
+test-extras: install-extras
+	CKAPIPE_REQUIRE_EXTRAS=1 $(XPY) -m pytest -q -rfEs $(PYTEST_EXTRAS)
+
+# The same two runs under coverage (subprocesses too: [tool.coverage.run] patch = subprocess),
+# combined: the percentage per module.
+coverage: install-test install-extras
+	rm -f .coverage .coverage.*
+	COVERAGE_FILE=$(CURDIR)/.coverage $(PY) -m coverage run -m pytest -q -rfEs $(PYTEST_DEFAULT)
+	COVERAGE_FILE=$(CURDIR)/.coverage CKAPIPE_REQUIRE_EXTRAS=1 $(XPY) -m coverage run -m pytest -q -rfEs $(PYTEST_EXTRAS)
+	$(PY) -m coverage combine -q
+	$(PY) -m coverage report
 
 bench: install-extras
 	$(XPY) -m bench
 
 # What a GPU node with CUDA, CuPy, torch and torchvision (Python 3.12) lacks, at
 # the versions .venv-extras tests, as wheels in .whl/ for scripts/gpu_check.sh.
-DEVICE_WHEELS := zarr|numcodecs|donfig|google-crc32c|dask|distributed|partd|locket|tblib|zict|tornado|torch-cka|ckatorch
+DEVICE_WHEELS := zarr|numcodecs|donfig|google-crc32c|dask|distributed|partd|locket|tblib|zict|tornado|torch-cka|ckatorch|pytest-timeout
 device-wheels: install-extras
 	$(XPY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d .whl \
 	  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
@@ -86,4 +107,4 @@ device-wheels: install-extras
 	  $$($(XPY) -m pip freeze | grep -i -E '^($(DEVICE_WHEELS))==')
 
 clean:
-	rm -rf cache results bench-results
+	rm -rf cache results bench-results .coverage .coverage.*

@@ -69,7 +69,7 @@ def ckatorch_cka(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def offset_rows(workdir: Path) -> list[Row]:
-    from tests._analyze_stores import minibatch_cka_reference
+    from tests.reference import minibatch_cka_reference
 
     x, y = last_blocks(workdir / "cache")
     tools = {"torch-cka 0.21 (float32, as shipped)": torch_cka_cka, "ckatorch 1.0.3 cka_batch": ckatorch_cka,

@@ -173,8 +173,8 @@ def bare_read_files(paths: list[Path]) -> tuple[float, int]:
 
 def reference_cka(runs, pairs) -> dict:
     """{(run_a, run_b): (La, Lb) CKA} from the stored activations, Song et al.'s HSIC_1
-    with explicit traces in float64 (tests._analyze_stores), minibatch by minibatch."""
-    from tests._analyze_stores import hsic1_reference
+    with explicit traces in float64 (tests.reference), minibatch by minibatch."""
+    from tests.reference import hsic1_reference
 
     grams_of = {}
     sums = {pair: None for pair in pairs}

@@ -1,8 +1,5 @@
-"""The default study, run once per test session in a temporary directory.
-
-Every test module that needs it calls ``default_study``; the run is idempotent,
-so the first call extracts and analyzes and the later ones find it done.
-"""
+"""Helpers for the tests of studies (pipelines/default.yaml is built once per run by the
+``default_study`` fixture in conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,18 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ckapipe.pipelines import run_study
-from ckapipe.pipelines.study import load_study
+from tests import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 DEFAULT = REPO / "pipelines" / "default.yaml"
-
-
-def default_study(base: Path) -> dict:
-    """Run pipelines/default.yaml with cache and results under ``base``; return its paths."""
-    cache, results = base / "cache", base / "results"
-    run_study(DEFAULT, cache=cache, results=results, progress=False, say=lambda line: None)
-    return {"cache": cache, "results": results, "study": load_study(DEFAULT, cache=cache, results=results)}
 
 
 def copy_models(source_cache: Path, cache: Path) -> None:

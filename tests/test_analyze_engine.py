@@ -6,47 +6,17 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections import Counter
 
 import numpy as np
 import pytest
 
 import ckapipe.analyze as analyze
 from ckapipe.errors import StoreError
-from ckapipe.store import Run, find_runs
-from tests._analyze_stores import make_run, minibatch_cka_reference, random_layers
+from ckapipe.store import find_runs
+from tests.numpy_runs import make_run, random_layers
+from tests.reference import minibatch_cka_reference
 
 M = 16
-
-
-@pytest.fixture
-def cache(tmp_path):
-    return tmp_path / "cache"
-
-
-@pytest.fixture
-def study(cache):
-    """Two runs over the same 100 samples (a ragged tail of 4), float32 storage, large offset in one."""
-    rng = np.random.default_rng(0)
-    a = random_layers(rng, 100, [24, 40, 6])
-    b = {f"block{i}": (x @ rng.standard_normal((x.shape[1], 12)) + 1e3).astype(np.float32) for i, x in enumerate(a.values())}
-    make_run(cache, "net-a", a, M)
-    make_run(cache, "net-b", b, M)
-    return a, b
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    """Counter of (run name, layer, chunk) reads through Run.read_chunk."""
-    counts: Counter = Counter()
-    real = Run.read_chunk
-
-    def counting(self, layer, k):
-        counts[(self.slug, layer, k)] += 1
-        return real(self, layer, k)
-
-    monkeypatch.setattr(Run, "read_chunk", counting)
-    return counts
 
 
 def assert_matches_reference(results, runs, m, minibatches=None):
@@ -60,8 +30,8 @@ def assert_matches_reference(results, runs, m, minibatches=None):
                     assert abs(ours[p, q] - minibatch_cka_reference(x, y, m, minibatches)) < 1e-6, (a, b, p, q)
 
 
-def test_analysis_matches_the_float64_formula(cache, study):
-    a, b = study
+def test_analysis_matches_the_float64_formula(cache, two_runs):
+    a, b = two_runs
     results = analyze.analyze(cache, ["net-a", "net-b"], progress=False)
     assert results.run_names == ["net-a", "net-b"]
     assert results.layer_names("net-b") == ["block0", "block1", "block2"]
@@ -72,7 +42,7 @@ def test_analysis_matches_the_float64_formula(cache, study):
     np.testing.assert_allclose(results.cka("net-a", "net-b"), results.cka("net-b", "net-a").T, atol=1e-15)
 
 
-def test_each_chunk_of_each_layer_is_read_once(cache, study, reads):
+def test_each_chunk_of_each_layer_is_read_once(cache, two_runs, reads):
     analyze.analyze(cache, ["net-a", "net-b"], progress=False, use_gram_cache=False)
     assert set(reads.values()) == {1}
     assert len(reads) == 2 * 3 * (100 // M)  # runs x layers x full minibatches (the ragged chunk is not read)
@@ -101,7 +71,7 @@ def test_runs_stored_with_different_chunk_sizes_pair(cache):
     assert_matches_reference(analyze.analyze(cache, ["a", "b"], batch_size=32, progress=False), {"a": a, "b": b}, 32)
 
 
-def test_gram_cache_is_reused_and_a_new_run_reads_only_its_own_activations(cache, study, reads):
+def test_gram_cache_is_reused_and_a_new_run_reads_only_its_own_activations(cache, two_runs, reads):
     first = analyze.analyze(cache, ["net-a", "net-b"], progress=False)
     assert {name for name, _, _ in reads} == {"net-a", "net-b"}
     rng = np.random.default_rng(9)
@@ -111,14 +81,14 @@ def test_gram_cache_is_reused_and_a_new_run_reads_only_its_own_activations(cache
     both = analyze.analyze(cache, ["net-a", "net-b", "net-c"], progress=False)
     assert {name for name, _, _ in reads} == {"net-c"}
     np.testing.assert_allclose(both.cka("net-a", "net-b"), first.cka("net-a", "net-b"), atol=1e-12)
-    assert_matches_reference(both, {"net-a": study[0], "net-c": c}, M)
+    assert_matches_reference(both, {"net-a": two_runs[0], "net-c": c}, M)
     reads.clear()
     again = analyze.analyze(cache, ["net-a", "net-b", "net-c"], progress=False)
     assert not reads
     np.testing.assert_array_equal(again.hsic, both.hsic)
 
 
-def test_no_gram_cache_reads_activations_every_time(cache, study, reads):
+def test_no_gram_cache_reads_activations_every_time(cache, two_runs, reads):
     analyze.analyze(cache, ["net-a"], progress=False)
     reads.clear()
     analyze.analyze(cache, ["net-a"], progress=False, use_gram_cache=False)
@@ -175,7 +145,7 @@ def test_constant_layer_gives_nan_with_a_warning(cache, tmp_path):
         assert analyze.load_results(tmp_path / "out").to_dict()["pairs"][0]["cka"][1] == [None, None]
 
 
-def test_threaded_and_distributed_schedulers_agree(cache, study, tmp_path):
+def test_threaded_and_distributed_schedulers_agree(cache, two_runs, tmp_path):
     distributed = pytest.importorskip("distributed")
     threaded = analyze.analyze(cache, ["net-a", "net-b"], progress=False, use_gram_cache=False)
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
@@ -189,10 +159,7 @@ def test_threaded_and_distributed_schedulers_agree(cache, study, tmp_path):
 
 
 @pytest.mark.gpu
-def test_cupy_path_agrees_with_numpy(cache, study):
-    cupy = pytest.importorskip("cupy")
-    if cupy.cuda.runtime.getDeviceCount() == 0:
-        pytest.skip("no CUDA GPU")
+def test_cupy_path_agrees_with_numpy(cache, two_runs):
     cpu = analyze.analyze(cache, ["net-a", "net-b"], device="cpu", progress=False, use_gram_cache=False)
     gpu = analyze.analyze(cache, ["net-a", "net-b"], device="cuda", progress=False, use_gram_cache=False)
     np.testing.assert_allclose(gpu.hsic, cpu.hsic, rtol=1e-9, atol=1e-9)
@@ -207,8 +174,8 @@ def test_tasks_group_minibatches_without_splitting_chunks():
     assert [k for g in task_groups([0, 1, 5, 6, 7], 4, [4]) for k in g] == [0, 1, 5, 6, 7]
 
 
-def test_float32_products_stay_within_1e6_and_are_never_cached(cache, study, reads):
-    a, b = study
+def test_float32_products_stay_within_1e6_and_are_never_cached(cache, two_runs, reads):
+    a, b = two_runs
     results = analyze.analyze(cache, ["net-a", "net-b"], precision="float32", progress=False)
     assert_matches_reference(results, {"net-a": a, "net-b": b}, M)
     reads.clear()
@@ -226,7 +193,7 @@ def test_large_minibatches_make_smaller_tasks(cache):
     assert per_task(4096, runs) == 1  # 8 layers x 8.4e6 triangle entries x 8 bytes > 512 MiB for 4 minibatches
 
 
-def test_grams_stamped_with_another_key_are_refused(cache, study, reads):
+def test_grams_stamped_with_another_key_are_refused(cache, two_runs, reads):
     analyze.analyze(cache, ["net-a"], progress=False)
     run = find_runs(cache, ["net-a"])[0]
     run.grams(M).attrs["run_key"] = "0123456789"  # as if the store had been copied over another run's

@@ -7,12 +7,7 @@ import pytest
 
 import ckapipe.analyze as analyze
 from ckapipe.errors import CkapipeError
-from tests._analyze_stores import make_run, random_layers
-
-
-@pytest.fixture
-def cache(tmp_path):
-    return tmp_path / "cache"
+from tests.numpy_runs import make_run, random_layers
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import zarr
 
 import ckapipe.analyze as analyze
 from ckapipe.store import Run, open_run
-from tests._analyze_stores import minibatch_cka_reference
+from tests.reference import minibatch_cka_reference
 
 pytest.importorskip("torch")
 

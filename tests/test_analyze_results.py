@@ -11,11 +11,12 @@ import pytest
 import zarr
 
 import ckapipe.analyze as analyze
-from tests._analyze_stores import make_run, random_layers
+from tests.numpy_runs import make_run, random_layers
 
 
 @pytest.fixture
-def study(tmp_path):
+def analyzed(tmp_path):
+    """Runs small and big analyzed into tmp_path/results: (cache, out, results)."""
     cache = tmp_path / "cache"
     rng = np.random.default_rng(0)
     a = random_layers(rng, 96, [10, 20, 5])
@@ -27,8 +28,8 @@ def study(tmp_path):
     return cache, out, results
 
 
-def test_results_round_trip_through_the_store(study):
-    _, out, results = study
+def test_results_round_trip_through_the_store(analyzed):
+    _, out, results = analyzed
     loaded = analyze.load_results(out)
     assert loaded.run_names == ["small", "big"] and loaded.run_keys == results.run_keys
     assert loaded.layer_names("big") == ["stage0", "stage1", "stage2"]
@@ -39,16 +40,16 @@ def test_results_round_trip_through_the_store(study):
     np.testing.assert_allclose(s_ab / np.sqrt(np.outer(s_aa, s_bb)), loaded.cka("small", "big"))
 
 
-def test_results_store_is_readable_with_plain_zarr(study):
-    _, out, results = study
+def test_results_store_is_readable_with_plain_zarr(analyzed):
+    _, out, results = analyzed
     group = zarr.open_group(out, mode="r")
     np.testing.assert_allclose(group["cka"][:], results.cka_all)
     assert group["cka"].attrs["labels"][:3] == ["small:l0", "small:l1", "small:l2"]
     assert group.attrs["ckapipe_results"]["inputs"]["m"] == 16
 
 
-def test_json_and_csv_exports(study):
-    _, out, results = study
+def test_json_and_csv_exports(analyzed):
+    _, out, results = analyzed
     data = json.loads((out / "cka.json").read_text())
     assert [(p["run_a"], p["run_b"]) for p in data["pairs"]] == [("small", "small"), ("small", "big"), ("big", "big")]
     np.testing.assert_allclose(data["pairs"][1]["cka"], results.cka("small", "big"))
@@ -58,16 +59,16 @@ def test_json_and_csv_exports(study):
     assert float(row["cka"]) == results.cka("small", "big")[1, 2]
 
 
-def test_summary_gives_the_best_matching_layer(study):
-    _, out, results = study
+def test_summary_gives_the_best_matching_layer(analyzed):
+    _, out, results = analyzed
     text = results.summary()
     best = results.layer_names("big")[int(np.argmax(results.cka("small", "big")[0]))]
     assert f"l0  {best}" in text
     assert (out / "summary.txt").read_text().strip() == text
 
 
-def test_is_up_to_date_tracks_the_inputs(study):
-    cache, out, _ = study
+def test_is_up_to_date_tracks_the_inputs(analyzed):
+    cache, out, _ = analyzed
     assert analyze.is_up_to_date(out, cache, ["small", "big"])
     assert not analyze.is_up_to_date(out, cache, ["big", "small"])
     assert not analyze.is_up_to_date(out, cache, ["small", "big"], batch_size=32)
@@ -76,10 +77,10 @@ def test_is_up_to_date_tracks_the_inputs(study):
     assert not analyze.is_up_to_date(out, cache, ["small", "big", "third"])
 
 
-def test_plots_put_the_first_run_on_the_y_axis_bottom_to_top(study, tmp_path):
+def test_plots_put_the_first_run_on_the_y_axis_bottom_to_top(analyzed, tmp_path):
     from ckapipe.analyze.plots import heatmap_figure
 
-    _, out, results = study
+    _, out, results = analyzed
     paths = analyze.plot_results(out, tmp_path / "plots", pair=("small", "big"), layers=("l1", "stage1"))
     names = {p.name for p in paths}
     assert {"cka_small__big.png", "cka_small__big.pdf", "cka_grid.png", "cka_grid.pdf",
@@ -93,10 +94,10 @@ def test_plots_put_the_first_run_on_the_y_axis_bottom_to_top(study, tmp_path):
     assert ax.get_ylabel() == "small layers" and ax.get_xlabel() == "big layers"
 
 
-def test_cli_analyze_then_plot(tmp_path, study, capsys):
+def test_cli_analyze_then_plot(tmp_path, analyzed, capsys):
     from ckapipe.cli import main
 
-    cache, _, results = study
+    cache, _, results = analyzed
     out = tmp_path / "cli-results"
     main(["analyze", "--cache", str(cache), "small", "b*", "--out", str(out), "--batch-size", "32", "--no-gram-cache"])
     printed = capsys.readouterr().out

@@ -26,17 +26,17 @@ import ckapipe.analyze as analyze
 from ckapipe.pipelines import run_study
 from ckapipe.pipelines.study import PipelineError, load_study
 from ckapipe.store import find_runs
-from tests.pipeline_helpers import DEFAULT, default_study
+from tests.pipeline_helpers import DEFAULT
 
-distributed = pytest.importorskip("distributed", reason="needs the cluster extra (distributed)")
+import distributed  # noqa: E402 - the test extra brings it
 
 DASK = (sys.executable, "-m", "dask")  # this environment's dask (a copied venv's scripts may point elsewhere)
 RUNS = ["cnn3-s0", "cnn3-s1"]
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    return default_study(tmp_path_factory.getbasetemp() / "default-study")
+def study(default_study):
+    return default_study
 
 
 @pytest.fixture(scope="module")

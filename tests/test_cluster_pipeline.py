@@ -11,41 +11,36 @@ from pathlib import Path
 import pytest
 
 from ckapipe.pipelines import run_study
-from tests.pipeline_helpers import DEFAULT, assert_same_results, default_study, study_pairs
+from tests.pipeline_helpers import DEFAULT, assert_same_results, study_pairs
 
 distributed = pytest.importorskip("distributed", reason="needs the cluster extra (distributed)")
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    return default_study(tmp_path_factory.getbasetemp() / "default-study")
-
-
-@pytest.fixture(scope="module")
-def local_results(study):
-    return run_study(DEFAULT, "analyze", cache=study["cache"], results=study["results"], progress=False,
+def local_results(default_study):
+    return run_study(DEFAULT, "analyze", cache=default_study["cache"], results=default_study["results"], progress=False,
                      say=lambda line: None)
 
 
-def analyze_elsewhere(study, tmp_path, **where):
+def analyze_elsewhere(default_study, tmp_path, **where):
     """Analyze the cached runs again into fresh results (nothing up to date), on ``where``."""
     results = tmp_path / "results"
-    shutil.copytree(study["results"] / "default" / "runs", results / "default" / "runs")
+    shutil.copytree(default_study["results"] / "default" / "runs", results / "default" / "runs")
     lines = []
-    out = run_study(DEFAULT, "analyze", cache=study["cache"], results=results, progress=False,
+    out = run_study(DEFAULT, "analyze", cache=default_study["cache"], results=results, progress=False,
                     say=lines.append, **where)
     assert not any("up to date" in line for line in lines)
     return out, lines
 
 
-def test_a_scheduler_address_with_two_worker_processes(study, local_results, tmp_path):
+def test_a_scheduler_address_with_two_worker_processes(default_study, local_results, tmp_path):
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        out, lines = analyze_elsewhere(study, tmp_path, scheduler=cluster.scheduler_address)
+        out, lines = analyze_elsewhere(default_study, tmp_path, scheduler=cluster.scheduler_address)
         worked = client.run(lambda dask_worker: len(dask_worker.data) + dask_worker.state.executed_count)
     assert len(worked) == 2 and all(n > 0 for n in worked.values()), worked
     assert any(cluster.scheduler_address in line for line in lines)
-    assert_same_results(local_results, out, study_pairs(study["study"]))
+    assert_same_results(local_results, out, study_pairs(default_study["study"]))
 
 
 @pytest.fixture
@@ -77,14 +72,31 @@ def wait_for(condition, what: str, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def test_a_scheduler_file_with_two_worker_processes(study, local_results, tmp_path, scheduler_file):
-    out, lines = analyze_elsewhere(study, tmp_path, scheduler_file=str(scheduler_file))
+def test_a_scheduler_file_with_two_worker_processes(default_study, local_results, tmp_path, scheduler_file):
+    out, lines = analyze_elsewhere(default_study, tmp_path, scheduler_file=str(scheduler_file))
     assert any(str(scheduler_file) in line for line in lines), lines
-    assert_same_results(local_results, out, study_pairs(study["study"]))
+    assert_same_results(local_results, out, study_pairs(default_study["study"]))
 
 
-def test_a_cluster_started_for_the_analysis(study, local_results, tmp_path):
+def test_a_cluster_started_for_the_analysis(default_study, local_results, tmp_path):
     """What a SLURM analysis job does: a LocalCluster of worker processes on its allocation."""
-    out, lines = analyze_elsewhere(study, tmp_path, dask_cluster="local", dask_workers=2)
+    out, lines = analyze_elsewhere(default_study, tmp_path, dask_cluster="local", dask_workers=2)
     assert any("LocalCluster, 2 worker processes" in line for line in lines), lines
-    assert_same_results(local_results, out, study_pairs(study["study"]))
+    assert_same_results(local_results, out, study_pairs(default_study["study"]))
+
+
+def test_an_unknown_cluster_or_a_missing_package_is_one_line(monkeypatch):
+    from ckapipe.errors import PipelineError
+    from ckapipe.pipelines.dask_cluster import dask_scheduler
+
+    with pytest.raises(PipelineError, match=r"unknown Dask cluster 'k8s': choose threads, local or slurm"):
+        with dask_scheduler({}, cluster="k8s", say=lambda line: None):
+            pass
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", None)  # import fails as if not installed
+    with pytest.raises(PipelineError, match=r"dask.cluster: slurm needs dask-jobqueue: pip install 'ckapipe\[cluster\]'"):
+        with dask_scheduler({"cluster": "slurm"}, workers=1, say=lambda line: None):
+            pass
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(PipelineError, match=r"a Dask cluster needs distributed: pip install 'ckapipe\[cluster\]'"):
+        with dask_scheduler({"cluster": "local"}, workers=1, say=lambda line: None):
+            pass

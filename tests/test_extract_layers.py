@@ -7,7 +7,7 @@ import torch
 
 from ckapipe.extract.layers import LayerError, glob_match, parse_selection, prepare, reduce
 from ckapipe.extract.runner import list_layers
-from tests.extract_fixtures import BlockNet, Structured
+from tests.spec_factories import BlockNet, Structured
 
 
 def _record(model, items, x):
@@ -140,3 +140,20 @@ def test_input_dependent_control_flow_is_an_error_not_a_silent_overwrite():
         recorder.forward(probe)
         with pytest.raises(LayerError, match="'step' ran more often in this minibatch than in the probe"):
             recorder.forward(torch.ones(4, 2))
+
+
+class _Spare(torch.nn.Module):
+    """A module registered but never called in forward (a head kept for another task)."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = torch.nn.Linear(2, 2)
+        self.spare = torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_a_layer_never_called_in_the_forward_pass_is_named():
+    with pytest.raises(LayerError, match=r"layer 'spare' is never called in the forward pass: choose another layer"):
+        prepare(_Spare(), parse_selection(["spare"]), torch.zeros(4, 2), 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,17 +21,9 @@ from ckapipe.locks import writer_lock
 from ckapipe.errors import CkapipeError
 from ckapipe.extract.runner import extract_run
 from ckapipe.extract.zoo import digits_tensors
+from tests import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-MLP = "zoo:mlp2?seed=0"
-
-
-@pytest.fixture(scope="module")
-def zoo_cache(tmp_path_factory):
-    """A cache whose models/ already holds the trained zoo MLP (trained once per module)."""
-    cache = tmp_path_factory.mktemp("zoo")
-    extract_run(MLP, "digits", cache=cache, batch_size=64, limit=64, progress=False)
-    return cache
+MLP = "zoo:mlp2?seed=0"  # trained once per pytest run into the zoo_cache fixture (conftest.py)
 
 
 def _cache(zoo_cache, tmp_path) -> Path:
@@ -95,23 +88,40 @@ def test_unwritable_cache(tmp_path):
     blocked = tmp_path / "blocked"
     blocked.mkdir(mode=0o500)
     try:
-        if not os.access(blocked, os.W_OK):  # root ignores permissions
+        if os.access(blocked, os.W_OK):  # root ignores permissions: ask again without that privilege
+            proc = without_permission_override([sys.executable, "-m", "ckapipe", "extract", "-m", MLP, "--cache", str(blocked)])
+            assert proc.returncode == 2 and "ckapipe: error: cache directory" in proc.stderr, proc.stderr
+            assert "is not writable" in proc.stderr and not list(blocked.iterdir())
+        else:
             with pytest.raises(store.StoreError, match="not writable"):
                 extract_run(MLP, "digits", cache=blocked)
     finally:
         blocked.chmod(0o700)
 
 
+def without_permission_override(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run ``argv`` as root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH (util-linux setpriv drops
+    them from the bounding set), so that file permissions apply as to any user; skip, saying why, where
+    that is impossible."""
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root and setpriv (util-linux) is missing: cannot test an unwritable cache")
+    probe = subprocess.run([*drop, "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"running as root and cannot drop CAP_DAC_OVERRIDE here ({probe.stderr.strip()})")
+    return subprocess.run([*drop, *argv], capture_output=True, text=True, cwd=REPO)
+
+
 def test_nan_marks_the_run_failed_naming_layer_and_minibatch(tmp_path):
     with pytest.raises(CkapipeError, match=r"layer 'fc' has NaN or Inf activations in minibatch \d+"):
-        _extract(tmp_path, model="tests.extract_fixtures:poisoned", layers=["fc"], batch_size=32)
+        _extract(tmp_path, model="tests.spec_factories:poisoned", layers=["fc"], batch_size=32)
     (path,) = [r.path for r in store.list_runs(tmp_path)]
     run = store.open_run(path)
     assert run.status == store.FAILED and "NaN" in run.meta["error"]
 
 
 def test_float16_overflow_is_an_error_not_inf(tmp_path):
-    spec = "tests.extract_fixtures:poisoned?value=1e6"
+    spec = "tests.spec_factories:poisoned?value=1e6"
     with pytest.raises(CkapipeError, match=r"layer 'fc' reaches 1e\+06 in minibatch \d+, beyond float16"):
         _extract(tmp_path, model=spec, layers=["fc"], dtype="float16")
     run = _extract(tmp_path, model=spec, layers=["fc"], dtype="float32")
@@ -184,7 +194,7 @@ def test_grams_added_to_a_complete_run_from_its_store(zoo_cache, tmp_path, monke
 SCRIPT = """
 import sys
 from ckapipe.extract.runner import extract_run
-extract_run("tests.extract_fixtures:slow?delay={delay}", "digits", cache=sys.argv[1], batch_size=8, limit=320, progress=False)
+extract_run("tests.spec_factories:slow?delay={delay}", "digits", cache=sys.argv[1], batch_size=8, limit=320, progress=False)
 """
 
 
@@ -199,7 +209,7 @@ def test_sigkill_mid_extraction_then_rerun_equals_uninterrupted(tmp_path):
     assert 5 <= done < 40, "the run was not killed mid-extraction"
     (path,) = [r.path for r in store.list_runs(killed)]
     assert store.open_run(path).status == store.IN_PROGRESS
-    spec = "tests.extract_fixtures:slow?delay=0.05"
+    spec = "tests.spec_factories:slow?delay=0.05"
     resumed = store.open_run(extract_run(spec, "digits", cache=killed, batch_size=8, limit=320, progress=False))
     reference = store.open_run(extract_run(spec, "digits", cache=clean, batch_size=8, limit=320, progress=False))
     assert resumed.status == store.COMPLETE and resumed.name == reference.name
@@ -220,47 +230,97 @@ def _wait_for_chunks(cache: Path, proc, at_least: int, timeout: float = 60) -> i
 
 
 def test_module_object_and_a_limit_beyond_the_dataset(tmp_path):
-    from tests.extract_fixtures import BlockNet
+    from tests.spec_factories import BlockNet
 
     torch.manual_seed(0)
     net = BlockNet()
     a = store.open_run(extract_run(net, "digits", ["block"], cache=tmp_path, batch_size=256, progress=False))
     b = store.open_run(extract_run(net, "digits", ["block"], cache=tmp_path, batch_size=256, limit=5000, progress=False))
-    assert a.path == b.path and a.spec.model == "module:tests.extract_fixtures.BlockNet" and a.n_samples == 1797
+    assert a.path == b.path and a.spec.model == "module:tests.spec_factories.BlockNet" and a.n_samples == 1797
 
 
 def test_token_mean_honours_the_padding_mask_end_to_end(tmp_path):
     from ckapipe.extract.models import load_model
-    from tests.extract_fixtures import token_rows
+    from tests.spec_factories import token_rows
 
-    run = _extract(tmp_path, model="tests.extract_fixtures:tokens", dataset="tests.extract_fixtures:token_rows", layers=["encoder:mean", "embed"], batch_size=4)
-    embed = load_model("tests.extract_fixtures:tokens").module.embed.weight.detach()
+    run = _extract(tmp_path, model="tests.spec_factories:tokens", dataset="tests.spec_factories:token_rows", layers=["encoder:mean", "embed"], batch_size=4)
+    embed = load_model("tests.spec_factories:tokens").module.embed.weight.detach()
     rows = token_rows()
     for row, i in enumerate(run.sample_ids()):
         ids = torch.tensor(rows[i]["input_ids"])
         np.testing.assert_allclose(run.layer("encoder")[row], embed[ids].mean(0).numpy(), rtol=1e-6)
     assert run.layer("encoder").attrs["reduction"] == "mean"
     with pytest.raises(CkapipeError, match="'encoder' is selected twice, with different selectors or reductions"):
-        _extract(tmp_path, model="tests.extract_fixtures:tokens", dataset="tests.extract_fixtures:token_rows", layers=["encoder:mean", "encoder:cls"], batch_size=4)
+        _extract(tmp_path, model="tests.spec_factories:tokens", dataset="tests.spec_factories:token_rows", layers=["encoder:mean", "encoder:cls"], batch_size=4)
 
 
-def test_gram_cache_rows_round_trip_by_minibatch(tmp_path):
-    """GramCache: rows written for minibatches 0, 1 and 3 (two runs of consecutive minibatches) read
-    back, into a given array too; minibatch 2 stays unmarked and reads as NaN."""
-    from tests._analyze_stores import make_run, random_layers
+def test_a_disk_slower_than_the_model_loses_no_chunk(zoo_cache, tmp_path, monkeypatch):
+    """The writers' queue fills while they write (a slow disk): closing waits for every queued chunk."""
+    real = store.Run.write_chunk
 
-    run = make_run(tmp_path, "net", random_layers(np.random.default_rng(3), 80, [6, 9, 4]), 16)
-    cache = run.grams(8, create=True)
-    assert cache.n_minibatches == 10 and not cache.done().any()
-    rows = np.random.default_rng(4).standard_normal((3, 3, 8 * 9 // 2))
-    means = np.random.default_rng(5).standard_normal((3, 3, 9))
-    cache.write([0, 1, 3], rows, means)
-    again = run.grams(8)
-    assert list(again.done()) == [True, True, False, True] + [False] * 6
-    assert list(again.done([1, 2, 3])) == [True, False, True]
-    np.testing.assert_array_equal(again.read_centred([0, 1, 3]), rows)
-    np.testing.assert_array_equal(again.read_means([0, 1, 3]), means)
-    into = np.zeros((2, 3, 36))
-    assert again.read_centred([1, 3], into) is into
-    np.testing.assert_array_equal(into, rows[1:])
-    assert np.isnan(again.read_centred([2])).all()
+    def slow_disk(self, k, arrays):
+        time.sleep(0.3)
+        real(self, k, arrays)
+
+    monkeypatch.setattr(store.Run, "write_chunk", slow_disk)
+    run = _extract(_cache(zoo_cache, tmp_path), limit=640)  # 10 minibatches: 2 in the writers, 4 queued, 4 waiting
+    assert run.status == store.COMPLETE and run.done().all()
+
+
+def test_a_failed_run_is_extracted_again_once_the_fault_is_gone(zoo_cache, tmp_path):
+    """NaN activations mark the run failed with the error; rerunning the same spec after the cause is
+    fixed resumes the same store, clears the error and completes it, equal to a run that never failed."""
+    flag = tmp_path / "nan-while-this-exists"
+    flag.touch()
+    spec = f"tests.spec_factories:flaky?flag={flag}"
+    with pytest.raises(CkapipeError, match=r"layer 'fault' has NaN or Inf activations in minibatch \d+"):
+        _extract(tmp_path / "cache", model=spec, layers=["fault"], limit=256)
+    (failed,) = store.list_runs(tmp_path / "cache")
+    assert failed.status == store.FAILED and "NaN" in failed.meta["error"] and not failed.done().all()
+    flag.unlink()
+    run = _extract(tmp_path / "cache", model=spec, layers=["fault"], limit=256)
+    assert run.path == failed.path and run.status == store.COMPLETE and run.meta["error"] is None
+    clean = _extract(tmp_path / "clean", model=spec, layers=["fault"], limit=256)
+    np.testing.assert_array_equal(run.layer("fault")[:], clean.layer("fault")[:])
+
+
+def test_chunks_beyond_the_run_are_refused_before_any_forward(zoo_cache, tmp_path, monkeypatch, capsys):
+    from ckapipe.cli import main
+    import ckapipe.extract.runner
+
+    monkeypatch.setattr(ckapipe.extract.runner, "_extract_chunks", lambda *a, **k: pytest.fail("extracted"))
+    cache = _cache(zoo_cache, tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["extract", "-m", MLP, "-b", "64", "--chunks", "30:40", "--cache", str(cache), "-q"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == "ckapipe: error: --chunks 30:40 is not a range within the run's 29 minibatches\n"
+    with pytest.raises(CkapipeError, match=r"--chunks 5:2 is not a range"):
+        _extract(cache, chunks=(5, 2))
+
+
+def test_cuda_without_a_gpu_is_refused(zoo_cache, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    cache = _cache(zoo_cache, tmp_path)
+    with pytest.raises(CkapipeError, match=r"--device cuda needs a CUDA GPU that torch can use, and none is available: use --device cpu"):
+        _extract(cache, device="cuda")
+    with pytest.raises(CkapipeError, match=r"unknown device 'gpu': use auto, cpu, cuda or cuda:i"):
+        _extract(cache, device="gpu")
+    assert not store.list_runs(tmp_path)  # refused before a store was created
+
+
+def test_ctrl_c_mid_extraction_exits_130_and_keeps_what_was_written(tmp_path):
+    """SIGINT, as a terminal's Ctrl-C sends it: 'ckapipe: aborted', exit status 130, the chunks
+    written so far kept with their markers (a rerun resumes from there)."""
+    command = [sys.executable, "-m", "ckapipe", "extract", "-m", "tests.spec_factories:slow?delay=0.05", "-b", "8",
+               "--limit", "320", "--cache", str(tmp_path), "-q"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_chunks(tmp_path, proc, at_least=3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "ckapipe: aborted", err
+    (run,) = store.list_runs(tmp_path)
+    assert run.status == store.IN_PROGRESS and 3 <= run.done().sum() < 40

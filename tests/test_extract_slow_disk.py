@@ -14,7 +14,7 @@ from ckapipe.extract.zoo import digits_tensors
 
 def test_chunks_queued_when_the_forward_loop_ends_are_written(tmp_path, monkeypatch):
     """Writers that lag (a slow or busy disk) leave the queue full at close: none of it may be dropped."""
-    from tests.extract_fixtures import BlockNet
+    from tests.spec_factories import BlockNet
 
     real = store.Run.write_chunk
 

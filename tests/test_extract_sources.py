@@ -13,9 +13,9 @@ from ckapipe.extract.models import load_model, weights_hash
 from ckapipe.extract.runner import extract_run, list_layers
 from ckapipe.extract.specs import MissingExtra, SpecError
 from ckapipe import store
-from tests.extract_fixtures import BlockNet
+from tests.spec_factories import BlockNet
 
-FIXTURES = "tests.extract_fixtures"
+FIXTURES = "tests.spec_factories"
 
 
 # --------------------------------------------------------------------------- models
@@ -98,7 +98,6 @@ def test_zoo_checkpoint_is_cached_and_reused(tmp_path):
 
 @pytest.mark.extras
 def test_torchvision_random_init(tmp_path):
-    pytest.importorskip("torchvision")
     loaded = load_model("torchvision:resnet18", random_init=True)
     assert loaded.spec == "torchvision:resnet18?weights=none"
     names = [name for name, _ in list_layers("torchvision:resnet18?weights=none")]
@@ -109,14 +108,12 @@ def test_torchvision_random_init(tmp_path):
 
 @pytest.mark.extras
 def test_timm_random_init():
-    pytest.importorskip("timm")
     loaded = load_model("timm:resnet18?weights=none")
     assert isinstance(loaded.module, torch.nn.Module)
 
 
 @pytest.mark.extras
 def test_hf_random_init_needs_config_offline():
-    pytest.importorskip("transformers")
     with pytest.raises(SpecError, match="cannot load its (configuration|weights) for hf:"):
         load_model("hf:no-such-org/no-such-model-ckapipe?weights=none")
 
@@ -146,27 +143,34 @@ def test_npy_and_zarr_inputs_in_the_asked_order(tmp_path):
 
 
 def test_callable_dataset_of_pairs_gives_inputs(tmp_path):
-    ds = load_dataset("tests.test_extract_sources:pairs?n=12")
+    ds = load_dataset(f"{FIXTURES}:pairs?n=12")
     batch = next(ds.batches([np.array([4, 0, 9])]))
     torch.testing.assert_close(batch, torch.tensor([[4.0, 4.0], [0.0, 0.0], [9.0, 9.0]]))
 
 
-def pairs(n: int):
-    return [(torch.full((2,), float(i)), i % 3) for i in range(n)]
+def test_callables_returning_an_array_or_a_tensor_give_rows_in_the_asked_order():
+    expected = np.arange(36, dtype=np.float32).reshape(12, 3) / 3
+    array = load_dataset(f"{FIXTURES}:ramp_array")
+    tensor = load_dataset(f"{FIXTURES}:ramp_tensor?n=12")
+    assert len(array) == len(tensor) == 12 and array.transform == "none" and tensor.transform == "callable"
+    for data in (array, tensor):
+        np.testing.assert_array_equal(next(data.batches([np.array([9, 0, 4])])).numpy(), expected[[9, 0, 4]])
+    with pytest.raises(SpecError, match=r"dataset callable tests.spec_factories:not_a_dataset returned a int, not a map-style dataset or array"):
+        load_dataset(f"{FIXTURES}:not_a_dataset")
+
+
+def test_a_zarr_input_that_cannot_be_opened(tmp_path):
+    (tmp_path / "broken.zarr").mkdir()
+    (tmp_path / "broken.zarr" / "zarr.json").write_text("{not json")
+    with pytest.raises(SpecError, match=r"cannot open Zarr inputs .*broken.zarr \("):
+        load_dataset(str(tmp_path / "broken.zarr"))
 
 
 def test_dict_items_are_padded_and_labels_dropped():
-    ds = load_dataset("tests.test_extract_sources:token_rows")
+    ds = load_dataset(f"{FIXTURES}:two_token_rows")
     batch = next(ds.batches([np.array([0, 1])]))
     assert set(batch) == {"input_ids", "attention_mask"}
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]] and batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-
-
-def token_rows():
-    return [
-        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "label": 0},
-        {"input_ids": [8], "attention_mask": [1], "label": 1},
-    ]
 
 
 @pytest.mark.parametrize(
@@ -174,7 +178,7 @@ def token_rows():
     [
         ("digitz", SpecError, r"unknown dataset spec 'digitz'.*did you mean: digits"),
         ("missing.npy", SpecError, r"input array missing.npy does not exist"),
-        ("tests.extract_fixtures:nothing", SpecError, r"has no attribute 'nothing'"),
+        ("tests.spec_factories:nothing", SpecError, r"has no attribute 'nothing'"),
     ],
 )
 def test_bad_dataset_specs(spec, error, message):
@@ -190,7 +194,6 @@ def test_torchvision_dataset_without_the_extra(monkeypatch):
 
 @pytest.mark.extras
 def test_torchvision_dataset_missing_root(tmp_path):
-    pytest.importorskip("torchvision")
     with pytest.raises(SpecError, match=r"cannot read dataset cifar10 at .*add \?download=True"):
         load_dataset(f"cifar10:{tmp_path}?split=test")
 
@@ -221,16 +224,17 @@ def test_offline_without_weights_says_how_to_get_them_or_use_random_init(fake_to
 def test_hf_model_from_a_local_config_honours_the_padding_mask(tmp_path):
     """A real transformers BERT (random init from a config saved here): the token mean of a
     padded minibatch equals the mean over each unpadded sequence run alone."""
-    transformers = pytest.importorskip("transformers")
-    from tests.extract_fixtures import token_rows
+    import transformers
+
+    from tests.spec_factories import token_rows
 
     config = transformers.BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=16, max_position_embeddings=8)
     config.save_pretrained(tmp_path / "bert")
     spec = f"hf:{tmp_path / 'bert'}?weights=none"
-    names = [name for name, _ in list_layers(spec, "tests.extract_fixtures:token_rows")]
+    names = [name for name, _ in list_layers(spec, "tests.spec_factories:token_rows")]
     assert "encoder.layer.1" in names
-    run = store.open_run(extract_run(spec, "tests.extract_fixtures:token_rows", ["encoder.layer.1:mean"],
+    run = store.open_run(extract_run(spec, "tests.spec_factories:token_rows", ["encoder.layer.1:mean"],
                                cache=tmp_path / "cache", batch_size=4, progress=False))
     model = load_model(spec).module.eval()
     rows = token_rows()

@@ -30,7 +30,8 @@ from ckapipe.cli import main
 from ckapipe.errors import CkapipeError, StoreError
 from ckapipe.extract.runner import extract_run
 from ckapipe.locks import lock_dir, read_claim, writer_lock
-from tests._analyze_stores import make_run, minibatch_cka_reference, random_layers
+from tests.numpy_runs import make_run, random_layers
+from tests.reference import minibatch_cka_reference
 
 REPO = Path(__file__).resolve().parents[1]
 M, N = 64, 256
@@ -293,7 +294,7 @@ BAD_INPUT = [
     (["extract", "-m", A, "-d", "digits?size=abc"], "dataset digits?size=abc: size='abc' is not an integer"),
     (["extract", "-m", "zoo:mlp2?dept=2"], "takes no parameter 'dept' (its parameters are seed, weights, steps, teacher)"),
     (["extract", "-m", "tests.fault_fixtures:flagged?flg=false"], "takes no parameter 'flg'; did you mean: flag?"),
-    (["extract", "-m", "tests.extract_fixtures:block_net", "--random-init"], "has no 'weights' parameter"),
+    (["extract", "-m", "tests.spec_factories:block_net", "--random-init"], "has no 'weights' parameter"),
     (["extract", "-m", A, "--order-seed", "-1"], "--order-seed -1 is not a non-negative integer"),
     (["extract", "-m", A, "-d", "empty.npy"], "dataset empty.npy holds no samples"),
     (["extract", "-m", A, "-d", "zero_d.npy"], "dataset zero_d.npy is a 0-d array"),
@@ -303,7 +304,7 @@ BAD_INPUT = [
     (["extract", "-m", A, "--name", "../../escape"], "run name '../../escape' is not usable"),
     (["extract", "-m", A, "--name", "/abs"], "run name '/abs' is not usable"),
     (["extract", "-m", A, "--name", ".hidden"], "run name '.hidden' is not usable"),
-    (["layers", "tests.extract_fixtures:block_net"], "cannot run on example inputs (3 x 224 x 224 images)"),
+    (["layers", "tests.spec_factories:block_net"], "cannot run on example inputs (3 x 224 x 224 images)"),
     (["run", "latin1.yaml"], "latin1.yaml: not UTF-8 text"),
     (["run", "seed.yaml", "--stage", "extract"], "seed='abc' is not an integer"),
     (["run", "size.yaml", "--stage", "extract"], "size='abc' is not an integer"),

@@ -15,7 +15,7 @@ import zarr
 import ckapipe.analyze as analyze
 from ckapipe.errors import CkapipeError, StoreError
 from ckapipe.store import Run
-from tests._analyze_stores import make_run, random_layers
+from tests.numpy_runs import make_run, random_layers
 
 ALL = "linear,linear_biased,rbf:0.5,rbf_biased:0.5,mutual_knn:5,cknna:5"
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ckapipe.pipelines import run_study
+import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from ckapipe.errors import PipelineError
+from ckapipe.pipelines import run_study
+from tests import REPO
+from tests.pipeline_helpers import DEFAULT
+
 LARGE = REPO / "pipelines" / "examples" / "large-run-slurm.yaml"
-DEFAULT = REPO / "pipelines" / "default.yaml"
 
 
 def dry_run(path, tmp_path, **options) -> str:
@@ -47,3 +50,10 @@ def test_chosen_tasks_and_a_given_scheduler(tmp_path):
     text = dry_run(DEFAULT, tmp_path, tasks=[1, 3], scheduler="tcp://10.0.0.5:8786")
     assert "#SBATCH --array=1,3" in text
     assert "--scheduler tcp://10.0.0.5:8786" in text
+
+
+def test_submitting_without_sbatch_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
+    with pytest.raises(PipelineError, match=r"sbatch not found: --slurm needs a SLURM cluster \(or use --dry-run"):
+        run_study(DEFAULT, "extract", slurm=True, tasks=[0], cache=tmp_path / "cache", results=tmp_path / "results",
+                  say=lambda line: None)

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from ckapipe.pipelines.study import PipelineError, load_study
-
-REPO = Path(__file__).resolve().parent.parent
+from tests import REPO
 
 GOOD = """\
 study: kd

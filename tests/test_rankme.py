@@ -13,7 +13,7 @@ import zarr
 import ckapipe.analyze as analyze
 from ckapipe.analyze.rank import rank
 from ckapipe.errors import StoreError
-from tests._analyze_stores import make_run
+from tests.numpy_runs import make_run
 
 N, M = 96, 32
 

@@ -88,10 +88,6 @@ def test_the_readme_runs_as_written(tmp_path):
 
 @pytest.mark.slurm
 def test_the_readme_slurm_commands_run_on_slurm(tmp_path):
-    from tests.test_slurm import WHY_NOT
-
-    if WHY_NOT is not None:
-        pytest.skip(WHY_NOT)
     steps = script(README.read_text(), "slurm")
     assert steps
     cwd = workdir(tmp_path)

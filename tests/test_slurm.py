@@ -17,44 +17,48 @@ from ckapipe.store import open_run
 from ckapipe.pipelines import run_study
 from ckapipe.pipelines.manifest import recorded_store
 from ckapipe.pipelines.slurm import pending_tasks
-from tests.pipeline_helpers import DEFAULT, assert_same_results, copy_models, default_study, study_pairs
+from ckapipe.errors import PipelineError
+from tests.pipeline_helpers import DEFAULT, assert_same_results, copy_models, study_pairs
+
+pytestmark = pytest.mark.slurm  # skipped without SLURM, failed when .ci/run started it (conftest.py)
+
+JOB_TIMEOUT = 600  # seconds a submitted study may take before its test fails with the jobs' states
 
 
-def slurm_unavailable() -> str | None:
-    """Why SLURM cannot take jobs here, or None when it can."""
-    if shutil.which("sbatch") is None:
-        return "sbatch not found (CI installs and starts SLURM with .ci/slurm_setup.sh)"
-    try:
-        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=5)
-    except subprocess.TimeoutExpired:
-        return "sinfo does not answer: slurmctld is not running (start it with .ci/slurm_setup.sh)"
-    states = proc.stdout.split()
-    if proc.returncode != 0 or not any(s.rstrip("*~#") in ("idle", "mixed", "allocated") for s in states):
-        return f"no usable SLURM node (sinfo: {(proc.stdout or proc.stderr).strip() or 'nothing'}); see .ci/slurm_setup.sh"
-    return None
+@pytest.fixture(scope="module", autouse=True)
+def jobs_time_out():
+    """Every wait for SLURM jobs in this module ends after JOB_TIMEOUT with the jobs' states (squeue),
+    the jobs cancelled: a job stuck in PENDING fails its test instead of hanging CI."""
+    from ckapipe.pipelines import slurm
 
+    real = slurm.wait_for_jobs
 
-WHY_NOT = slurm_unavailable()
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))]
+    def wait_for_jobs(job_ids, poll=2.0, timeout=None):
+        try:
+            return real(job_ids, poll=poll, timeout=JOB_TIMEOUT if timeout is None else timeout)
+        except PipelineError as err:
+            states = subprocess.run(["squeue", "-h", "-o", "%i %T %r", "-j", ",".join(job_ids)],
+                                    capture_output=True, text=True).stdout.strip()
+            subprocess.run(["scancel", *job_ids], capture_output=True)
+            pytest.fail(f"{err}; their states: {states or 'gone from the queue'}", pytrace=False)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(slurm, "wait_for_jobs", wait_for_jobs)
+        yield
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory):
-    return default_study(tmp_path_factory.getbasetemp() / "default-study")
-
-
-@pytest.fixture(scope="module")
-def on_slurm(local, tmp_path_factory):
+def on_slurm(default_study, tmp_path_factory):
     """The default study submitted with sbatch: extraction array, then the dependent analysis job."""
     base = tmp_path_factory.mktemp("slurm-study")
-    copy_models(local["cache"], base / "cache")  # the same trained weights, so the same run keys
+    copy_models(default_study["cache"], base / "cache")  # the same trained weights, so the same run keys
     lines = []
     submitted = run_study(DEFAULT, slurm=True, wait=True, cache=base / "cache", results=base / "results",
                           say=lines.append)
     return {"cache": base / "cache", "results": base / "results", "submitted": submitted, "lines": lines}
 
 
-def test_sbatch_array_then_dependent_analysis_gives_the_local_results(local, on_slurm):
+def test_sbatch_array_then_dependent_analysis_gives_the_local_results(default_study, on_slurm):
     kinds = [s.kind for s in on_slurm["submitted"]]
     assert kinds == ["extract", "analyze"], on_slurm["lines"]
     extract_id = on_slurm["submitted"][0].job_id
@@ -62,11 +66,11 @@ def test_sbatch_array_then_dependent_analysis_gives_the_local_results(local, on_
     logs = on_slurm["results"] / "default" / "slurm" / "logs"
     assert len(list(logs.glob(f"extract-{extract_id}_*.out"))) == 4
     assert "LocalCluster" in next(logs.glob("analyze-*.out")).read_text()
-    pairs = study_pairs(local["study"])
-    load = {name: analyze.load_results(local["results"] / "default" / name) for name, _ in pairs}
+    pairs = study_pairs(default_study["study"])
+    load = {name: analyze.load_results(default_study["results"] / "default" / name) for name, _ in pairs}
     remote = {name: analyze.load_results(on_slurm["results"] / "default" / name) for name, _ in pairs}
     assert_same_results(load, remote, pairs)
-    assert_same_summary(on_slurm["results"] / "default" / "summary.csv", local["results"] / "default" / "summary.csv")
+    assert_same_summary(on_slurm["results"] / "default" / "summary.csv", default_study["results"] / "default" / "summary.csv")
 
 
 def assert_same_summary(path_a, path_b):
@@ -104,14 +108,50 @@ def run_study_loaded(on_slurm):
     return load_study(DEFAULT, cache=on_slurm["cache"], results=on_slurm["results"])
 
 
-def test_dask_jobqueue_workers_as_slurm_jobs(local, tmp_path):
+@pytest.mark.timeout(JOB_TIMEOUT)  # a worker job stuck in PENDING: the failure report shows squeue (conftest.py)
+def test_dask_jobqueue_workers_as_slurm_jobs(default_study, tmp_path):
     """``--dask-cluster slurm``: dask-jobqueue submits the Dask workers as SLURM jobs."""
     results = tmp_path / "results"
-    shutil.copytree(local["results"] / "default" / "runs", results / "default" / "runs")
+    shutil.copytree(default_study["results"] / "default" / "runs", results / "default" / "runs")
     lines = []
-    out = run_study(DEFAULT, "analyze", cache=local["cache"], results=results, dask_cluster="slurm",
+    out = run_study(DEFAULT, "analyze", cache=default_study["cache"], results=results, dask_cluster="slurm",
                     dask_workers=2, progress=False, say=lines.append)
     assert any("SLURMCluster, 2 worker jobs" in line for line in lines), lines
-    pairs = study_pairs(local["study"])
-    reference = {name: analyze.load_results(local["results"] / "default" / name) for name, _ in pairs}
+    pairs = study_pairs(default_study["study"])
+    reference = {name: analyze.load_results(default_study["results"] / "default" / name) for name, _ in pairs}
     assert_same_results(reference, out, pairs)
+
+
+def test_a_job_refused_by_sbatch_is_one_line_naming_the_script(default_study, tmp_path):
+    """A partition this cluster does not have: sbatch refuses the job, the study says which and why."""
+    with pytest.raises(PipelineError, match=r"sbatch extract.sh failed: .*[Ii]nvalid partition") as err:
+        run_study(DEFAULT, "extract", slurm=True, slurm_options={"partition": "no-such-partition"},
+                  cache=tmp_path / "cache", results=tmp_path / "results", say=lambda line: None)
+    assert "\n" not in str(err.value)
+
+
+BROKEN = """\
+study: broken
+extract: {dataset: digits, batch_size: 64, limit: 128, device: cuda}
+runs:
+  mlp: zoo:mlp2?seed=0
+"""
+
+
+def test_a_failed_job_fails_the_study_naming_its_state_and_logs(zoo_cache, tmp_path):
+    """A task that fails on the node (--device cuda where there is no GPU): the submission that
+    waits for it raises, naming the job, its state and the log directory, and the log says why."""
+    from ckapipe.devices import gpu_available
+
+    if gpu_available("torch"):  # the cluster is this machine
+        pytest.skip("this node has a GPU: --device cuda would not fail")
+    pipeline = tmp_path / "broken.yaml"
+    pipeline.write_text(BROKEN)
+    copy_models(zoo_cache, tmp_path / "cache")
+    lines = []
+    with pytest.raises(PipelineError, match=r"SLURM extract job \d+ \(FAILED\) did not complete: see .*logs") as err:
+        run_study(pipeline, "extract", slurm=True, wait=True, cache=tmp_path / "cache", results=tmp_path / "results",
+                  say=lines.append)
+    assert "\n" not in str(err.value)
+    (log,) = (tmp_path / "results" / "broken" / "slurm" / "logs").glob("extract-*.out")
+    assert "ckapipe: error: --device cuda needs a CUDA GPU" in log.read_text(), log.read_text()

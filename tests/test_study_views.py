@@ -24,7 +24,7 @@ from ckapipe.analyze import load_results
 from ckapipe.analyze import views
 from ckapipe.pipelines import run_study
 from ckapipe.pipelines.study import PipelineError, load_study
-from tests.pipeline_helpers import REPO, default_study
+from tests import REPO
 
 EXAMPLES = REPO / "pipelines" / "examples"
 TEACHER = EXAMPLES / "teacher-students-digits.yaml"
@@ -32,8 +32,8 @@ ENSEMBLE = EXAMPLES / "ensemble.yaml"
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    return default_study(tmp_path_factory.getbasetemp() / "default-study")
+def study(default_study):
+    return default_study
 
 
 def run_example(path: Path, study, base: Path) -> Path:

@@ -13,7 +13,7 @@ import zarr
 
 from ckapipe.errors import PipelineError
 from ckapipe.pipelines.study import load_study
-from tests._analyze_stores import minibatch_cka_reference
+from tests.reference import minibatch_cka_reference
 
 torch = pytest.importorskip("torch")
 

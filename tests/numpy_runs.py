@@ -1,4 +1,4 @@
-"""Run stores written directly from NumPy arrays, for the analysis tests (no torch)."""
+"""Run stores written directly from NumPy arrays, for the analysis and store tests (no torch)."""
 
 from __future__ import annotations
 
@@ -39,42 +39,6 @@ def make_run(cache, name, layers, m, sample_ids=None, complete=True, chunks=None
         run.refresh_status()
         assert run.status == COMPLETE
     return run
-
-
-def hsic1_reference(k, l):
-    """Song et al. (2012), eq. 5, with explicit traces and ones vectors, in float64:
-
-    HSIC_1 = [tr(K~L~) + 1ᵀK~1 1ᵀL~1 / ((m-1)(m-2)) - 2/(m-2) 1ᵀK~L~1] / (m(m-3)),
-    K~, L~ = K, L with the diagonal set to zero.
-    """
-    k = np.array(k, dtype=np.float64)
-    l = np.array(l, dtype=np.float64)
-    np.fill_diagonal(k, 0)
-    np.fill_diagonal(l, 0)
-    m = k.shape[0]
-    one = np.ones((m, 1))
-    value = (
-        np.trace(k @ l)
-        + (one.T @ k @ one).item() * (one.T @ l @ one).item() / ((m - 1) * (m - 2))
-        - 2.0 / (m - 2) * (one.T @ k @ l @ one).item()
-    )
-    return value / (m * (m - 3))
-
-
-def minibatch_cka_reference(x, y, m, minibatches=None, y_minibatches=None):
-    """Nguyen et al. (2021): sum of HSIC_1 over minibatches of m rows, linear kernel, float64."""
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    ks = range(min(len(x), len(y)) // m) if minibatches is None else minibatches
-    s_xy = s_xx = s_yy = 0.0
-    for k in ks:
-        a = x[k * m:(k + 1) * m]
-        b = y[k * m:(k + 1) * m]
-        K, L = a @ a.T, b @ b.T
-        s_xy += hsic1_reference(K, L)
-        s_xx += hsic1_reference(K, K)
-        s_yy += hsic1_reference(L, L)
-    return s_xy / np.sqrt(s_xx * s_yy)
 
 
 def random_layers(rng, n, dims, offset=0.0):

@@ -1,10 +1,15 @@
-"""Small models for the extraction tests, importable as ``tests.extract_fixtures:NAME``
-(model specs of the ``package.module:factory`` kind, also from a subprocess)."""
+"""The models and datasets that the tests name by spec: ``tests.spec_factories:NAME[?key=value]``.
+
+Model specs and dataset specs of the ``package.module:callable`` kind resolve to
+the factories below, in the test process and in subprocesses and SLURM jobs alike.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -78,6 +83,29 @@ class Poison(nn.Module):
         return torch.where(hit, torch.full_like(out, self.value), out)
 
 
+class Flaky(nn.Module):
+    """An MLP on digits whose layer ``fault`` outputs NaN while the file ``flag`` exists: a fault that
+    goes away (a rerun after it is fixed extracts the same run: the file's path is not a weight)."""
+
+    def __init__(self, flag: str):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.fault = NanWhile(flag)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.fault(self.body(x)))
+
+
+class NanWhile(nn.Module):
+    def __init__(self, flag: str):
+        super().__init__()
+        self.flag = flag
+
+    def forward(self, x):
+        return torch.full_like(x, float("nan")) if os.path.exists(self.flag) else x
+
+
 class Structured(nn.Module):
     """Outputs of every shape the hooks must handle: tuples, dicts, tokens, None."""
 
@@ -122,6 +150,11 @@ def poisoned(value: float = float("nan")):
     return Poisoned(value)
 
 
+def flaky(flag: str):
+    torch.manual_seed(0)
+    return Flaky(flag)
+
+
 def structured():
     return Structured()
 
@@ -149,3 +182,43 @@ def tokens():
 def token_rows(n: int = 8):
     """Variable-length token rows with labels, as a tokenized HF dataset gives them."""
     return [{"input_ids": list(range(1, 2 + i % 4)), "attention_mask": [1] * (1 + i % 4), "label": i % 2} for i in range(n)]
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def pairs(n: int):
+    """(input, label) pairs: item i is the input (i, i)."""
+    return [(torch.full((2,), float(i)), i % 3) for i in range(n)]
+
+
+def two_token_rows():
+    """Two token rows of unequal length with labels (padded per batch)."""
+    return [
+        {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "label": 0},
+        {"input_ids": [8], "attention_mask": [1], "label": 1},
+    ]
+
+
+def ramp_array(n: int = 12, d: int = 3):
+    """A NumPy array of inputs: row i is i, i + 1/d, ..."""
+    return np.arange(n * d, dtype=np.float32).reshape(n, d) / d
+
+
+def ramp_tensor(n: int = 12, d: int = 3):
+    """The same inputs as a torch tensor."""
+    return torch.from_numpy(ramp_array(n, d))
+
+
+def not_a_dataset():
+    return 42
+
+
+def flat():
+    """Inputs flattened: what the model sees, stored as layer "0"."""
+    return nn.Sequential(nn.Flatten())
+
+
+def gray_tensor(image):
+    """A transform callable: a PIL image -> its mean over colours, (1, H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32).mean(axis=2)[None] / 255)
