@@ -138,12 +138,15 @@ class ChunkWriter:
             self.progress.update(rows, f"{rate:.1f} MB/s")
 
     def _put_stop(self) -> None:
+        """A stop signal behind the queued chunks; they are dropped only after an error (a close
+        that drained a queue full of good chunks left them unwritten, the run silently incomplete)."""
         while True:
             try:
                 self.queue.put(None, timeout=0.1)
                 return
             except queue.Full:
-                self._drain()
+                if self.error is not None:
+                    self._drain()
 
     def _drain(self) -> None:
         try:
