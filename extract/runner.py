@@ -21,9 +21,10 @@ from ckapipe import store
 from ckapipe.blas import single_threaded_blas
 from ckapipe.codecs import DEFAULT_COMPRESSION, compressors
 from ckapipe.devices import resolve_device
-from ckapipe.errors import ActivationError, CkapipeError
-from ckapipe.extract.datasets import LoadedDataset, load_dataset
+from ckapipe.errors import ActivationError, CkapipeError, DataError
+from ckapipe.extract.datasets import load_dataset
 from ckapipe.extract.layers import default_selection, observe, parse_selection, prepare
+from ckapipe.extract.minibatches import Minibatches, minibatches, rows_of, sample_order  # noqa: F401 - sample_order: API
 from ckapipe.extract.models import LoadedModel, load_model, weights_hash
 from ckapipe.extract.writer import ChunkWriter, compute_grams, device_grams, write_grams
 from ckapipe.kernels import check_minibatch_size
@@ -35,11 +36,11 @@ PROBE_BATCH = 4
 
 def extract_run(
     model: str | nn.Module,
-    dataset: str,
+    dataset,
     layers: Sequence[str] | str | None = None,
     *,
     cache: str | os.PathLike,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     order_seed: int = 0,
     dtype: str = "float32",
     device: str = "auto",
@@ -55,9 +56,14 @@ def extract_run(
     compression: str = DEFAULT_COMPRESSION,
     workers: int = 0,
     writer_threads: int = 2,
+    data_name: str | None = None,
 ) -> Path:
     """Extract (or resume, or find cached) one run; return the path of its store.
 
+    ``dataset``: a dataset spec, or a DataLoader, map-style Dataset, tensor or array
+    (see ckapipe.extract.minibatches; ``data_name`` names such data, else its key holds
+    the sha256 of its inputs, one pass over the data). ``batch_size`` defaults to a
+    DataLoader's, else 256.
     ``layers``: selection items ``PATTERN[@SELECT][:REDUCTION]`` (see extract.layers),
     default the model's top-level children. ``chunks=(A, B)`` extracts minibatches
     A..B-1 only (disjoint ranges may run side by side); ``share=(i, n)`` extracts
@@ -65,34 +71,45 @@ def extract_run(
     cache for m = batch_size while the activations are in memory; ``grams_only``
     keeps only the Grams (no activation arrays), never the default.
     """
-    check_minibatch_size(batch_size)
+    if batch_size is not None:
+        check_minibatch_size(batch_size)
     store.check_dtype(dtype)
     codecs = compressors(compression)
     store.ensure_cache(cache)  # an unwritable cache fails before any model is loaded
     loaded = _model(model, cache, random_init)
-    data = load_dataset(dataset)
-    if limit is not None and limit >= len(data):
-        limit = None  # the whole dataset: the same run as without a limit
-    order = sample_order(len(data), order_seed, limit)
+    feed = minibatches(dataset, batch_size, order_seed=order_seed, limit=limit, name=data_name, workers=workers)
     device = torch.device(resolve_device(device, "torch"))
     module = loaded.module.to(device)
-    selections = parse_selection([layers] if isinstance(layers, str) else layers, reduction) if layers else default_selection(module, reduction)
-    probe_inputs = to_device(next(data.batches([order[:PROBE_BATCH]])), device)
-    recorder, infos = prepare(module, selections, probe_inputs, min(PROBE_BATCH, len(order)))
-    spec = store.RunSpec(
-        model=loaded.spec, weights_hash=loaded.weights_hash, dataset=data.spec, transform=data.transform,
-        order_seed=order_seed, batch_size=batch_size, layers=tuple(recorder.specs[n] for n in infos),
-        dtype=dtype, limit=limit, grams_only=grams_only, name=name,
-    )
-    run = store.create_run(cache, spec, order, infos, compressors=codecs)
+    recorder, infos = probe_layers(module, layers, reduction, feed, device)
+    spec = run_spec(loaded, feed, tuple(recorder.specs[n] for n in infos), dtype=dtype, grams_only=grams_only, name=name)
+    run = store.create_run(cache, spec, feed.sample_ids, infos, compressors=codecs)
     want_grams = grams or grams_only
     span = store.share_range(*share, run.n_chunks) if share else chunk_range(chunks, run.n_chunks)
     if _is_cached(run, span, want_grams):
         run.refresh_status()  # a process killed after its last marker left the status behind
         return run.path
     with writer_lock(run.path, span):
-        _extract_chunks(run, recorder, data, order, span, device, dtype, want_grams, progress, workers, writer_threads)
+        if "data" not in run.meta:
+            run.set_meta(data=feed.provenance())
+        _extract_chunks(run, recorder, feed, span, device, dtype, want_grams, progress, writer_threads)
     return run.path
+
+
+def probe_layers(module: nn.Module, layers, reduction: str, feed: Minibatches, device):
+    """The selection checked against the module, then one probe forward: a Recorder and the layers' shapes."""
+    selections = parse_selection([layers] if isinstance(layers, str) else layers, reduction) if layers else default_selection(module, reduction)
+    probe_inputs = to_device(feed.probe(PROBE_BATCH), device)
+    return prepare(module, selections, probe_inputs, rows_of(probe_inputs))
+
+
+def run_spec(loaded: LoadedModel, feed: Minibatches, layers: tuple[store.LayerSpec, ...], *, dtype: str = "float32",
+             grams_only: bool = False, name: str | None = None) -> store.RunSpec:
+    """The run of one model over the data: everything its key holds (the data's identity may take a pass)."""
+    return store.RunSpec(
+        model=loaded.spec, weights_hash=loaded.weights_hash, dataset=feed.identity(), transform=feed.transform,
+        order_seed=feed.order_seed, batch_size=feed.m, layers=layers, dtype=dtype, limit=feed.limit,
+        grams_only=grams_only, name=name,
+    )
 
 
 def list_layers(model: str | nn.Module, dataset: str | None = None, *, cache: str | os.PathLike = "cache",
@@ -111,16 +128,6 @@ def list_layers(model: str | nn.Module, dataset: str | None = None, *, cache: st
 # --------------------------------------------------------------------------- steps
 
 
-def sample_order(n: int, order_seed: int, limit: int | None) -> np.ndarray:
-    """The dataset indices in stored order: a permutation from the order seed, cut to ``limit``."""
-    order = np.random.default_rng(order_seed).permutation(n)
-    if limit is not None:
-        if limit < 1:
-            raise CkapipeError(f"--limit {limit} must be positive")
-        order = order[:limit]
-    return order
-
-
 def chunk_range(chunks: tuple[int, int] | None, n_chunks: int) -> range:
     """Minibatches this process extracts: all of them, or ``A:B`` clipped to the run."""
     if chunks is None:
@@ -137,7 +144,7 @@ def to_device(inputs: Any, device: torch.device) -> Any:
     return inputs.to(device, non_blocking=True) if isinstance(inputs, torch.Tensor) else inputs
 
 
-def _extract_chunks(run, recorder, data: LoadedDataset, order, span, device, dtype, want_grams, progress, workers, threads) -> None:
+def _extract_chunks(run, recorder, feed: Minibatches, span, device, dtype, want_grams, progress, threads) -> None:
     """Forward every missing minibatch of ``span`` and hand it to the writers."""
     if run.status == store.FAILED:
         run.set_meta(status=store.IN_PROGRESS, error=None)
@@ -151,13 +158,12 @@ def _extract_chunks(run, recorder, data: LoadedDataset, order, span, device, dty
     bar = Progress(rows, f"extract {run.slug}", "samples", enabled=progress)
     writer = ChunkWriter(run, dtype=dtype, grams=gram_cache, threads=threads, progress=bar)
     try:
-        batches = data.batches((order[run.chunk_slice(k)] for k in todo), workers)
         with recorder.hooked(), single_threaded_blas(gram_cache is not None):
-            for k, inputs in zip(todo, batches):
+            for k, inputs in feed.batches(todo, verify=True):
                 features = recorder.forward(to_device(inputs, device))
                 writer.submit(k, features, device_grams(features) if gram_cache is not None else None)
         writer.close()
-    except ActivationError as err:
+    except (ActivationError, DataError) as err:
         writer.abort()
         run.set_meta(status=store.FAILED, error=str(err))
         raise
