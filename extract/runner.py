@@ -76,11 +76,11 @@ def extract_run(
     store.check_dtype(dtype)
     codecs = compressors(compression)
     store.ensure_cache(cache)  # an unwritable cache fails before any model is loaded
-    loaded = _model(model, cache, random_init)
+    loaded = resolve_model(model, cache, random_init)
     feed = minibatches(dataset, batch_size, order_seed=order_seed, limit=limit, name=data_name, workers=workers)
     device = torch.device(resolve_device(device, "torch"))
     module = loaded.module.to(device)
-    recorder, infos = probe_layers(module, layers, reduction, feed, device)
+    recorder, infos = probe_layers(module, layers, reduction, to_device(feed.probe(PROBE_BATCH), device))
     spec = run_spec(loaded, feed, tuple(recorder.specs[n] for n in infos), dtype=dtype, grams_only=grams_only, name=name)
     run = store.create_run(cache, spec, feed.sample_ids, infos, compressors=codecs)
     want_grams = grams or grams_only
@@ -95,10 +95,9 @@ def extract_run(
     return run.path
 
 
-def probe_layers(module: nn.Module, layers, reduction: str, feed: Minibatches, device):
+def probe_layers(module: nn.Module, layers, reduction: str, probe_inputs):
     """The selection checked against the module, then one probe forward: a Recorder and the layers' shapes."""
     selections = parse_selection([layers] if isinstance(layers, str) else layers, reduction) if layers else default_selection(module, reduction)
-    probe_inputs = to_device(feed.probe(PROBE_BATCH), device)
     return prepare(module, selections, probe_inputs, rows_of(probe_inputs))
 
 
@@ -119,7 +118,7 @@ def list_layers(model: str | nn.Module, dataset: str | None = None, *, cache: st
     Inputs come from ``dataset`` (first samples); without one, digits for zoo
     networks, token ids for hf models, and 3 × 224 × 224 images otherwise.
     """
-    loaded = _model(model, cache, random_init)
+    loaded = resolve_model(model, cache, random_init)
     inputs = next(load_dataset(dataset).batches([np.arange(2)])) if dataset else _example_inputs(loaded.spec)
     rows = observe(loaded.module, inputs)
     return rows if with_types else [(name, shape) for name, _, shape in rows]
@@ -191,7 +190,8 @@ def _is_cached(run, span: range, want_grams: bool) -> bool:
     return bool(grams.done()[span.start:span.stop].all())
 
 
-def _model(model: str | nn.Module, cache, random_init: bool) -> LoadedModel:
+def resolve_model(model: str | nn.Module, cache, random_init: bool = False) -> LoadedModel:
+    """A model spec loaded (zoo weights trained into ``cache``), or an nn.Module as given, in eval mode, with its weights hash."""
     if isinstance(model, nn.Module):
         cls = type(model)
         return LoadedModel(model.eval(), f"module:{cls.__module__}.{cls.__qualname__}", weights_hash(model))
