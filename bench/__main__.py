@@ -23,8 +23,11 @@ from pathlib import Path
 
 from bench.common import machine, markdown, print_row, require_torchvision, write_table
 
-FULL = {"G": 10240, "W1": 10240, "W2": 2560, "W3": 10240, "W4": [2560, 5120, 10240, 20480]}
-REDUCED = {"G": 2560, "W1": 5120, "W2": 512, "W3": 2048, "W4": [2560, 5120, 10240, 20480]}
+FULL = {"G": 10240, "W1": 10240, "W2": 2560, "W3": 10240, "W4": [2560, 5120, 10240, 20480],
+        "F1": 10240, "F2": 2560, "F3": 10240, "F4": [2560, 5120, 10240, 20480]}
+REDUCED = {"G": 2560, "W1": 5120, "W2": 512, "W3": 2048, "W4": [2560, 5120, 10240, 20480],
+           "F1": 2048, "F2": 256, "F3": 1024, "F4": [1024, 4096]}
+COMPARE_TARGETS = {"cpu": (">= 1.3", ">= 8"), "cuda": (">= 3", ">= 10")}  # compare vs torch-cka, W1 and W3 (issue 10)
 PAIR = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0))
 SIX = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0), ("resnet50", "resnet50", 0),
        ("wide_resnet50_2", "wide_resnet50_2", 0), ("resnet18-seed1", "resnet18", 1), ("resnet18-seed2", "resnet18", 2))
@@ -34,9 +37,10 @@ def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", default=os.environ.get("CKAPIPE_BENCH_FULL") == "1",
                         help="issue 5's sizes (N = 10,240; W2 2,560 at 224 px): for a GPU machine")
-    parser.add_argument("--only", default="C,E,A,G,W1,W2,W3,W4",
+    parser.add_argument("--only", default="C,E,A,G,W1,W2,W3,W4,F1,F2,F3,F4",
                         help="comma-separated pieces: C (codecs), E (extraction vs forward, digits), "
-                             "A (float32 accuracy against an offset), G (Grams filled at extraction), W1..W4")
+                             "A (float32 accuracy against an offset), G (Grams filled at extraction), W1..W4, "
+                             "F1..F4 (compare end to end: W1 and W3 speed, W1 and W2 accuracy, W4 memory)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", default="bench-results")
     return parser.parse_args(argv)
@@ -46,8 +50,11 @@ def pieces(sizes: dict, device: str, workdir: Path) -> dict:
     """Each piece of the suite: a callable returning its rows."""
     from bench.accuracy import offset_rows
     from bench.bench_extract import compression_rows, extraction_rows
+    from bench.front import accuracy_rows, front_rows, memory_rows
     from bench.grams import gram_rows
     from bench.workloads import Study, run_study, scaling
+
+    two, six = COMPARE_TARGETS[device]
 
     return {
         "C": lambda: compression_rows(workdir / "C"),
@@ -58,6 +65,11 @@ def pieces(sizes: dict, device: str, workdir: Path) -> dict:
         "W2": lambda: run_study(Study("W2", PAIR, sizes["W2"], 224, device, rounds=1), workdir),
         "W3": lambda: run_study(Study("W3", SIX, sizes["W3"], 32, device, end_to_end_target=">= 10"), workdir),
         "W4": lambda: scaling(Study("W4", PAIR, 0, 32, device), sizes["W4"], workdir),
+        "F1": lambda: (front_rows(Study("W1", PAIR, sizes["F1"], 32, device, end_to_end_target=two))
+                       + accuracy_rows(Study("W1", PAIR, sizes["F1"], 32, device), workdir)),
+        "F2": lambda: accuracy_rows(Study("W2", PAIR, sizes["F2"], 224, device), workdir),
+        "F3": lambda: front_rows(Study("W3", SIX, sizes["F3"], 32, device, end_to_end_target=six), torch_cka_rounds=1),
+        "F4": lambda: memory_rows(Study("W4", PAIR, 0, 32, device), sizes["F4"], workdir),
     }
 
 

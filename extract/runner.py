@@ -10,6 +10,7 @@ order seed, through background writers.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -96,9 +97,25 @@ def extract_run(
 
 
 def probe_layers(module: nn.Module, layers, reduction: str, probe_inputs):
-    """The selection checked against the module, then one probe forward: a Recorder and the layers' shapes."""
+    """The selection checked against the module, then one probe forward: a Recorder and the layers' shapes.
+
+    The probe's few samples run on one CPU thread: they gain nothing from more, and on a busy
+    machine every operator's thread barrier costs more than the operator.
+    """
     selections = parse_selection([layers] if isinstance(layers, str) else layers, reduction) if layers else default_selection(module, reduction)
-    return prepare(module, selections, probe_inputs, rows_of(probe_inputs))
+    with torch_threads(1):
+        return prepare(module, selections, probe_inputs, rows_of(probe_inputs))
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's CPU threads set to n inside the block (torch's setting is the process's), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_spec(loaded: LoadedModel, feed: Minibatches, layers: tuple[store.LayerSpec, ...], *, dtype: str = "float32",
@@ -190,11 +207,13 @@ def _is_cached(run, span: range, want_grams: bool) -> bool:
     return bool(grams.done()[span.start:span.stop].all())
 
 
-def resolve_model(model: str | nn.Module, cache, random_init: bool = False) -> LoadedModel:
-    """A model spec loaded (zoo weights trained into ``cache``), or an nn.Module as given, in eval mode, with its weights hash."""
+def resolve_model(model: str | nn.Module, cache, random_init: bool = False, hash_weights: bool = True) -> LoadedModel:
+    """A model spec loaded (zoo weights trained into ``cache``), or an nn.Module as given, in eval mode, with its
+    weights hash (an nn.Module's only when ``hash_weights``: a pass over its weights that only run keys need)."""
     if isinstance(model, nn.Module):
         cls = type(model)
-        return LoadedModel(model.eval(), f"module:{cls.__module__}.{cls.__qualname__}", weights_hash(model))
+        digest = weights_hash(model) if hash_weights else ""
+        return LoadedModel(model.eval(), f"module:{cls.__module__}.{cls.__qualname__}", digest)
     return load_model(model, cache=cache, random_init=random_init)
 
 

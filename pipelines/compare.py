@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -34,6 +35,7 @@ from torch import nn
 from ckapipe import store
 from ckapipe.analyze.grams import RunSource, create_gram_caches, plan_source, run_triangles
 from ckapipe.analyze.results import Results, RunEntry, check_out, write_results
+from ckapipe.blas import single_threaded_blas
 from ckapipe.devices import resolve_device
 from ckapipe.errors import ActivationError, CkapipeError, DataError, StoreError
 from ckapipe.extract.layers import Recorder
@@ -201,7 +203,8 @@ def layer_selections(layers, names: list[str]) -> dict[str, Any]:
 
 def member(label, named, model, layers, reduction, probe_inputs, device, cache, random_init) -> Member:
     """A model ready to hand its features to the kernels: loaded, on the device, its layers checked and probed."""
-    loaded = resolve_model(model, cache if cache is not None else store.default_cache(), random_init)
+    loaded = resolve_model(model, cache if cache is not None else store.default_cache(), random_init,
+                           hash_weights=cache is not None)
     module = loaded.module.to(device)
     try:
         recorder, infos = probe_layers(module, layers, reduction, probe_inputs)
@@ -266,11 +269,12 @@ def one_pass(members: list[Member], feed: Minibatches, device, precision: str, p
                 m.writer = ChunkWriter(m.run, dtype="float32", grams=m.run.grams(feed.m, create=True))
         batches = feed.batches(verify=True) if running else ((k, None) for k in range(n))
         with contextlib.ExitStack() as hooks:
+            grams = hooks.enter_context(layer_grams(xp, precision))
             for m in running:
                 hooks.enter_context(m.recorder.hooked())
             for k, inputs in batches:
                 inputs = to_device(inputs, device) if running else None
-                parts = [member_triangles(m, k, inputs, feed.m, xp, precision) for m in members]
+                parts = [member_triangles(m, k, inputs, feed.m, xp, grams) for m in members]
                 hsic[k] = to_host(hsic1_matrix(xp.concatenate(parts)))
                 if not np.isfinite(hsic[k]).all():
                     raise ActivationError(not_finite(members, parts, k))
@@ -291,14 +295,34 @@ def one_pass(members: list[Member], feed: Minibatches, device, precision: str, p
     return hsic
 
 
-def member_triangles(m: Member, k: int, inputs, batch: int, xp, precision: str):
+@contextlib.contextmanager
+def layer_grams(xp, precision: str):
+    """A function: the features of every layer of one model (a list) -> their stacked Gram triangles.
+
+    On the GPU the kernels are queued one layer after another. On the CPU the layers go to as many
+    threads as torch uses for the forward pass, each with one BLAS thread: a multi-threaded BLAS
+    call waits for all its threads at every step, which on a busy machine costs more than the product.
+    """
+    if xp is not np:
+        yield lambda arrays: xp.stack([ucentered_gram(x, precision) for x in arrays])
+        return
+    with single_threaded_blas(True), ThreadPoolExecutor(max(1, torch.get_num_threads()), "ckapipe-gram") as pool:
+        def grams(arrays):
+            order = sorted(range(len(arrays)), key=lambda i: -arrays[i].size)  # the largest first: even shares
+            done = dict(zip(order, pool.map(lambda i: ucentered_gram(arrays[i], precision), order)))
+            return np.stack([done[i] for i in range(len(arrays))])
+
+        yield grams
+
+
+def member_triangles(m: Member, k: int, inputs, batch: int, xp, grams):
     """(layers, m(m-1)/2) U-centred Gram triangles of one model's layers for minibatch k, on the device:
     read from its cached run, or from its forward pass (and handed to its run's writer)."""
     if not m.runs_model:
         return run_triangles(m.source, [k], batch, xp)[0]
     features = m.recorder.forward(inputs)
     arrays = feature_arrays(features)
-    triangles = xp.stack([ucentered_gram(arrays[name], precision) for name in m.layers])
+    triangles = grams([arrays[name] for name in m.layers])
     del arrays
     if m.writer is not None:
         host = to_host(triangles)
