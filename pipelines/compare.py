@@ -269,6 +269,8 @@ def one_pass(members: list[Member], feed: Minibatches, device, precision: str, p
                 m.writer = ChunkWriter(m.run, dtype="float32", grams=m.run.grams(feed.m, create=True))
         batches = feed.batches(verify=True) if running else ((k, None) for k in range(n))
         with contextlib.ExitStack() as hooks:
+            if xp is not np:  # CuPy's kernels on the features' GPU
+                hooks.enter_context(xp.cuda.Device(device.index or 0))
             grams = hooks.enter_context(layer_grams(xp, precision))
             for m in running:
                 hooks.enter_context(m.recorder.hooked())
