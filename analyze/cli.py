@@ -46,12 +46,13 @@ def analyze(cache, runs, out, pair_by_position, batch_size, device, scheduler, s
 @click.option("--pair", nargs=2, default=None, metavar="A B", help="Runs of the per-minibatch view (default: first two).")
 @click.option("--layers", nargs=2, default=None, metavar="LA LB", help="Layer pair of the per-minibatch view.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the figures (default: RESULTS/plots).")
+@click.option("--format", "formats", default="png,pdf", show_default=True, help="Figure formats, comma-separated (png, pdf, svg, ...).")
 @quiet_option
-def plot(results, pair, layers, out_dir, quiet):
-    """Heatmaps (PNG and PDF) of a results directory, and per-minibatch CKA of one layer pair."""
+def plot(results, pair, layers, out_dir, formats, quiet):
+    """Heatmaps of a results directory, and per-minibatch CKA of one layer pair."""
     from ckapipe.analyze import plot_results
 
-    paths = plot_results(results, out_dir, pair=pair, layers=layers)
+    paths = plot_results(results, out_dir, pair=pair, layers=layers, formats=formats)
     if not quiet:
         for path in paths:
             click.echo(str(path))

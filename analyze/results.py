@@ -1,38 +1,48 @@
-"""The results of one analysis: per-minibatch HSIC of every layer pair, CKA, exports.
+"""The results of one analysis or compare: per-minibatch HSIC of every layer pair, CKA, exports.
 
-Results store (a Zarr v3 group; readable with plain ``zarr``)::
+``compare``, ``analyze`` and ``load_results`` all return ``Results``. Its labelled views are
+xarray objects (see ckapipe.analyze.labelled): ``res.cka`` (a, b) and ``res.minibatch_cka``
+(minibatch, a, b), each side indexed by (run, layer); ``res.to_xarray()`` is the Dataset,
+``res.to_dataframe()`` a tidy table.
+
+Results store (a Zarr v3 group written by xarray: ``xarray.open_zarr(OUT)`` opens it, plain
+``zarr`` reads it)::
 
     OUT/
       zarr.json        attrs["ckapipe_results"]: runs (name, slug, key, path,
-                       layers), m, pairing, minibatches used, notes, versions
-      hsic             float64 (n_minibatches, L, L): HSIC_1 of every pair of the
-                       L layers of all runs stacked in run order, per minibatch
-      minibatches      int64 (n_minibatches,): the minibatch index k of each row
-      hsic_sum         float64 (L, L): the sums over minibatches
-      cka              float64 (L, L): S_ab / sqrt(S_aa S_bb); attrs["labels"]
+                       layers), m, pairing, minibatches used, notes, versions;
+                       consolidated metadata of the arrays
+      hsic             float64 (minibatch, a, b): HSIC_1 of every pair of the L layers
+                       of all runs stacked in run order, per minibatch
+      minibatch        int64 (minibatch,): the minibatch index k of each row
+      run_a, layer_a   str (a,): run label and layer name of each stacked layer (and run_b, layer_b)
+      hsic_sum         float64 (a, b): the sums over minibatches
+      cka              float64 (a, b): S_ab / sqrt(S_aa S_bb)
+      minibatch_cka    float64 (minibatch, a, b): CKA within each minibatch
+      measure_cka      float64 (measure, a, b), with ``--measure``: the CKA-like matrix of every measure
+      measure_stats    float64 (measure, minibatch, a, b): the per-minibatch statistic of every measure
+                       (``analyze.measures``), the first one's = hsic
+      rankme           float64 (minibatch, a), with ``--rankme``: RankMe of every layer per minibatch
       cka.json         every pair of runs: layer names, CKA matrix, HSIC sums
       cka.csv          long form: run_a, layer_a, run_b, layer_b, cka, hsic_ab, hsic_aa, hsic_bb
-                       (then one column per other measure)
       summary.txt      best-matching layer per layer
-      measure_stats    float64 (measures, n_minibatches, L, L), with ``--measure``: the per-minibatch
-                       statistic of every measure (``analyze.measures``), the first one's = hsic;
-                       attrs["measures"]: their names
-      measure_values   float64 (measures, L, L): the CKA-like matrix of every measure
-      rankme           float64 (n_minibatches, L), with ``--rankme``: RankMe of every layer per minibatch
 
-Everything but ``hsic``, ``measure_stats``, ``rankme`` and ``minibatches`` is derived from them.
+Everything but ``hsic``, ``measure_stats``, ``rankme`` and ``minibatch`` is derived from them. Stores of version 1 (an
+array ``minibatches``, labels in attributes) still load.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+
 import numpy as np
 import zarr
 
@@ -42,8 +52,9 @@ from ckapipe.errors import CkapipeError, suggest
 from ckapipe.store import library_versions, now
 
 ATTRS = "ckapipe_results"
-RESULTS_VERSION = 1
-ANALYSIS_LIBRARIES = ("ckapipe", "numpy", "zarr", "dask", "cupy-cuda12x")
+RESULTS_VERSION = 2  # 2: written by xarray, (run, layer) coordinates, "minibatch" instead of "minibatches"
+ANALYSIS_LIBRARIES = ("ckapipe", "numpy", "zarr", "dask", "xarray", "cupy-cuda12x")
+COLUMNS = ["run_a", "layer_a", "run_b", "layer_b", "cka", "hsic_ab", "hsic_aa", "hsic_bb"]
 
 
 @dataclass(frozen=True)
@@ -136,7 +147,7 @@ class Results:
         """(L, L) float64 sums over minibatches of HSIC_1."""
         return self.hsic.sum(axis=0)
 
-    @cached_property
+    @property
     def cka_all(self) -> np.ndarray:
         """(L, L) minibatch CKA of every pair of stacked layers (NaN for constant layers, with a warning);
         of the first measure when several were computed."""
@@ -170,10 +181,15 @@ class Results:
             cached[name] = measure_values(parse_measure(name), self.statistics(name), self.labels)
         return cached[name]
 
-    def cka(self, a, b=None, measure=None) -> np.ndarray:
-        """(La, Lb) CKA matrix of runs a and b (b defaults to a); of ``measure`` when given."""
+    def cka_matrix(self, a, b=None, measure=None) -> np.ndarray:
+        """(La, Lb) CKA matrix of runs a and b (b defaults to a), of ``measure`` when given; also ``res.cka(a, b)``."""
         b = a if b is None else b
         return self.values(measure)[self._span(a), self._span(b)]
+
+    @cached_property
+    def minibatch_cka_all(self) -> np.ndarray:
+        """(n_minibatches, L, L) CKA within each minibatch, H_k[a, b] / sqrt(H_k[a, a] H_k[b, b]) (NaN where undefined)."""
+        return minibatch_values(self.hsic)
 
     def minibatch_rankme(self, run) -> np.ndarray:
         """(n_minibatches, La) RankMe of the run's layers in each minibatch (analyse with rankme=True)."""
@@ -196,16 +212,56 @@ class Results:
         b = a if b is None else b
         return self.hsic[:, self._span(a), self._span(b)]
 
-    def minibatch_cka(self, a, b, layer_a, layer_b, measure=None) -> np.ndarray:
-        """(n_minibatches,) CKA (or ``measure``) of one layer pair computed within each minibatch."""
+    def minibatch_cka_pair(self, a, b, layer_a, layer_b, measure=None) -> np.ndarray:
+        """(n_minibatches,) CKA (or ``measure``) of one layer pair computed within each minibatch;
+        also ``res.minibatch_cka(a, b, la, lb)``."""
         ia = self._span(a).start + self.layer_index(a, layer_a)
         ib = self._span(b).start + self.layer_index(b, layer_b)
+        if measure is None or self.measure_name(measure) == self.measures[0]:
+            return self.minibatch_cka_all[:, ia, ib]
         h = self.statistics(measure)[:, [ia, ib]][:, :, [ia, ib]]
         return minibatch_values(h)[:, 0, 1]
 
+    # ---- labelled arrays (xarray)
+    def to_xarray(self):
+        """The xarray.Dataset of these results: cka and hsic_sum (a, b), hsic and minibatch_cka
+        (minibatch, a, b); a and b indexed by (run, layer) (see ckapipe.analyze.labelled)."""
+        from ckapipe.analyze.labelled import results_dataset
+
+        runs = [name for name, r in zip(self.run_names, self.runs) for _ in r.layers]
+        layers = [layer for r in self.runs for layer in r.layers]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant layers: said once, when the CKA was computed
+            cka, per_minibatch = self.cka_all.copy(), self.minibatch_cka_all.copy()
+            measures = {name: (self.values(name).copy(), self.statistics(name).copy()) for name in self.measures}
+        return results_dataset(runs, layers, self.minibatches, self.hsic.copy(), cka, per_minibatch,
+                               {"m": self.m, "pairing": self.pairing, "notes": list(self.notes)},
+                               measures=measures if self.measures != [DEFAULT] else None, rankme=self.rankme)
+
+    @cached_property
+    def _labelled(self):
+        return self.to_xarray()
+
+    @cached_property
+    def cka(self):
+        """Minibatch CKA of every pair of layers, an xarray.DataArray (a, b), each side indexed by
+        (run, layer): ``res.cka.sel(run_a="r18", run_b="r34")`` has dims (layer_a, layer_b).
+        Called, ``res.cka(a, b)`` is the (La, Lb) NumPy matrix of runs a and b (b defaults to a)."""
+        from ckapipe.analyze.labelled import callable_array
+
+        return callable_array(self._labelled["cka"], self.cka_matrix)
+
+    @cached_property
+    def minibatch_cka(self):
+        """CKA within each minibatch, an xarray.DataArray (minibatch, a, b).
+        Called, ``res.minibatch_cka(a, b, layer_a, layer_b)`` is the (n_minibatches,) NumPy vector of one pair."""
+        from ckapipe.analyze.labelled import callable_array
+
+        return callable_array(self._labelled["minibatch_cka"], self.minibatch_cka_pair)
+
     def best_matches(self, a, b) -> list[tuple[str, str, float]]:
         """For every layer of a: the layer of b with the highest CKA (another layer when a is b)."""
-        matrix = self.cka(a, b).copy()
+        matrix = self.cka_matrix(a, b).copy()
         if self.run_index(a) == self.run_index(b):
             np.fill_diagonal(matrix, np.nan)
         names_b = self.layer_names(b)
@@ -226,9 +282,9 @@ class Results:
             pairs.append({
                 "run_a": a, "run_b": b,
                 "layers_a": self.layer_names(a), "layers_b": self.layer_names(b),
-                "cka": _nan_to_none(self.cka(a, b)),
+                "cka": _nan_to_none(self.cka_matrix(a, b)),
                 "hsic_ab": s_ab.tolist(), "hsic_aa": s_aa.tolist(), "hsic_bb": s_bb.tolist(),
-                **({"measures": {name: _nan_to_none(self.cka(a, b, name)) for name in self.measures}}
+                **({"measures": {name: _nan_to_none(self.cka_matrix(a, b, name)) for name in self.measures}}
                    if self.measures != [DEFAULT] else {}),
             })
         rankme = {"rankme": [self.layer_rankme(n).tolist() for n in self.run_names]} if self.rankme is not None else {}
@@ -249,11 +305,11 @@ class Results:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         others = self.measures[1:]
-        writer.writerow(["run_a", "layer_a", "run_b", "layer_b", "cka", "hsic_ab", "hsic_aa", "hsic_bb", *others])
+        writer.writerow([*COLUMNS, *others])
         for a, b in self.pairs():
             s_ab, s_aa, s_bb = self.hsic_sums(a, b)
-            matrix = self.cka(a, b)
-            extra = [self.cka(a, b, name) for name in others]
+            matrix = self.cka_matrix(a, b)
+            extra = [self.cka_matrix(a, b, name) for name in others]
             for i, la in enumerate(self.layer_names(a)):
                 for j, lb in enumerate(self.layer_names(b)):
                     writer.writerow([a, la, b, lb, repr(float(matrix[i, j])), repr(float(s_ab[i, j])),
@@ -263,6 +319,40 @@ class Results:
         if path is not None:
             Path(path).write_text(text)
         return text
+
+    def to_dataframe(self, all_pairs: bool = False):
+        """A tidy pandas.DataFrame, one row per pair of layers: run_a, layer_a, run_b, layer_b, cka, hsic_ab, hsic_aa, hsic_bb.
+
+        Each pair once: every layer of a with every layer of b for two runs (a before b), and
+        within a run each unordered pair of different layers. ``all_pairs`` gives every ordered
+        pair of the stacked layers instead, each layer with itself too (L² rows).
+        """
+        import pandas as pd
+
+        names = self.run_names
+        pairs = itertools.product(names, names) if all_pairs else self.pairs()
+        frames = []
+        for a, b in pairs:
+            s_ab, s_aa, s_bb = self.hsic_sums(a, b)
+            i, j = np.meshgrid(np.arange(len(s_aa)), np.arange(len(s_bb)), indexing="ij")
+            keep = (j > i) if (a == b and not all_pairs) else np.ones_like(i, dtype=bool)
+            i, j = i[keep], j[keep]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cka = self.cka_matrix(a, b)[i, j]
+            frames.append(pd.DataFrame({
+                "run_a": a, "layer_a": np.asarray(self.layer_names(a), dtype=object)[i],
+                "run_b": b, "layer_b": np.asarray(self.layer_names(b), dtype=object)[j],
+                "cka": cka, "hsic_ab": s_ab[i, j], "hsic_aa": s_aa[i], "hsic_bb": s_bb[j],
+                **{name: self.cka_matrix(a, b, name)[i, j] for name in self.measures[1:]},
+            }, columns=[*COLUMNS, *self.measures[1:]]))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*COLUMNS, *self.measures[1:]])
+
+    def plot(self, out_dir=None, **options) -> list[Path]:
+        """Write the heatmaps and the per-minibatch view (see ckapipe.analyze.plots.plot_results); the paths written."""
+        from ckapipe.analyze.plots import plot_results
+
+        return plot_results(self, out_dir, **options)
 
     def summary(self) -> str:
         """Best-matching layer per layer, for every pair of different runs (or within the one run)."""
@@ -279,7 +369,7 @@ class Results:
             width = max(len(la) for la, _, _ in matches)
             widest = max(len(lb) for _, lb, _ in matches)
             title = f"{a} -> best layer of {b}" if a != b else f"{a}: most similar other layer"
-            extra = [self.cka(a, b, name) for name in others]
+            extra = [self.cka_matrix(a, b, name) for name in others]
             ranks = self.layer_rankme(a) if self.rankme is not None else None
             lines += ["", title]
             for i, (la, lb, value) in enumerate(matches):
@@ -307,37 +397,26 @@ def write_results(results: Results, out: str | os.PathLike, overwrite: bool = Fa
 
 
 def _write_store(results: Results, tmp: Path) -> None:
-    group = zarr.open_group(tmp, mode="w")
-    L = results.hsic.shape[1]
-    group.create_array("hsic", data=results.hsic, chunks=(1, L, L))
-    group.create_array("minibatches", data=np.asarray(results.minibatches, dtype="int64"))
-    group.create_array("hsic_sum", data=results.hsic_sum)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cka_array = group.create_array("cka", data=results.cka_all)
-    cka_array.attrs["labels"] = results.labels
-    if results.measures != [DEFAULT]:
-        names = results.measures
-        stats = np.stack([results.statistics(name) for name in names])
-        group.create_array("measure_stats", data=stats, chunks=(1, 1, L, L),
-                           dimension_names=("measure", "minibatch", "layer_a", "layer_b")).attrs["measures"] = names
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            values = np.stack([results.values(name) for name in names])
-        group.create_array("measure_values", data=values, dimension_names=("measure", "layer_a", "layer_b")).attrs.update(
-            measures=names, labels=results.labels)
-    if results.rankme is not None:
-        group.create_array("rankme", data=results.rankme, dimension_names=("minibatch", "layer")).attrs["labels"] = results.labels
-    group.attrs[ATTRS] = {
+    """The arrays through xarray (dimension names, coordinates, consolidated metadata: ``xarray.open_zarr``
+    opens the directory), then the exports beside them."""
+    from ckapipe.analyze.labelled import stored
+
+    ds = stored(results.to_xarray())
+    ds.attrs = {ATTRS: {
         "results_version": RESULTS_VERSION,
         "runs": [r.to_dict() for r in results.runs],
         "inputs": results.inputs,
         "notes": results.notes,
         "created": now(),
         "versions": library_versions(ANALYSIS_LIBRARIES),
-    }
+    }}
+    per_minibatch = (1, *results.hsic.shape[1:])
+    encoding = {name: {"chunks": per_minibatch} for name in ("hsic", "minibatch_cka")}
+    if "measure_stats" in ds:
+        encoding["measure_stats"] = {"chunks": (1, *per_minibatch)}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # zarr: consolidated metadata is not (yet) in the Zarr v3 specification
+        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
         results.to_json(tmp / "cka.json")
         results.to_csv(tmp / "cka.csv")
         (tmp / "summary.txt").write_text(results.summary() + "\n")
@@ -360,12 +439,10 @@ def load_results(path: str | os.PathLike) -> Results:
     except Exception:  # noqa: BLE001
         raise CkapipeError(f"{path} is not a ckapipe results directory (written by ckapipe analyze --out)") from None
     runs = [RunEntry(r["name"], r["slug"], r["key"], tuple(r["layers"]), r.get("path", "")) for r in meta["runs"]]
-    stats = {}
-    if "measure_stats" in group:
-        array = group["measure_stats"]
-        stats = dict(zip(array.attrs["measures"], array[:]))
+    minibatches = group["minibatch"] if "minibatch" in group else group["minibatches"]  # version 1: "minibatches"
+    stats = dict(zip((str(name) for name in group["measure"][:]), group["measure_stats"][:])) if "measure_stats" in group else {}
     rankme = group["rankme"][:] if "rankme" in group else None
-    return Results(runs, group["hsic"][:], group["minibatches"][:], meta["inputs"], list(meta["notes"]), path,
+    return Results(runs, group["hsic"][:], minibatches[:], meta["inputs"], list(meta["notes"]), path,
                    measure_stats=stats, rankme=rankme)
 
 

@@ -1,6 +1,6 @@
 """One stage of W4 in a fresh interpreter, so that its peak memory is its own:
 
-    python -m bench.stage '{"stage": "extract|analyze|fill|reanalyze", "models": [...], "n": N,
+    python -m bench.stage '{"stage": "extract|analyze|fill|reanalyze|compare", "models": [...], "n": N,
                                   "size": S, "device": "cpu", "cache": DIR}'
 
 sets up malloc as the ``ckapipe`` command does (ckapipe.cli.one_malloc_arena) and
@@ -69,19 +69,22 @@ def inputs_on_disk(study, cache) -> str:
 
 
 def run_stage(args: dict) -> ResidentPeak:
-    from bench.workloads import Study, analysis, extract_all
+    from bench.workloads import LAYERS, Study, analysis, extract_all
 
     study = Study("W4", tuple(tuple(m) for m in args["models"]), args["n"], args["size"], args["device"])
     names = [name for name, _, _ in study.models]
-    dataset = inputs_on_disk(study, args["cache"]) if args["stage"] == "extract" else None  # before the peak
+    on_disk = args["stage"] in ("extract", "compare")
+    dataset = inputs_on_disk(study, args["cache"]) if on_disk else None  # before the peak
     stages = {
         "extract": lambda: extract_all(study, args["cache"], dataset=dataset),
         "analyze": lambda: analysis(args["cache"], names, study.device, use_gram_cache=False),
         "fill": lambda: analysis(args["cache"], names, study.device),
         "reanalyze": lambda: analysis(args["cache"], names, study.device),
+        "compare": lambda: compare_models(study, dataset, LAYERS),
     }
     import ckapipe.analyze  # noqa: F401 - the imports are not the stage's memory
     import ckapipe.extract.runner  # noqa: F401
+    import ckapipe.pipelines.compare  # noqa: F401
 
     if args.get("live"):
         tracemalloc.start()
@@ -91,6 +94,15 @@ def run_stage(args: dict) -> ResidentPeak:
         peak.live_MB = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
     return peak
+
+
+def compare_models(study, dataset: str, layers):
+    """compare of the study's models (specs) over the memory-mapped inputs, nothing cached."""
+    from bench.common import BATCH, model_spec
+    from ckapipe import compare
+
+    return compare({name: model_spec(arch, seed) for name, arch, seed in study.models}, dataset, layers=layers,
+                   batch_size=BATCH, device=study.device, progress=False)
 
 
 def peak_device_MB(device: str) -> float | None:

@@ -2,8 +2,9 @@
 
 The API, imported lazily (``import ckapipe.analyze`` never imports torch)::
 
-    from ckapipe import extract_run, analyze, load_results, plot_results, run_study
+    from ckapipe import compare, extract_run, analyze, load_results, plot_results, run_study
 
+    res = compare("zoo:cnn3?seed=0", "zoo:cnn3?seed=1", "digits")   # one pass, nothing cached
     path = extract_run("zoo:cnn3?seed=0", "digits", cache="cache", batch_size=64)
     results = analyze("cache", ["cnn3-seed0@digits", "cnn3-seed1@digits"], out="results/seeds")
 
@@ -18,6 +19,7 @@ import importlib
 __version__ = "0.1.0"
 
 API = {
+    "compare": "ckapipe.pipelines.compare",
     "extract_run": "ckapipe.extract.runner",
     "list_layers": "ckapipe.extract.runner",
     "analyze": None,  # the package ckapipe.analyze, which is callable as the function

@@ -21,6 +21,7 @@ from ckapipe.errors import CkapipeError
 COMMANDS = {
     "layers": "ckapipe.extract.cli:layers",
     "extract": "ckapipe.extract.cli:extract",
+    "compare": "ckapipe.pipelines.commands:compare",
     "ls": "ckapipe.extract.cli:ls",
     "analyze": "ckapipe.analyze.cli:analyze",
     "plot": "ckapipe.analyze.cli:plot",

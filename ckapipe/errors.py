@@ -34,6 +34,10 @@ class ActivationError(CkapipeError):
     """Activations that cannot be stored faithfully (NaN/Inf, beyond float16)."""
 
 
+class DataError(CkapipeError):
+    """Data given as an object (a DataLoader, Dataset, tensor or array) that cannot be used as asked."""
+
+
 class PipelineError(CkapipeError):
     """A pipeline file, or a study's jobs, that cannot be used; the message names file, line and key."""
 

@@ -146,13 +146,29 @@ def _array(spec: str, array, oindex: bool = False) -> LoadedDataset:
 
 def _callable(spec: str, head: str, params: dict) -> LoadedDataset:
     made = call_factory(import_object(head, "dataset callable"), params, f"dataset callable {head}")
-    if isinstance(made, np.ndarray):
-        return _array(spec, made)
-    if isinstance(made, torch.Tensor):
-        return LoadedDataset(spec, "callable", len(made), take=lambda idx: made[torch.from_numpy(idx)])
-    if not hasattr(made, "__getitem__") or not hasattr(made, "__len__"):
+    if not in_memory_kind(made):
         raise SpecError(f"dataset callable {head} returned a {type(made).__name__}, not a map-style dataset or array")
-    return LoadedDataset(spec, "callable", len(made), items=made)
+    return in_memory(spec, made)
+
+
+def in_memory(spec: str, data) -> LoadedDataset:
+    """Inputs held by a Python object: a NumPy array or tensor (row i = sample i), or a map-style dataset."""
+    if isinstance(data, np.ndarray):
+        return _array(spec, data)
+    if isinstance(data, torch.Tensor):
+        return LoadedDataset(spec, "callable", len(data), take=lambda idx: data[torch.from_numpy(idx)])
+    return LoadedDataset(spec, "callable", len(data), items=data)
+
+
+def in_memory_kind(data) -> str | None:
+    """"array", "tensor" or "dataset" (map-style: ``len`` and ``[i]``) for data ``in_memory`` takes, else None."""
+    if isinstance(data, np.ndarray):
+        return "array"
+    if isinstance(data, torch.Tensor):
+        return "tensor"
+    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (str, bytes, dict)):
+        return "dataset"
+    return None
 
 
 def _torchvision(spec: str, name: str, root: str, params: dict) -> LoadedDataset:

@@ -232,7 +232,8 @@ class Recorder:
         if not self.probing and len(self.outputs) != len(self.specs):
             missing = ", ".join(name for name in self.specs if name not in self.outputs)
             raise LayerError(f"layer(s) {missing} did not run in this minibatch: the model's control flow depends on its input")
-        return self.outputs
+        outputs, self.outputs = self.outputs, {}  # the caller's alone: dropped when the caller drops them
+        return outputs
 
     def _hook(self, module_name: str):
         def hook(module, args, output):

@@ -10,6 +10,7 @@ order seed, through background writers.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,9 +23,10 @@ from ckapipe.atomic import describe_os_error
 from ckapipe.blas import single_threaded_blas
 from ckapipe.codecs import DEFAULT_COMPRESSION, compressors
 from ckapipe.devices import resolve_device
-from ckapipe.errors import ActivationError, CkapipeError, LayerError
-from ckapipe.extract.datasets import LoadedDataset, load_dataset
+from ckapipe.errors import ActivationError, CkapipeError, DataError, LayerError
+from ckapipe.extract.datasets import load_dataset
 from ckapipe.extract.layers import default_selection, observe, parse_selection, prepare
+from ckapipe.extract.minibatches import Minibatches, minibatches, rows_of, sample_order  # noqa: F401 - sample_order: API
 from ckapipe.extract.models import LoadedModel, load_model, weights_hash
 from ckapipe.extract.writer import ChunkWriter, compute_grams, device_grams, write_grams
 from ckapipe.kernels import check_minibatch_size
@@ -36,11 +38,11 @@ PROBE_BATCH = 4
 
 def extract_run(
     model: str | nn.Module,
-    dataset: str,
+    dataset,
     layers: Sequence[str] | str | None = None,
     *,
     cache: str | os.PathLike,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     order_seed: int = 0,
     dtype: str = "float32",
     device: str = "auto",
@@ -57,9 +59,14 @@ def extract_run(
     workers: int = 0,
     writer_threads: int = 2,
     checksums: bool = True,
+    data_name: str | None = None,
 ) -> Path:
     """Extract (or resume, or find cached) one run; return the path of its store.
 
+    ``dataset``: a dataset spec, or a DataLoader, map-style Dataset, tensor or array
+    (see ckapipe.extract.minibatches; ``data_name`` names such data, else its key holds
+    the sha256 of its inputs, one pass over the data). ``batch_size`` defaults to a
+    DataLoader's, else 256.
     ``layers``: selection items ``PATTERN[@SELECT][:REDUCTION]`` (see extract.layers),
     default the model's top-level children. ``chunks=(A, B)`` extracts minibatches
     A..B-1 only (disjoint ranges may run side by side); ``share=(i, n)`` extracts
@@ -71,30 +78,22 @@ def extract_run(
     Returns only when every minibatch of the range asked for is written (and its
     Grams, when asked); anything less is an error, never a partial run returned.
     """
-    check_minibatch_size(batch_size)
+    if batch_size is not None:
+        check_minibatch_size(batch_size)
     store.check_dtype(dtype)
     check_order_seed(order_seed)
     if name is not None:
         store.check_run_name(name)
     codecs = compressors(compression)
     store.ensure_cache(cache)  # an unwritable cache fails before any model is loaded
-    loaded = _model(model, cache, random_init)
-    data = load_dataset(dataset)
-    if limit is not None and limit >= len(data):
-        limit = None  # the whole dataset: the same run as without a limit
-    order = sample_order(len(data), order_seed, limit)
+    loaded = resolve_model(model, cache, random_init)
+    feed = minibatches(dataset, batch_size, order_seed=order_seed, limit=limit, name=data_name, workers=workers)
     device = torch.device(resolve_device(device, "torch"))
     module = loaded.module.to(device)
-    selections = parse_selection([layers] if isinstance(layers, str) else layers, reduction) if layers else default_selection(module, reduction)
-    probe_inputs = to_device(next(data.batches([order[:PROBE_BATCH]])), device)
-    recorder, infos = runs_on(lambda: prepare(module, selections, probe_inputs, min(PROBE_BATCH, len(order))),
-                              loaded.spec, f"dataset {data.spec}'s inputs", "check that the model and dataset fit")
-    spec = store.RunSpec(
-        model=loaded.spec, weights_hash=loaded.weights_hash, dataset=data.spec, transform=data.transform,
-        order_seed=order_seed, batch_size=batch_size, layers=tuple(recorder.specs[n] for n in infos),
-        dtype=dtype, limit=limit, grams_only=grams_only, name=name,
-    )
-    run = store.create_run(cache, spec, order, infos, compressors=codecs, checksums=checksums)
+    recorder, infos = runs_on(lambda: probe_layers(module, layers, reduction, to_device(feed.probe(PROBE_BATCH), device)),
+                              loaded.spec, f"the inputs of {feed.given}", "check that the model and dataset fit")
+    spec = run_spec(loaded, feed, tuple(recorder.specs[n] for n in infos), dtype=dtype, grams_only=grams_only, name=name)
+    run = store.create_run(cache, spec, feed.sample_ids, infos, compressors=codecs, checksums=checksums)
     want_grams = grams or grams_only
     span = store.share_range(*share, run.n_chunks) if share else chunk_range(chunks, run.n_chunks)
     try:
@@ -102,13 +101,46 @@ def extract_run(
             run.refresh_status()  # a process killed after its last marker left the status behind
             return run.path
         with writer_lock(run.path, span) as lock:
-            _extract_chunks(run, recorder, data, order, span, device, dtype, want_grams, progress, workers,
-                            writer_threads, lock)
+            if "data" not in run.meta:
+                run.set_meta(data=feed.provenance())
+            _extract_chunks(run, recorder, feed, span, device, dtype, want_grams, progress, writer_threads, lock)
     except OSError as err:  # a full disk or a read-only store outside the chunk writes (markers, status, Grams)
         raise store.StoreError(f"cannot write run {run.name}: {describe_os_error(err)}; completed chunks are kept, "
                                f"rerun to resume") from None
     check_written(run, span, want_grams)
     return run.path
+
+
+def probe_layers(module: nn.Module, layers, reduction: str, probe_inputs):
+    """The selection checked against the module, then one probe forward: a Recorder and the layers' shapes.
+
+    The probe's few samples run on one CPU thread: they gain nothing from more, and on a busy
+    machine every operator's thread barrier costs more than the operator.
+    """
+    selections = parse_selection([layers] if isinstance(layers, str) else layers, reduction) if layers else default_selection(module, reduction)
+    with torch_threads(1):
+        return prepare(module, selections, probe_inputs, rows_of(probe_inputs))
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's CPU threads set to n inside the block (torch's setting is the process's), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_spec(loaded: LoadedModel, feed: Minibatches, layers: tuple[store.LayerSpec, ...], *, dtype: str = "float32",
+             grams_only: bool = False, name: str | None = None) -> store.RunSpec:
+    """The run of one model over the data: everything its key holds (the data's identity may take a pass)."""
+    return store.RunSpec(
+        model=loaded.spec, weights_hash=loaded.weights_hash, dataset=feed.identity(), transform=feed.transform,
+        order_seed=feed.order_seed, batch_size=feed.m, layers=layers, dtype=dtype, limit=feed.limit,
+        grams_only=grams_only, name=name,
+    )
 
 
 def list_layers(model: str | nn.Module, dataset: str | None = None, *, cache: str | os.PathLike = "cache",
@@ -118,7 +150,7 @@ def list_layers(model: str | nn.Module, dataset: str | None = None, *, cache: st
     Inputs come from ``dataset`` (first samples); without one, digits for zoo
     networks, token ids for hf models, and 3 × 224 × 224 images otherwise.
     """
-    loaded = _model(model, cache, random_init)
+    loaded = resolve_model(model, cache, random_init)
     inputs = next(load_dataset(dataset).batches([np.arange(2)])) if dataset else _example_inputs(loaded.spec)
     if dataset:
         rows = runs_on(lambda: observe(loaded.module, inputs), loaded.spec, f"dataset {dataset}'s inputs",
@@ -132,8 +164,10 @@ def list_layers(model: str | nn.Module, dataset: str | None = None, *, cache: st
 # --------------------------------------------------------------------------- steps
 
 
-def check_order_seed(order_seed: int) -> int:
-    """The order seed, or a one-line error: NumPy seeds are non-negative integers."""
+def check_order_seed(order_seed: int | None) -> int | None:
+    """The order seed (None: the data's own order), or a one-line error: NumPy seeds are non-negative integers."""
+    if order_seed is None:
+        return None
     if isinstance(order_seed, bool) or not isinstance(order_seed, (int, np.integer)) or order_seed < 0:
         raise CkapipeError(f"--order-seed {order_seed} is not a non-negative integer")
     return int(order_seed)
@@ -165,16 +199,6 @@ def check_written(run, span: range, want_grams: bool) -> None:
         )
 
 
-def sample_order(n: int, order_seed: int, limit: int | None) -> np.ndarray:
-    """The dataset indices in stored order: a permutation from the order seed, cut to ``limit``."""
-    order = np.random.default_rng(order_seed).permutation(n)
-    if limit is not None:
-        if limit < 1:
-            raise CkapipeError(f"--limit {limit} must be positive")
-        order = order[:limit]
-    return order
-
-
 def chunk_range(chunks: tuple[int, int] | None, n_chunks: int) -> range:
     """Minibatches this process extracts: all of them, or ``A:B`` clipped to the run."""
     if chunks is None:
@@ -191,7 +215,7 @@ def to_device(inputs: Any, device: torch.device) -> Any:
     return inputs.to(device, non_blocking=True) if isinstance(inputs, torch.Tensor) else inputs
 
 
-def _extract_chunks(run, recorder, data: LoadedDataset, order, span, device, dtype, want_grams, progress, workers, threads,
+def _extract_chunks(run, recorder, feed: Minibatches, span, device, dtype, want_grams, progress, threads,
                     lock) -> None:
     """Forward every missing minibatch of ``span`` and hand it to the writers."""
     if run.status == store.FAILED:
@@ -206,13 +230,12 @@ def _extract_chunks(run, recorder, data: LoadedDataset, order, span, device, dty
     bar = Progress(rows, f"extract {run.slug}", "samples", enabled=progress)
     writer = ChunkWriter(run, dtype=dtype, grams=gram_cache, threads=threads, progress=bar, lock=lock)
     try:
-        batches = data.batches((order[run.chunk_slice(k)] for k in todo), workers)
         with recorder.hooked(), single_threaded_blas(gram_cache is not None):
-            for k, inputs in zip(todo, batches):
+            for k, inputs in feed.batches(todo, verify=True):
                 features = recorder.forward(to_device(inputs, device))
                 writer.submit(k, features, device_grams(features, dtype) if gram_cache is not None else None)
         writer.close()
-    except ActivationError as err:
+    except (ActivationError, DataError) as err:
         writer.abort()
         run.set_meta(status=store.FAILED, error=str(err))
         raise
@@ -240,10 +263,13 @@ def _is_cached(run, span: range, want_grams: bool) -> bool:
     return bool(grams.done()[span.start:span.stop].all())
 
 
-def _model(model: str | nn.Module, cache, random_init: bool) -> LoadedModel:
+def resolve_model(model: str | nn.Module, cache, random_init: bool = False, hash_weights: bool = True) -> LoadedModel:
+    """A model spec loaded (zoo weights trained into ``cache``), or an nn.Module as given, in eval mode, with its
+    weights hash (an nn.Module's only when ``hash_weights``: a pass over its weights that only run keys need)."""
     if isinstance(model, nn.Module):
         cls = type(model)
-        return LoadedModel(model.eval(), f"module:{cls.__module__}.{cls.__qualname__}", weights_hash(model))
+        digest = weights_hash(model) if hash_weights else ""
+        return LoadedModel(model.eval(), f"module:{cls.__module__}.{cls.__qualname__}", digest)
     return load_model(model, cache=cache, random_init=random_init)
 
 

@@ -1,6 +1,8 @@
-"""``ckapipe run PIPELINE``: a thin command line over ``pipelines.run_study``."""
+"""``ckapipe run PIPELINE`` and ``ckapipe compare MODEL...``: thin command lines over ``run_study`` and ``compare``."""
 
 from __future__ import annotations
+
+import re
 
 import click
 
@@ -70,3 +72,70 @@ def run(pipeline, stage, cache, results, slurm, dry_run, wait, force, tasks, par
               slurm_options=slurm_options, scheduler=scheduler, scheduler_file=scheduler_file,
               dask_cluster=dask_cluster, dask_workers=dask_workers, wait=wait, force=force, progress=not quiet,
               say=(lambda line: None) if quiet else click.echo)
+
+
+NAMED_SPEC = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.+@-]*)=(.+)$")
+
+
+def named_specs(specs) -> dict[str, str] | list[str]:
+    """``NAME=SPEC`` items -> {name: spec}; plain specs stay a list (named by compare). A ``?key=value``
+    inside a spec is not a name: a name holds no ``:``, ``?`` or ``/``."""
+    parsed = [NAMED_SPEC.match(spec) for spec in specs]
+    if not any(parsed):
+        return list(specs)
+    if not all(parsed):
+        raise click.UsageError("name every model or none: NAME=SPEC for each, or SPEC alone")
+    return {match.group(1): match.group(2) for match in parsed}
+
+
+@click.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--dataset", "-d", default="digits", show_default=True,
+              help="digits, NAME:ROOT, imagefolder:DIR, hf:DIR, FILE.npy, STORE.zarr, package.module:callable.")
+@click.option("--layers", "-l", "layer_items", multiple=True,
+              help="PATTERN[@SELECT][:REDUCTION] for every model, repeatable or comma-separated; default: top-level children.")
+@click.option("--batch-size", "-b", default=256, show_default=True, type=int, help="Minibatch size m (>= 4).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Results directory to write (must not exist).")
+@cache_option(default=None, help="Also leave a grams-only run per model in this cache (reused by a later compare or "
+                                 "analyze), and reuse the complete runs found there; default: nothing cached.")
+@click.option("--keep-activations", is_flag=True, help="With --cache: full runs (activations too), not grams-only.")
+@click.option("--order-seed", default=0, show_default=True, type=int, help="Seed of the sample permutation.")
+@click.option("--limit", default=None, type=int, help="Keep the first N samples of the permutation.")
+@click.option("--reduction", default="flatten", show_default=True, type=click.Choice(["flatten", "mean", "cls"]))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:i.")
+@click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
+              help="Gram products of the float64-centred features: float32 is faster on CPUs, ~1e-9 off in CKA (not cached).")
+@click.option("--random-init", is_flag=True, help="Random weights (torchvision/timm/hf/zoo), reproducible from init_seed=0.")
+@click.option("--workers", default=0, show_default=True, type=int, help="DataLoader worker processes for map-style datasets.")
+@click.option("--format", "formats", default="png,pdf", show_default=True, help="Figure formats, comma-separated.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing results directory.")
+@quiet_option
+def compare(models, dataset, layer_items, batch_size, out, cache, keep_activations, order_seed, limit, reduction, device,
+            precision, random_init, workers, formats, overwrite, quiet):
+    """Minibatch CKA of every pair of MODELS on one dataset, in one pass: the summary, and the results
+    and heatmaps in --out. Each model is a spec, or NAME=SPEC.
+
+    \b
+      ckapipe compare zoo:cnn3?seed=0 zoo:cnn3?seed=1 --out results/seeds
+      ckapipe compare r18=torchvision:resnet18 r34=torchvision:resnet34 --random-init \\
+          --dataset 'cifar10:/data/cifar?split=test' --layers 'layer*.?' --out results/depth
+    """
+    from ckapipe.analyze.plots import check_formats, plot_results
+    from ckapipe.extract.cli import require_torch
+
+    require_torch()
+    from ckapipe.pipelines.compare import compare as run_compare
+
+    formats = check_formats(formats)
+    chosen = named_specs(models)
+    arguments = (chosen,) if isinstance(chosen, dict) else tuple(chosen)
+    results = run_compare(
+        *arguments, data=dataset, layers=list(layer_items) or None, batch_size=batch_size, cache=cache,
+        keep_activations=keep_activations, order_seed=order_seed, limit=limit, reduction=reduction, device=device,
+        precision=precision, out=out, overwrite=overwrite, random_init=random_init, workers=workers, progress=not quiet,
+    )
+    paths = plot_results(results, None, formats=formats)
+    if not quiet:
+        click.echo(results.summary())
+        click.echo(f"\nresults: {out} (cka.json, cka.csv, summary.txt; xarray.open_zarr opens it); "
+                   f"{len(paths)} figures in {paths[0].parent}")

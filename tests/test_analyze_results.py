@@ -44,7 +44,9 @@ def test_results_store_is_readable_with_plain_zarr(analyzed):
     _, out, results = analyzed
     group = zarr.open_group(out, mode="r")
     np.testing.assert_allclose(group["cka"][:], results.cka_all)
-    assert group["cka"].attrs["labels"][:3] == ["small:l0", "small:l1", "small:l2"]
+    assert group["cka"].metadata.dimension_names == ("a", "b")
+    assert [str(v) for v in group["run_a"][:4]] == ["small"] * 3 + ["big"]
+    assert [str(v) for v in group["layer_a"][:4]] == ["l0", "l1", "l2", "stage0"]
     assert group.attrs["ckapipe_results"]["inputs"]["m"] == 16
 
 
