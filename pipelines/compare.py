@@ -43,7 +43,7 @@ from ckapipe.extract.minibatches import Minibatches, minibatches
 from ckapipe.extract.models import LoadedModel
 from ckapipe.extract.runner import PROBE_BATCH, probe_layers, resolve_model, run_spec, to_device
 from ckapipe.extract.writer import ChunkWriter
-from ckapipe.kernels import PRODUCTS, hsic1_matrix, to_host, ucentered_gram
+from ckapipe.kernels import PRODUCTS, hsic1_matrix, minibatch_grams, to_host, ucentered_from_centred, ucentered_gram
 from ckapipe.locks import writer_lock
 from ckapipe.progress import Progress
 
@@ -299,20 +299,21 @@ def one_pass(members: list[Member], feed: Minibatches, device, precision: str, p
 
 @contextlib.contextmanager
 def layer_grams(xp, precision: str):
-    """A function: the features of every layer of one model (a list) -> their stacked Gram triangles.
+    """A function: the features of every layer of one model (a list) -> each one's ``kernel`` (default:
+    its U-centred Gram triangle; ``kernels.minibatch_grams`` for a run's Gram cache).
 
     On the GPU the kernels are queued one layer after another. On the CPU the layers go to as many
     threads as torch uses for the forward pass, each with one BLAS thread: a multi-threaded BLAS
     call waits for all its threads at every step, which on a busy machine costs more than the product.
     """
     if xp is not np:
-        yield lambda arrays: xp.stack([ucentered_gram(x, precision) for x in arrays])
+        yield lambda arrays, kernel=ucentered_gram: [kernel(x, precision) for x in arrays]
         return
     with single_threaded_blas(True), ThreadPoolExecutor(max(1, torch.get_num_threads()), "ckapipe-gram") as pool:
-        def grams(arrays):
+        def grams(arrays, kernel=ucentered_gram):
             order = sorted(range(len(arrays)), key=lambda i: -arrays[i].size)  # the largest first: even shares
-            done = dict(zip(order, pool.map(lambda i: ucentered_gram(arrays[i], precision), order)))
-            return np.stack([done[i] for i in range(len(arrays))])
+            done = dict(zip(order, pool.map(lambda i: kernel(arrays[i], precision), order)))
+            return [done[i] for i in range(len(arrays))]
 
         yield grams
 
@@ -324,12 +325,15 @@ def member_triangles(m: Member, k: int, inputs, batch: int, xp, grams):
         return run_triangles(m.source, [k], batch, xp)[0]
     features = m.recorder.forward(inputs)
     arrays = feature_arrays(features)
-    triangles = grams([arrays[name] for name in m.layers])
+    layers = [arrays[name] for name in m.layers]
     del arrays
-    if m.writer is not None:
-        host = to_host(triangles)
-        m.writer.submit(k, features if m.keep_activations else {}, {name: host[i] for i, name in enumerate(m.layers)})
-    return triangles
+    if m.writer is None:
+        return xp.stack(grams(layers))
+    rows = grams(layers, minibatch_grams)  # what the run's Gram cache keeps: the U-centred triangles follow from it
+    centred = xp.stack([c for c, _ in rows])
+    host = [(to_host(c), to_host(a)) for c, a in rows]
+    m.writer.submit(k, features if m.keep_activations else {}, dict(zip(m.layers, host)))
+    return ucentered_from_centred(centred)
 
 
 def feature_arrays(features: dict[str, torch.Tensor]) -> dict:

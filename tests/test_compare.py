@@ -14,7 +14,7 @@ from ckapipe import compare, store
 from ckapipe.errors import ActivationError, CkapipeError, DataError
 from ckapipe.extract.runner import extract_run
 from ckapipe.extract.zoo import digits_tensors
-from tests.extract_fixtures import BlockNet, Poisoned
+from tests.spec_factories import BlockNet, Poisoned
 
 M = 64
 LAYERS = ["stem", "block.conv1", "block", "head"]
@@ -280,7 +280,7 @@ def test_command_line_compare_prints_the_summary_and_writes_results_and_figures(
     from ckapipe.cli import main
 
     out = tmp_path / "results"
-    main(["compare", "a=tests.extract_fixtures:block_net", "b=tests.extract_fixtures:block_net?init_seed=1",
+    main(["compare", "a=tests.spec_factories:block_net", "b=tests.spec_factories:block_net?init_seed=1",
           "--layers", "block.conv1,block.conv2,head", "--batch-size", "32", "--limit", "128", "--out", str(out),
           "--format", "png", "--cache", str(tmp_path / "cache")])
     printed = capsys.readouterr().out

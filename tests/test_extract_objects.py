@@ -13,7 +13,7 @@ from ckapipe.errors import DataError
 from ckapipe.extract.minibatches import BY_HASH, BY_NAME, rebatch
 from ckapipe.extract.runner import extract_run
 from ckapipe.extract.zoo import digits_tensors
-from tests.extract_fixtures import BlockNet
+from tests.spec_factories import BlockNet
 
 M = 32
 

@@ -294,13 +294,14 @@ def test_results_keep_every_measure_and_the_cli_writes_a_measure_dimension(cache
           "--batch-size", "32"])
     printed = capsys.readouterr().out
     assert "columns: layer, best layer, linear, rbf:0.5, mutual_knn:10" in printed
-    group = zarr.open_group(out, mode="r")
-    values = group["measure_values"]
-    assert values.shape == (3, 6, 6) and values.metadata.dimension_names == ("measure", "layer_a", "layer_b")
-    assert values.attrs["measures"] == ["linear", "rbf:0.5", "mutual_knn:10"]
+    import xarray
+
+    values = xarray.open_zarr(out)["measure_cka"]
+    assert values.shape == (3, 6, 6) and values.dims == ("measure", "a", "b")
+    assert list(values["measure"].values) == ["linear", "rbf:0.5", "mutual_knn:10"]
     loaded = analyze.load_results(out)
     for measure in ("linear", "rbf:0.5", "mutual_knn:10"):
-        np.testing.assert_array_equal(loaded.values(measure), values[list(values.attrs["measures"]).index(measure)])
+        np.testing.assert_array_equal(loaded.values(measure), values.sel(measure=measure).values)
     assert "rbf:0.5" in (out / "cka.csv").read_text().splitlines()[0]
     with pytest.raises(CkapipeError, match=r"these results hold no measure 'cknna:10'"):
         loaded.cka("a", "b", "cknna:10")

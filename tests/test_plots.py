@@ -12,7 +12,7 @@ import pytest
 import ckapipe.analyze as analyze
 from ckapipe.analyze.plots import grid_figure, heatmap_figure, minibatch_figure
 from ckapipe.errors import CkapipeError
-from tests._analyze_stores import make_run, random_layers
+from tests.numpy_runs import make_run, random_layers
 
 SIX = ["resnet18-seed0@cifar10-splittest", "resnet18-seed1@cifar10-splittest", "resnet34-seed0@cifar10-splittest",
        "resnet50-seed0@cifar10-splittest", "wide_resnet50_2-seed0@cifar10-splittest", "vit_tiny_patch16_224@cifar10"]

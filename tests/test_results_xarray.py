@@ -12,7 +12,7 @@ import xarray as xr
 
 import ckapipe.analyze as analyze
 from ckapipe.analyze.labelled import indexed
-from tests._analyze_stores import make_run, random_layers
+from tests.numpy_runs import make_run, random_layers
 
 M = 16
 

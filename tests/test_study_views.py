@@ -138,6 +138,7 @@ def test_the_per_minibatch_view_of_every_named_layer_pair_for_every_student(teac
             fig = figures[f"minibatch_teacher_{lt}__{student}_{ls}"]
             expected = np.sort(store.per_minibatch("teacher", lt, student, ls))
             arrays = [np.asarray(im.get_array(), dtype=float) for ax in fig.axes for im in ax.get_images()]
+            arrays += [np.asarray(line.get_ydata(), dtype=float) for ax in fig.axes for line in ax.get_lines()]
             shown = [np.sort(a[np.isfinite(a)]) for a in arrays]
             assert any(len(s) == len(expected) and np.allclose(s, expected, rtol=1e-12, atol=0) for s in shown)
 
