@@ -26,6 +26,8 @@ from ckapipe.blas import single_threaded_blas
 from ckapipe.analyze.grams import RunSource, create_gram_caches, plan_source, run_triangles
 from ckapipe.kernels import PRODUCTS, hsic1_matrix, to_host
 from ckapipe.analyze.pairing import Pairing, analysis_batch_size, plan_pairing
+from ckapipe.analyze.stats import Resampling
+from ckapipe.analyze.uncertainty import add_permutation_test
 from ckapipe.analyze.results import Results, RunEntry, check_out, recorded_inputs, write_results
 from ckapipe.devices import resolve_device
 from ckapipe.errors import CkapipeError
@@ -241,7 +243,7 @@ def array_namespace(device: str):
 def analyze(
     cache, runs, *, out=None, pair_by_position=False, batch_size=None, device="auto", scheduler=None,
     scheduler_file=None, completed_only=False, overwrite=False, use_gram_cache=True, progress=True,
-    precision="float64",
+    precision="float64", ci=0.95, bootstrap=2000, seed=0, interval="bca", permutations=0,
 ) -> Results:
     """Minibatch CKA of every pair of layers of the named runs (each run with itself too).
 
@@ -250,7 +252,13 @@ def analyze(
     ``overwrite``) and returns the results. ``precision="float32"`` computes the
     Gram products of the (float64-centred) features in float32: up to ~2x faster
     products on CPUs, about 1e-9 off in CKA; such Grams are not cached.
+
+    Every CKA gets a bootstrap interval over minibatches (``ci`` level, None for none;
+    ``bootstrap`` resamples, ``seed``, ``interval`` "bca" or "percentile"), and with
+    ``permutations`` > 0 a permutation p-value of CKA > 0 between runs (see
+    ckapipe.analyze.stats and docs/uncertainty.md).
     """
+    resampling = Resampling(ci=ci, bootstrap=bootstrap, seed=seed, method=interval, permutations=permutations)
     if out is not None:
         check_out(out, overwrite)
     plan = plan_analysis(
@@ -262,8 +270,12 @@ def analyze(
             print(f"ckapipe: note: {note}", file=sys.stderr)
     hsic = compute(plan, resolve_device(device, "cupy"), scheduler, scheduler_file, progress)
     entries = [RunEntry(r.name, r.slug, r.key, tuple(r.layer_names), str(r.path)) for r in plan.runs]
-    results = Results(entries, hsic, np.asarray(plan.pairing.minibatches), plan.inputs, list(plan.pairing.notes))
+    results = Results(entries, hsic, np.asarray(plan.pairing.minibatches), plan.inputs, list(plan.pairing.notes),
+                      resampling=resampling)
     results.cka_all  # warns once about constant layers (CKA undefined, NaN)
+    results.cka_bounds  # the bootstrap intervals; warns when too few minibatches enter
+    if permutations:
+        add_permutation_test(results, permutations, seed, progress)
     if out is not None:
         write_results(results, out, overwrite=overwrite)
     return results

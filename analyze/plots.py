@@ -2,8 +2,11 @@
 
 - one heatmap per pair of runs: layers of the first run on the y axis, bottom to
   top, layers of the second on the x axis, both labelled with run and layer names;
+  the best match of each row framed, and the entries whose bootstrap interval
+  overlaps the best's dotted (indistinguishable from it at this resolution);
 - a grid of every pair for a multi-run study;
-- the per-minibatch CKA of one layer pair: sorted values as a grid, and their histogram.
+- the per-minibatch CKA of one layer pair: sorted values as a grid, and their histogram
+  with the minibatch CKA and its bootstrap interval.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ckapipe.analyze.results import Results, load_results
+from ckapipe.analyze.stats import ties_with_best
 
 MAX_TICKS = 40
 
@@ -52,7 +56,22 @@ def heatmap(ax, results: Results, a, b, colorbar=True):
     ax.set_xlabel(f"{results.run_names[results.run_index(b)]} layers")
     if colorbar:
         ax.figure.colorbar(image, ax=ax, label="minibatch CKA", fraction=0.046, pad=0.04)
+    mark_ties_with_best(ax, results, a, b)
     return image
+
+
+def mark_ties_with_best(ax, results: Results, a, b):
+    """Frame each row's best match; dot the entries whose bootstrap interval overlaps the best's."""
+    low, high = results.cka_interval(a, b)
+    best, tied = ties_with_best(results.cka(a, b), low, high,
+                                exclude_diagonal=results.run_index(a) == results.run_index(b))
+    rows = [i for i in range(len(best)) if best[i] >= 0]
+    if rows:
+        ax.scatter(best[rows], rows, marker="s", s=60, facecolors="none", edgecolors="cyan", linewidths=1.2,
+                   label="best match of the row")
+    ties = np.argwhere(tied)
+    if len(ties):
+        ax.scatter(ties[:, 1], ties[:, 0], marker=".", s=30, color="cyan", label="interval overlaps the best's")
 
 
 def heatmap_figure(results: Results, a, b):
@@ -97,12 +116,22 @@ def minibatch_figure(results: Results, a, b, layer_a, layer_b):
     right.hist(finite, bins=max(5, min(50, len(finite) // 2)), color="tab:purple")
     right.axvline(results.cka(a, b)[results.layer_index(a, layer_a), results.layer_index(b, layer_b)],
                   color="k", ls="--", label="minibatch CKA (ratio of sums)")
+    shade_interval(right, results, a, b, layer_a, layer_b)
     right.set_xlabel("CKA of one minibatch")
     right.set_ylabel("minibatches")
     right.legend(fontsize=8)
     fig.suptitle(f"{results.run_names[results.run_index(a)]}:{layer_a} vs "
                  f"{results.run_names[results.run_index(b)]}:{layer_b}, m={results.m}")
     return fig
+
+
+def shade_interval(ax, results: Results, a, b, layer_a, layer_b, vertical: bool = True):
+    """The bootstrap interval of the minibatch CKA of one layer pair, as a band across ``ax``."""
+    low, high = (x[results.layer_index(a, layer_a), results.layer_index(b, layer_b)] for x in results.cka_interval(a, b))
+    if np.isfinite(low) and np.isfinite(high):
+        band = ax.axvspan if vertical else ax.axhspan
+        band(low, high, color="0.5", alpha=0.3, zorder=0, label=f"{results.resampling.ci * 100:g} % bootstrap interval")
+        ax.legend(fontsize=8)
 
 
 def save(fig, stem: Path) -> list[Path]:

@@ -24,6 +24,7 @@ COMMANDS = {
     "ls": "ckapipe.extract.cli:ls",
     "analyze": "ckapipe.analyze.cli:analyze",
     "plot": "ckapipe.analyze.cli:plot",
+    "diff": "ckapipe.analyze.cli:diff",
     "run": "ckapipe.pipelines.commands:run",
 }
 
