@@ -36,7 +36,8 @@ from ckapipe.kernels import minibatch_size
 
 METHODS = ("bca", "percentile")
 MIN_MINIBATCHES = 10  # fewer: the bootstrap has too few units to mimic their distribution
-BLOCK_BYTES = 64 * 2**20  # resampled values held at a time (bootstrap entries, permuted triangles)
+BLOCK_BYTES = 64 * 2**20  # bootstrap values held at a time
+PERMUTED_BYTES = 16 * 2**20  # permuted triangles gathered at a time
 NORMAL = NormalDist()
 
 
@@ -301,47 +302,58 @@ def permuted_hsic(triangles_a: np.ndarray, triangles_b: np.ndarray, perms: np.nd
     """(R, La, Lb): HSIC_1(U_a, P_r U_b P_rᵀ) of one minibatch for every permutation r.
 
     ``triangles_a`` (La, w) and ``triangles_b`` (Lb, w) are the U-centred Gram
-    triangles of one minibatch; b's are permuted. One GEMM per block of
-    permutations for all La × Lb layer pairs.
+    triangles of one minibatch. <U_a, P U_b Pᵀ> = <Pᵀ U_a P, U_b>, so the side with
+    fewer layers is the one gathered (a by the inverse permutations): the gathers,
+    not the products, are most of the cost.
     """
-    la, w = triangles_a.shape
-    lb = triangles_b.shape[0]
+    if len(triangles_a) < len(triangles_b):
+        return _permuted_hsic(triangles_b, triangles_a, np.argsort(perms, axis=1)).transpose(0, 2, 1)
+    return _permuted_hsic(triangles_a, triangles_b, perms)
+
+
+def _permuted_hsic(fixed: np.ndarray, moved: np.ndarray, perms: np.ndarray) -> np.ndarray:
+    """(R, L_fixed, L_moved) HSIC_1(U_fixed, P_r U_moved P_rᵀ): one GEMM per block of permutations."""
+    lf, w = fixed.shape
+    lm = moved.shape[0]
     m = minibatch_size(w)
-    out = np.empty((len(perms), la, lb))
-    block = max(1, BLOCK_BYTES // (8 * lb * max(w, 1)))
+    out = np.empty((len(perms), lf, lm))
+    block = max(1, PERMUTED_BYTES // (8 * lm * max(w, 1)))
     for start in range(0, len(perms), block):
         positions = permuted_positions(perms[start:start + block])  # (B, w)
-        permuted = triangles_b[:, positions]  # (Lb, B, w)
-        product = triangles_a @ permuted.reshape(lb * len(positions), w).T  # (La, Lb·B)
-        out[start:start + len(positions)] = product.reshape(la, lb, len(positions)).transpose(2, 0, 1)
+        permuted = np.take(moved, positions, axis=1)  # (Lm, B, w)
+        product = fixed @ permuted.reshape(lm * len(positions), w).T  # (Lf, Lm·B)
+        out[start:start + len(positions)] = product.reshape(lf, lm, len(positions)).transpose(2, 0, 1)
     return out * (2.0 / (m * (m - 3)))
 
 
-def cross_run_blocks(sizes) -> list[tuple[slice, slice]]:
-    """(rows, cols) of every block of layers of an earlier run against a later run, in stacked order."""
+def run_spans(sizes) -> list[slice]:
+    """The rows of each run's layers among the stacked layers."""
     ends = np.cumsum(sizes)
-    spans = [slice(int(e - s), int(e)) for s, e in zip(sizes, ends)]
-    return [(spans[i], spans[j]) for j in range(len(spans)) for i in range(j)]
+    return [slice(int(e - s), int(e)) for s, e in zip(sizes, ends)]
 
 
 def permuted_sums(minibatch_triangles, sizes, permutations: int, seed: int) -> np.ndarray:
-    """(R, L, L) Σ_k HSIC^π_k of every cross-run pair of layers (earlier run a, later run b, b permuted);
-    NaN elsewhere (within a run, and below the diagonal). ``minibatch_triangles`` yields (k, T_k) with T_k the (L, w) triangles of every run
-    of minibatch k, runs stacked in order with ``sizes`` layers each."""
+    """(R, L, L) Σ_k HSIC^π_k of every pair of layers a, b of two runs, a's run before b's (b permuted);
+    NaN elsewhere (within a run, and below the diagonal).
+
+    ``minibatch_triangles`` yields (k, T_k), T_k the (L, w) triangles of every run of
+    minibatch k, runs stacked in order with ``sizes`` layers each. Each later run is
+    multiplied against every layer of the runs before it at once.
+    """
     L = int(sum(sizes))
     sums = None
-    blocks = cross_run_blocks(sizes)
+    spans = run_spans(sizes)
     for k, triangles in minibatch_triangles:
         if sums is None:
             sums = np.zeros((permutations, L, L))
         perms = minibatch_permutations(minibatch_size(triangles.shape[1]), permutations, seed, k)
-        for rows, cols in blocks:
-            sums[:, rows, cols] += permuted_hsic(triangles[rows], triangles[cols], perms)
+        for later in spans[1:]:
+            sums[:, :later.start, later] += permuted_hsic(triangles[:later.start], triangles[later], perms)
     if sums is None:
         raise CkapipeError("the permutation test needs at least one minibatch")
     tested = np.zeros((L, L), dtype=bool)
-    for rows, cols in blocks:
-        tested[rows, cols] = True
+    for later in spans[1:]:
+        tested[:later.start, later] = True
     sums[:, ~tested] = np.nan
     return sums
 

@@ -3,7 +3,8 @@
 ``RESULTS/STUDY/`` holds one directory per comparison (results store, CSV,
 JSON, heatmaps) and, across comparisons::
 
-    summary.csv   comparison, run_a, layer_a, run_b, best_layer_b, cka, cka_same_position
+    summary.csv   comparison, run_a, layer_a, run_b, best_layer_b, cka, cka_same_position,
+                  cka_low, cka_high (the bootstrap interval of cka)
     summary.txt   the same as text, one block per pair
 """
 
@@ -21,10 +22,14 @@ def study_rows(study: Study, results: dict) -> list[dict]:
         res = results[name]
         for a, b in comparison.pairs:
             matrix = res.cka(a, b)
+            low, high = res.cka_interval(a, b)
             for i, (layer_a, best, value) in enumerate(res.best_matches(a, b)):
                 same = matrix[i, i] if i < matrix.shape[1] else float("nan")
+                j = res.layer_index(b, best) if best != "-" else None
                 rows.append({"comparison": name, "run_a": a, "layer_a": layer_a, "run_b": b,
-                             "best_layer_b": best, "cka": value, "cka_same_position": float(same)})
+                             "best_layer_b": best, "cka": value, "cka_same_position": float(same),
+                             "cka_low": float(low[i, j]) if j is not None else float("nan"),
+                             "cka_high": float(high[i, j]) if j is not None else float("nan")})
     return rows
 
 
@@ -40,7 +45,7 @@ def write_study_report(study: Study, results: dict) -> str:
 
 def rows_to_csv(rows: list[dict]) -> str:
     buf = io.StringIO()
-    fields = ["comparison", "run_a", "layer_a", "run_b", "best_layer_b", "cka", "cka_same_position"]
+    fields = ["comparison", "run_a", "layer_a", "run_b", "best_layer_b", "cka", "cka_same_position", "cka_low", "cka_high"]
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
@@ -48,10 +53,13 @@ def rows_to_csv(rows: list[dict]) -> str:
 
 
 def rows_to_text(rows: list[dict]) -> str:
+    from ckapipe.analyze.results import format_interval
+
     lines, block = [], None
     for row in rows:
         if (row["comparison"], row["run_a"], row["run_b"]) != block:
             block = (row["comparison"], row["run_a"], row["run_b"])
             lines += ["", f"[{row['comparison']}] {row['run_a']} -> best layer of {row['run_b']}"]
-        lines.append(f"  {row['layer_a']:<12} {row['best_layer_b']:<12} {row['cka']:.4f}")
+        interval = format_interval(row["cka"], row.get("cka_low", float("nan")), row.get("cka_high", float("nan")))
+        lines.append(f"  {row['layer_a']:<12} {row['best_layer_b']:<12} {interval}")
     return "\n".join(lines).lstrip("\n") + "\n"

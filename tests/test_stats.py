@@ -169,19 +169,24 @@ def test_paired_interval_is_tighter_than_an_unpaired_one():
 
 
 def test_permuted_hsic_equals_song_on_explicitly_permuted_features():
+    """Both ways round: more layers on a's side than on b's, and fewer (then a's side is the one gathered)."""
     rng = np.random.default_rng(1)
     m = 12
     xa, xb = related_features(rng, m, dims=(7, 4))
     perms = stats.minibatch_permutations(m, 25, seed=3, k=4)
     assert sorted(perms[0]) == list(range(m)) and len({tuple(p) for p in perms}) == 25
-    ta = np.stack([ucentered_gram(xa), ucentered_gram(xa[:, :3])])
-    tb = ucentered_gram(xb)[None]
-    fast = stats.permuted_hsic(ta, tb, perms)
-    assert fast.shape == (25, 2, 1)
-    for r, p in enumerate(perms):
-        kb = xb[p] @ xb[p].T  # the samples of b, permuted
-        expected = [song_hsic(xa @ xa.T, kb), song_hsic(xa[:, :3] @ xa[:, :3].T, kb)]
-        np.testing.assert_allclose(fast[r, :, 0], expected, rtol=1e-10, atol=1e-10 * abs(expected[0]))
+    layers_a, layers_b = [xa, xa[:, :3]], [xb, xb[:, 1:] ** 2]
+    ta = np.stack([ucentered_gram(x) for x in layers_a])
+    tb = np.stack([ucentered_gram(x) for x in layers_b])
+    for fa, fb in ((ta, tb[:1]), (ta[:1], tb)):
+        fast = stats.permuted_hsic(fa, fb, perms)
+        assert fast.shape == (25, len(fa), len(fb))
+        for r, p in enumerate(perms):
+            for i in range(len(fa)):
+                for j in range(len(fb)):
+                    x, y = layers_a[i], layers_b[j][p]  # the samples of b, permuted
+                    expected = song_hsic(x @ x.T, y @ y.T)
+                    assert abs(fast[r, i, j] - expected) <= 1e-10 * max(1.0, abs(expected)), (r, i, j)
 
 
 def test_permutations_depend_on_seed_and_minibatch_only():
