@@ -104,6 +104,7 @@ def difference_table(rows) -> str:
              f"a = {first.a}: CKA {first.cka_a:.3f}", "",
              f"  {'b':<{width}}  CKA(b)  CKA(a) - CKA(b)  {level + ' interval':<18}  resamples on the other side of 0"]
     for r in rows:
+        share = f"< {1 / r.resampling.bootstrap:.2g}" if r.other_side == 0 else f"{r.other_side:.3g}"
         lines.append(f"  {r.b:<{width}}  {r.cka_b:6.3f}  {r.estimate:+15.3f}  "
-                     f"{f'[{r.low:+.3f}, {r.high:+.3f}]':<18}  {r.other_side:.3g}")
+                     f"{f'[{r.low:+.3f}, {r.high:+.3f}]':<18}  {share}")
     return "\n".join(lines)

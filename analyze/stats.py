@@ -25,18 +25,21 @@ matrices H_k (n_minibatches × L × L; Nguyen, Raghu & Kornblith 2021):
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
 
 import numpy as np
 
+from ckapipe.blas import single_threaded_blas
 from ckapipe.errors import CkapipeError
 from ckapipe.kernels import minibatch_size
 
 METHODS = ("bca", "percentile")
 MIN_MINIBATCHES = 10  # fewer: the bootstrap has too few units to mimic their distribution
-BLOCK_BYTES = 64 * 2**20  # bootstrap values held at a time
+BLOCK_BYTES = 4 * 2**20  # bootstrap values held at a time: a block stays in cache through its passes
 PERMUTED_BYTES = 16 * 2**20  # permuted triangles gathered at a time
 NORMAL = NormalDist()
 
@@ -118,11 +121,11 @@ def weighted_cka(hsic: np.ndarray, weights: np.ndarray, rows, cols) -> np.ndarra
     for the L diagonal sums. NaN where S_aa or S_bb is not positive.
     """
     rows, cols = np.asarray(rows), np.asarray(cols)
-    scale = inverse_roots(weights @ np.diagonal(hsic, axis1=1, axis2=2))  # (W, L)
-    out = weights @ hsic[:, rows, cols]  # (W, E)
-    out *= scale[:, rows]
-    out *= scale[:, cols]
-    return out
+    scale = inverse_roots(np.diagonal(hsic, axis1=1, axis2=2).T @ weights.T)  # (L, W)
+    out = hsic[:, rows, cols].T @ weights.T  # (E, W): each entry's values contiguous, for the gathers and sorts
+    out *= scale[rows]
+    out *= scale[cols]
+    return out.T
 
 
 def inverse_roots(diagonal):
@@ -206,12 +209,14 @@ def bootstrap_weights(n: int, resampling: Resampling) -> tuple[np.ndarray, slice
     return np.vstack([np.ones((1, n)), jack, counts]), slice(1, 1 + len(jack))
 
 
-def bootstrap_bounds(hsic: np.ndarray, resampling: Resampling = Resampling()) -> np.ndarray:
+def bootstrap_bounds(hsic: np.ndarray, resampling: Resampling = Resampling(), threads: int | None = None) -> np.ndarray:
     """(2, L, L): the bootstrap interval [low, high] of every CKA entry (NaN when ``ci`` is None).
 
     Entries are done in blocks of the upper triangle (CKA is symmetric), each one
-    GEMM of the resampling counts with the block's HSIC; warns when fewer than 10
-    minibatches enter.
+    GEMM of the resampling counts with the block's HSIC, the blocks on ``threads``
+    threads (default: one per core) with one BLAS thread each (the products are
+    thin; spinning BLAS threads cost more than they give). Warns when fewer than
+    10 minibatches enter.
     """
     n, L, _ = hsic.shape
     bounds = np.full((2, L, L), np.nan)
@@ -220,14 +225,19 @@ def bootstrap_bounds(hsic: np.ndarray, resampling: Resampling = Resampling()) ->
     few_minibatches_warning(n)
     weights, jackknife = bootstrap_weights(n, resampling)
     rows, cols = np.triu_indices(L)
-    block = max(1, BLOCK_BYTES // (8 * len(weights)))
-    for start in range(0, len(rows), block):
+    threads = threads or os.cpu_count() or 1
+    block = max(1, min(BLOCK_BYTES // (8 * len(weights)), -(-len(rows) // threads)))
+
+    def fill(start: int) -> None:
         r, c = rows[start:start + block], cols[start:start + block]
         values = weighted_cka(hsic, weights, r, c)  # one GEMM: the estimate, the jackknife and the resamples
         low, high = interval(values[0], values[jackknife.stop:], values[jackknife] if jackknife.stop > 1 else None,
                              resampling.ci, resampling.method)
-        bounds[0, r, c] = bounds[0, c, r] = low
+        bounds[0, r, c] = bounds[0, c, r] = low  # blocks write disjoint entries
         bounds[1, r, c] = bounds[1, c, r] = high
+
+    with single_threaded_blas(True), ThreadPoolExecutor(threads) as pool:
+        list(pool.map(fill, range(0, len(rows), block)))
     return bounds
 
 

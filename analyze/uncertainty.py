@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ckapipe.analyze import stats
 from ckapipe.analyze.grams import RunSource, plan_source, run_triangles
 from ckapipe.analyze.results import ATTRS, Results, load_results
+from ckapipe.blas import single_threaded_blas
 from ckapipe.errors import CkapipeError, StoreError, suggest
 from ckapipe.progress import Progress
 from ckapipe.store import open_run
@@ -27,11 +29,14 @@ from ckapipe.store import open_run
 # --------------------------------------------------------------------------- permutation test
 
 
-def permutation_test(results: Results, permutations: int = 1000, seed: int = 0, progress: bool = True) -> np.ndarray:
+def permutation_test(results: Results, permutations: int = 1000, seed: int = 0, progress: bool = True,
+                     threads: int | None = None) -> np.ndarray:
     """(L, L) permutation p-values of CKA > 0 for every pair of layers of two different runs of the results
     (NaN within a run), from the runs' Gram cache (or their activations where it lacks a minibatch).
 
     Costs R times the HSIC products of the analysis: opt-in (``analyze(..., permutations=1000)``).
+    Groups of minibatches that share stored chunks run on ``threads`` threads (default: one per
+    core), one BLAS thread each, and their permuted sums are added.
     """
     from ckapipe.analyze.engine import task_groups  # the engine calls this module: imported on use
 
@@ -40,17 +45,18 @@ def permutation_test(results: Results, permutations: int = 1000, seed: int = 0, 
     sources = [_source(entry, results.m) for entry in results.runs]
     ks = [int(k) for k in results.minibatches]
     groups = task_groups(ks, results.m, [s.chunk for s in sources])
+    sizes = [len(r.layers) for r in results.runs]
     bar = Progress(len(ks), "permutations", "minibatches", enabled=progress and len(ks) > 1)
 
-    def minibatch_triangles() -> Iterator[tuple[int, np.ndarray]]:
-        for group in groups:
-            triangles = np.concatenate([run_triangles(s, group, results.m) for s in sources], axis=1)
-            for k, t in zip(group, triangles):
-                yield k, t
-                bar.update(1)
+    def group_sums(group: tuple[int, ...]) -> np.ndarray:
+        triangles = np.concatenate([run_triangles(s, group, results.m) for s in sources], axis=1)
+        sums = stats.permuted_sums(zip(group, triangles), sizes, permutations, seed)
+        bar.update(len(group))
+        return sums
 
     try:
-        sums = stats.permuted_sums(minibatch_triangles(), [len(r.layers) for r in results.runs], permutations, seed)
+        with single_threaded_blas(True), ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+            sums = sum(pool.map(group_sums, groups))
     finally:
         bar.close()
     return stats.permutation_p_values(results.hsic_sum, sums)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from bench.common import machine, markdown, print_row, require_torchvision, write_table
 
-FULL = {"G": 10240, "W1": 10240, "W2": 2560, "W3": 10240, "W4": [2560, 5120, 10240, 20480]}
-REDUCED = {"G": 2560, "W1": 5120, "W2": 512, "W3": 2048, "W4": [2560, 5120, 10240, 20480]}
+FULL = {"G": 10240, "U": 10240, "W1": 10240, "W2": 2560, "W3": 10240, "W4": [2560, 5120, 10240, 20480]}
+REDUCED = {"G": 2560, "U": 2560, "W1": 5120, "W2": 512, "W3": 2048, "W4": [2560, 5120, 10240, 20480]}
 PAIR = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0))
 SIX = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0), ("resnet50", "resnet50", 0),
        ("wide_resnet50_2", "wide_resnet50_2", 0), ("resnet18-seed1", "resnet18", 1), ("resnet18-seed2", "resnet18", 2))
@@ -34,9 +34,10 @@ def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", default=os.environ.get("CKAPIPE_BENCH_FULL") == "1",
                         help="issue 5's sizes (N = 10,240; W2 2,560 at 224 px): for a GPU machine")
-    parser.add_argument("--only", default="C,E,A,G,W1,W2,W3,W4",
+    parser.add_argument("--only", default="C,E,A,G,U,W1,W2,W3,W4",
                         help="comma-separated pieces: C (codecs), E (extraction vs forward, digits), "
-                             "A (float32 accuracy against an offset), G (Grams filled at extraction), W1..W4")
+                             "A (float32 accuracy against an offset), G (Grams filled at extraction), "
+                             "U (intervals and p-values against the analysis from cached Grams), W1..W4")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", default="bench-results")
     return parser.parse_args(argv)
@@ -47,6 +48,7 @@ def pieces(sizes: dict, device: str, workdir: Path) -> dict:
     from bench.accuracy import offset_rows
     from bench.bench_extract import compression_rows, extraction_rows
     from bench.grams import gram_rows
+    from bench.uncertainty import uncertainty_rows
     from bench.workloads import Study, run_study, scaling
 
     return {
@@ -54,6 +56,8 @@ def pieces(sizes: dict, device: str, workdir: Path) -> dict:
         "E": lambda: extraction_rows(workdir / "E"),
         "A": lambda: offset_rows(workdir / "A"),
         "G": lambda: gram_rows(Study("G", PAIR, sizes["G"], 32, device), workdir),
+        "U": lambda: uncertainty_rows(Study("U", PAIR, sizes["U"], 32, device), workdir,
+                                      permutations=1000 if sizes is FULL else 200),
         "W1": lambda: run_study(Study("W1", PAIR, sizes["W1"], 32, device), workdir),
         "W2": lambda: run_study(Study("W2", PAIR, sizes["W2"], 224, device, rounds=1), workdir),
         "W3": lambda: run_study(Study("W3", SIX, sizes["W3"], 32, device, end_to_end_target=">= 10"), workdir),

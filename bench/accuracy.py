@@ -21,7 +21,8 @@ N, BATCH = 2048, 256
 
 def last_blocks(cache: Path) -> tuple[np.ndarray, np.ndarray]:
     """The flattened last residual-block outputs of ResNet-18 and ResNet-34 on the same inputs."""
-    from ckapipe.extract import extract_run, store
+    from ckapipe import store
+    from ckapipe.extract import extract_run
 
     features = []
     for arch, layer in (("resnet18", "layer4.1"), ("resnet34", "layer4.2")):

@@ -69,7 +69,8 @@ BENCH_LAYERS = ["1", "2", "3"]
 
 def zoo_activations(cache: Path) -> dict[str, np.ndarray]:
     """Every hidden stage of the trained zoo cnn3 and mlp3 on digits, float32 (N, D), whole chunks only."""
-    from ckapipe.extract import extract_run, store
+    from ckapipe import store
+    from ckapipe.extract import extract_run
 
     arrays = {}
     for model in ("zoo:cnn3?seed=0", "zoo:mlp3?seed=0"):
@@ -146,7 +147,8 @@ def digits_forward(n_copies: int) -> tuple[float, int]:
 
 def extraction(cache: Path, n_copies: int, compression: str) -> tuple[float, int, int]:
     """Wall time of full extractions of the same inputs (one run per copy), the bytes they hold and store."""
-    from ckapipe.extract import extract_run, store
+    from ckapipe import store
+    from ckapipe.extract import extract_run
 
     start = time.perf_counter()
     paths = [

@@ -77,7 +77,8 @@ def forward_and_extract(study: Study, cache: Path):
 
 def extract_all(study: Study, cache: Path, grams: bool = False, dataset: str | None = None) -> list:
     """Extract every model of the study over its inputs (``dataset``: another spec of the same inputs)."""
-    from ckapipe.extract import extract_run, store
+    from ckapipe import store
+    from ckapipe.extract import extract_run
 
     dataset = dataset or inputs_spec(study.n, study.size)
     return [store.open_run(extract_run(model_spec(arch, seed), dataset, LAYERS, cache=cache,
