@@ -5,6 +5,9 @@
     results = analyze("cache", ["resnet18@cifar10", "resnet34@cifar10"], out="results/depth")
     results.cka("resnet18@cifar10", "resnet34@cifar10")   # (La, Lb) CKA matrix
     plot_results("results/depth")
+    results.cka_interval("resnet18@cifar10", "resnet34@cifar10")   # its bootstrap interval (low, high)
+    diff("results/depth", a=("resnet18@cifar10:layer4", "resnet34@cifar10:layer4"),
+         b=("resnet18@cifar10:layer3", "resnet34@cifar10:layer4"))   # CKA(a) - CKA(b), paired
 """
 
 if __name__ != "ckapipe.analyze":  # this folder is installed as ckapipe.analyze, never as a top-level module
@@ -16,6 +19,7 @@ import types  # noqa: E402
 
 from ckapipe.analyze.engine import analyze, is_up_to_date, plan_analysis  # noqa: E402
 from ckapipe.analyze.results import Results, load_results  # noqa: E402
+from ckapipe.analyze.uncertainty import diff, permutation_test  # noqa: E402
 
 
 def plot_results(results_or_path, out_dir=None, **options):
@@ -42,4 +46,5 @@ class _CallablePackage(types.ModuleType):
 sys.modules[__name__].__class__ = _CallablePackage
 __signature__ = inspect.signature(analyze)
 
-__all__ = ["analyze", "is_up_to_date", "plan_analysis", "load_results", "plot_results", "Results"]
+__all__ = ["analyze", "is_up_to_date", "plan_analysis", "load_results", "plot_results", "Results", "diff",
+           "permutation_test"]

@@ -1,10 +1,25 @@
-"""``ckapipe analyze`` and ``ckapipe plot``: thin layers over ``ckapipe.analyze``."""
+"""``ckapipe analyze``, ``ckapipe plot`` and ``ckapipe diff``: thin layers over ``ckapipe.analyze``."""
 
 from __future__ import annotations
 
 import click
 
 from ckapipe.options import cache_option, quiet_option
+
+
+def resampling_options(command):
+    """``--ci``, ``--bootstrap``, ``--seed``, ``--interval``: the bootstrap of every command that draws intervals."""
+    options = [
+        click.option("--ci", type=float, default=0.95, show_default=True,
+                     help="Confidence level of the bootstrap intervals over minibatches (0: none)."),
+        click.option("--bootstrap", type=int, default=2000, show_default=True, help="Bootstrap resamples."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the resamples and permutations."),
+        click.option("--interval", type=click.Choice(["bca", "percentile"]), default="bca", show_default=True,
+                     help="Bootstrap interval: bias-corrected and accelerated, or plain percentile."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.command()
@@ -25,9 +40,13 @@ from ckapipe.options import cache_option, quiet_option
               help="Comma-separated measures, each a matrix in the results: linear, linear_biased, rbf:T, "
                    "rbf_biased:T, mutual_knn:K, cknna:K (docs/measures.md); the first is the summary's.")
 @click.option("--rankme", is_flag=True, help="Also the minibatch RankMe of every layer (a column of the summary).")
+@resampling_options
+@click.option("--permutations", type=int, default=0, show_default=True,
+              help="Permutation-test draws for a p-value of CKA > 0 between runs (0: no test; 1000 is usual; "
+                   "costs that many times the HSIC products).")
 @quiet_option
 def analyze(cache, runs, out, pair_by_position, batch_size, device, scheduler, scheduler_file, completed_only,
-            overwrite, no_gram_cache, precision, measures, rankme, quiet):
+            overwrite, no_gram_cache, precision, measures, rankme, ci, bootstrap, seed, interval, permutations, quiet):
     """Minibatch CKA (or other measures) of every pair of layers of RUNS (names or globs in the cache)."""
     from ckapipe.analyze import analyze as run_analysis
 
@@ -35,6 +54,7 @@ def analyze(cache, runs, out, pair_by_position, batch_size, device, scheduler, s
         cache, list(runs), out=out, pair_by_position=pair_by_position, batch_size=batch_size, device=device,
         scheduler=scheduler, scheduler_file=scheduler_file, completed_only=completed_only, overwrite=overwrite,
         use_gram_cache=not no_gram_cache, progress=not quiet, precision=precision, measures=measures, rankme=rankme,
+        ci=ci or None, bootstrap=bootstrap, seed=seed, interval=interval, permutations=permutations,
     )
     if not quiet:
         click.echo(results.summary())
@@ -81,3 +101,40 @@ def rank(cache, runs, batch_size, full, minibatch, device, out, quiet):
         with atomic_path(out, replace=True) as tmp:
             tmp.write_text(to_csv(rows))
     click.echo(to_text(rows))
+
+
+@click.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--a", "pair_a", nargs=2, required=True, metavar="RUN:LAYER RUN:LAYER",
+              help="The pair of layers whose CKA is compared, e.g. teacher:layer4 student-kd:layer4.")
+@click.option("--b", "pairs_b", nargs=2, multiple=True, required=True, metavar="RUN:LAYER RUN:LAYER",
+              help="The pair it is compared with (repeat --b for a table).")
+@resampling_options
+def diff(results, pair_a, pairs_b, ci, bootstrap, seed, interval):
+    """Paired difference CKA(a) - CKA(b) with its bootstrap interval, over the minibatches both share.
+
+    RESULTS: results directories, or a study's results directory (every comparison in it).
+    """
+    from ckapipe.analyze import diff as paired_difference
+    from ckapipe.errors import CkapipeError
+
+    if not ci:
+        raise CkapipeError("ckapipe diff draws an interval: give --ci between 0 and 1 (0.95 is usual)")
+    rows = paired_difference(list(results), pair_a, list(pairs_b), ci=ci, bootstrap=bootstrap, seed=seed,
+                             method=interval)
+    click.echo(difference_table(rows))
+
+
+def difference_table(rows) -> str:
+    """The rows of ``diff`` as text: one line per pair b."""
+    first = rows[0]
+    width = max(len(r.b) for r in rows)
+    level = f"{first.resampling.ci * 100:g} %"
+    lines = [f"CKA(a) - CKA(b) with {first.resampling.describe(first.n_minibatches)}",
+             f"a = {first.a}: CKA {first.cka_a:.3f}", "",
+             f"  {'b':<{width}}  CKA(b)  CKA(a) - CKA(b)  {level + ' interval':<18}  resamples on the other side of 0"]
+    for r in rows:
+        share = f"< {1 / r.resampling.bootstrap:.2g}" if r.other_side == 0 else f"{r.other_side:.3g}"
+        lines.append(f"  {r.b:<{width}}  {r.cka_b:6.3f}  {r.estimate:+15.3f}  "
+                     f"{f'[{r.low:+.3f}, {r.high:+.3f}]':<18}  {share}")
+    return "\n".join(lines)

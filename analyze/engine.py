@@ -32,6 +32,8 @@ from ckapipe.analyze.grams import RunSource, create_gram_caches, plan_source, ru
 from ckapipe.analyze.measures import DEFAULT, Measure, group_statistics, layer_features, layer_rankme, parse_measures
 from ckapipe.kernels import PRODUCTS, to_host
 from ckapipe.analyze.pairing import Pairing, analysis_batch_size, plan_pairing
+from ckapipe.analyze.stats import Resampling
+from ckapipe.analyze.uncertainty import add_permutation_test
 from ckapipe.analyze.results import Results, RunEntry, check_out, recorded_inputs, write_results
 from ckapipe.devices import resolve_device
 from ckapipe.errors import CkapipeError, StoreError
@@ -365,7 +367,8 @@ def array_namespace(device: str):
 def analyze(
     cache, runs, *, out=None, pair_by_position=False, batch_size=None, device="auto", scheduler=None,
     scheduler_file=None, completed_only=False, overwrite=False, use_gram_cache=True, progress=True,
-    precision="float64", measures=DEFAULT, rankme=False, no_workers_timeout=None,
+    precision="float64", measures=DEFAULT, rankme=False, no_workers_timeout=None, ci=0.95, bootstrap=2000, seed=0,
+    interval="bca", permutations=0,
 ) -> Results:
     """Minibatch CKA of every pair of layers of the named runs (each run with itself too).
 
@@ -379,7 +382,13 @@ def analyze(
     the minibatch RankMe of every layer too (``results.rankme``). On a Dask cluster
     (``scheduler``: address or Client; ``scheduler_file``) the analysis stops after
     ``no_workers_timeout`` without workers (default: Dask config ``ckapipe.no-workers-timeout``, 60 s).
+
+    Every CKA gets a bootstrap interval over minibatches (``ci`` level, None for none;
+    ``bootstrap`` resamples, ``seed``, ``interval`` "bca" or "percentile"), and with
+    ``permutations`` > 0 a permutation p-value of CKA > 0 between runs (see
+    ckapipe.analyze.stats and docs/uncertainty.md).
     """
+    resampling = Resampling(ci=ci, bootstrap=bootstrap, seed=seed, method=interval, permutations=permutations)
     if out is not None:
         check_out(out, overwrite)
     plan = plan_analysis(
@@ -395,9 +404,12 @@ def analyze(
     names = [measure.name for measure in plan.measures]
     results = Results(entries, computed[names[0]], np.asarray(plan.pairing.minibatches), plan.inputs,
                       list(plan.pairing.notes), measure_stats={name: computed[name] for name in names},
-                      rankme=computed.get("rankme"))
+                      rankme=computed.get("rankme"), resampling=resampling)
     for name in names:
         results.values(name)  # warns once per measure about layers where it is undefined (NaN)
+    results.cka_bounds  # the bootstrap intervals; warns when too few minibatches enter
+    if permutations:
+        add_permutation_test(results, permutations, seed, progress)
     if out is not None:
         write_results(results, out, overwrite=overwrite)
     return results

@@ -54,8 +54,11 @@ def layer_coordinates(runs: list[str], layers: list[str], side: str) -> xr.Coord
 
 def results_dataset(runs: list[str], layers: list[str], minibatches: np.ndarray, hsic: np.ndarray,
                     cka: np.ndarray, minibatch_cka: np.ndarray, attrs: dict | None = None,
-                    measures: dict | None = None, rankme: np.ndarray | None = None) -> xr.Dataset:
+                    measures: dict | None = None, rankme: np.ndarray | None = None,
+                    uncertainty: tuple | None = None) -> xr.Dataset:
     """The labelled arrays of one analysis: stacked layers ``runs[i]:layers[i]`` on a and b.
+
+    ``uncertainty`` (low, high, p), each (L, L), adds ``cka_low``, ``cka_high`` and ``p_value``.
 
     ``measures`` (name -> (values (L, L), per-minibatch statistics (n, L, L))) adds ``measure_cka``
     and ``measure_stats`` over a ``measure`` dimension; ``rankme`` (n, L) adds RankMe per minibatch.
@@ -72,6 +75,11 @@ def results_dataset(runs: list[str], layers: list[str], minibatches: np.ndarray,
                                {"long_name": "the CKA-like value of every measure (ckapipe.analyze.measures)"})
         data["measure_stats"] = (("measure", *per_minibatch), np.stack([s for _, s in measures.values()]),
                                  {"long_name": "the per-minibatch statistic of every measure"})
+    if uncertainty is not None:
+        low, high, p = uncertainty
+        data["cka_low"] = (pair, low, {"long_name": "bootstrap interval of cka, lower end"})
+        data["cka_high"] = (pair, high, {"long_name": "bootstrap interval of cka, upper end"})
+        data["p_value"] = (pair, p, {"long_name": "permutation p-value of CKA > 0 between runs (NaN: not tested)"})
     if rankme is not None:
         data["rankme"] = (("minibatch", "a"), rankme, {"long_name": "RankMe of each layer in each minibatch (Garrido et al. 2023)"})
     ds = xr.Dataset(data, coords=layer_coordinates(runs, layers, "a")).assign_coords(layer_coordinates(runs, layers, "b"))

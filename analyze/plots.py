@@ -2,10 +2,13 @@
 
 - one heatmap per pair of runs: layers of the first run on the y axis, bottom to
   top, layers of the second on the x axis, both labelled with run and layer names;
-  the values written in the cells of small matrices;
+  the values written in the cells of small matrices, the best match of each row framed,
+  and the entries whose bootstrap interval overlaps the best's dotted (indistinguishable
+  from it at this resolution);
 - for a multi-run study, a grid with each unordered pair of runs once (the upper triangle);
 - the per-minibatch CKA of one layer pair: CKA against minibatch index on a scale fitted to
-  the values, beside their histogram, with the minibatch CKA (ratio of sums) marked on both.
+  the values, beside their histogram, with the minibatch CKA (ratio of sums) and its
+  bootstrap interval marked on both.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from ckapipe.analyze.results import Results, load_results
+from ckapipe.analyze.stats import ties_with_best
 from ckapipe.errors import CkapipeError
 
 MAX_TICKS = 40
@@ -80,7 +84,23 @@ def heatmap(ax, results: Results, a, b, colorbar=True, values=None, tick_labels=
     ax.set_xlabel(f"{run_label(results, b)} layers")
     if colorbar:
         ax.figure.colorbar(image, ax=ax, label=measure_label(measure or results.measures[0]), fraction=0.046, pad=0.04)
+    if measure is None:  # the intervals are the first measure's
+        mark_ties_with_best(ax, results, a, b)
     return image
+
+
+def mark_ties_with_best(ax, results: Results, a, b):
+    """Frame each row's best match; dot the entries whose bootstrap interval overlaps the best's."""
+    low, high = results.cka_interval(a, b)
+    best, tied = ties_with_best(results.cka_matrix(a, b), low, high,
+                                exclude_diagonal=results.run_index(a) == results.run_index(b))
+    rows = [i for i in range(len(best)) if best[i] >= 0]
+    if rows:
+        ax.scatter(best[rows], rows, marker="s", s=60, facecolors="none", edgecolors="cyan", linewidths=1.2,
+                   label="best match of the row")
+    ties = np.argwhere(tied)
+    if len(ties):
+        ax.scatter(ties[:, 1], ties[:, 0], marker=".", s=30, color="cyan", label="interval overlaps the best's")
 
 
 def measure_label(measure=None) -> str:
@@ -162,11 +182,22 @@ def minibatch_figure(results: Results, a, b, layer_a, layer_b):
     else:
         spread = "no finite value"
     right.axhline(overall, color="k", ls="--", lw=1)
+    for ax in (left, right):
+        shade_interval(ax, results, a, b, layer_a, layer_b, vertical=False)
     right.set_xlabel("minibatches")
     right.set_title(spread, fontsize=8)
     fig.suptitle(f"{run_label(results, a)}:{layer_a} vs {run_label(results, b)}:{layer_b}, "
                  f"m={results.m}, {len(values)} minibatches", fontsize=10)
     return fig
+
+
+def shade_interval(ax, results: Results, a, b, layer_a, layer_b, vertical: bool = True):
+    """The bootstrap interval of the minibatch CKA of one layer pair, as a band across ``ax``."""
+    low, high = (x[results.layer_index(a, layer_a), results.layer_index(b, layer_b)] for x in results.cka_interval(a, b))
+    if np.isfinite(low) and np.isfinite(high):
+        band = ax.axvspan if vertical else ax.axhspan
+        band(low, high, color="0.5", alpha=0.3, zorder=0, label=f"{results.resampling.ci * 100:g} % bootstrap interval")
+        ax.legend(fontsize=8)
 
 
 def save(fig, stem: Path, formats: Sequence[str] = FORMATS) -> list[Path]:

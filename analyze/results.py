@@ -18,13 +18,17 @@ Results store (a Zarr v3 group written by xarray: ``xarray.open_zarr(OUT)`` open
       run_a, layer_a   str (a,): run label and layer name of each stacked layer (and run_b, layer_b)
       hsic_sum         float64 (a, b): the sums over minibatches
       cka              float64 (a, b): S_ab / sqrt(S_aa S_bb)
+      cka_low          float64 (a, b): bootstrap interval of cka, lower end (analyze/stats.py);
+      cka_high         upper end; attrs["ckapipe_results"]["resampling"] says how
+      p_value          float64 (a, b): permutation p-value of CKA > 0 between runs (NaN: not tested)
       minibatch_cka    float64 (minibatch, a, b): CKA within each minibatch
       measure_cka      float64 (measure, a, b), with ``--measure``: the CKA-like matrix of every measure
       measure_stats    float64 (measure, minibatch, a, b): the per-minibatch statistic of every measure
                        (``analyze.measures``), the first one's = hsic
       rankme           float64 (minibatch, a), with ``--rankme``: RankMe of every layer per minibatch
-      cka.json         every pair of runs: layer names, CKA matrix, HSIC sums
-      cka.csv          long form: run_a, layer_a, run_b, layer_b, cka, hsic_ab, hsic_aa, hsic_bb
+      cka.json         every pair of runs: layer names, CKA matrix and its interval, HSIC sums
+      cka.csv          long form: run_a, layer_a, run_b, layer_b, cka, hsic_ab, hsic_aa, hsic_bb,
+                       cka_low, cka_high, p_value (then one column per other measure)
       summary.txt      best-matching layer per layer
 
 Everything but ``hsic``, ``measure_stats``, ``rankme`` and ``minibatch`` is derived from them. Stores of version 1 (an
@@ -46,7 +50,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ckapipe.analyze.measures import DEFAULT, measure_values, minibatch_values, parse_measure
+from ckapipe.analyze.measures import DEFAULT, SUMS, measure_values, minibatch_values, parse_measure
+from ckapipe.analyze.stats import Resampling, bootstrap_bounds
 from ckapipe.atomic import atomic_path
 from ckapipe.errors import CkapipeError, suggest
 from ckapipe.store import library_versions, now
@@ -87,6 +92,9 @@ class Results:
     path: Path | None = None
     measure_stats: dict = field(default_factory=dict)  # measure name -> (n_minibatches, L, L); hsic is the first's
     rankme: np.ndarray | None = None  # (n_minibatches, L) minibatch RankMe of every layer, when asked for
+    resampling: Resampling = field(default_factory=Resampling)  # how the intervals and p-values are drawn
+    bounds: np.ndarray | None = None  # (2, L, L) bootstrap [low, high] of cka_all; drawn on first use
+    p_value_all: np.ndarray | None = None  # (L, L) permutation p-values, when the test ran
 
     # ---- naming
     @property
@@ -201,6 +209,32 @@ class Results:
         """(La,) minibatch RankMe of the run's layers, averaged over minibatches (analyse with rankme=True)."""
         return self.minibatch_rankme(run).mean(axis=0)
 
+    @property
+    def cka_bounds(self) -> np.ndarray:
+        """(2, L, L) bootstrap interval [low, high] of every entry of cka_all (NaN when ci is None, and
+        for a first measure that is not a ratio of sums, which this bootstrap does not cover)."""
+        if self.bounds is None:
+            ratio = parse_measure(self.measures[0]).aggregate == SUMS
+            self.bounds = (bootstrap_bounds(self.hsic, self.resampling) if ratio
+                           else np.full((2, *self.hsic.shape[1:]), np.nan))
+        return self.bounds
+
+    def cka_interval(self, a, b=None) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high), each (La, Lb): the bootstrap interval of cka(a, b)."""
+        b = a if b is None else b
+        low, high = self.cka_bounds
+        return low[self._span(a), self._span(b)], high[self._span(a), self._span(b)]
+
+    def p_value(self, a, b=None) -> np.ndarray:
+        """(La, Lb) permutation p-values of CKA > 0 (NaN within a run, or when no test ran)."""
+        b = a if b is None else b
+        p = self.p_value_all if self.p_value_all is not None else np.full(self.cka_all.shape, np.nan)
+        return p[self._span(a), self._span(b)]
+
+    def stacked_index(self, run, layer) -> int:
+        """Position of ``run:layer`` among the L stacked layers (rows of hsic and cka_all)."""
+        return self._span(run).start + self.layer_index(run, layer)
+
     def hsic_sums(self, a, b=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """S_ab (La, Lb), S_aa (La,), S_bb (Lb,)."""
         b = a if b is None else b
@@ -234,9 +268,13 @@ class Results:
             warnings.simplefilter("ignore")  # constant layers: said once, when the CKA was computed
             cka, per_minibatch = self.cka_all.copy(), self.minibatch_cka_all.copy()
             measures = {name: (self.values(name).copy(), self.statistics(name).copy()) for name in self.measures}
+            low, high = self.cka_bounds
+            p = self.p_value_all if self.p_value_all is not None else np.full(low.shape, np.nan)
         return results_dataset(runs, layers, self.minibatches, self.hsic.copy(), cka, per_minibatch,
-                               {"m": self.m, "pairing": self.pairing, "notes": list(self.notes)},
-                               measures=measures if self.measures != [DEFAULT] else None, rankme=self.rankme)
+                               {"m": self.m, "pairing": self.pairing, "notes": list(self.notes),
+                                "resampling": self.resampling.describe(len(self.minibatches))},
+                               measures=measures if self.measures != [DEFAULT] else None, rankme=self.rankme,
+                               uncertainty=(low.copy(), high.copy(), p.copy()))
 
     @cached_property
     def _labelled(self):
@@ -283,6 +321,9 @@ class Results:
                 "run_a": a, "run_b": b,
                 "layers_a": self.layer_names(a), "layers_b": self.layer_names(b),
                 "cka": _nan_to_none(self.cka_matrix(a, b)),
+                "cka_low": _nan_to_none(self.cka_interval(a, b)[0]),
+                "cka_high": _nan_to_none(self.cka_interval(a, b)[1]),
+                "p_value": _nan_to_none(self.p_value(a, b)),
                 "hsic_ab": s_ab.tolist(), "hsic_aa": s_aa.tolist(), "hsic_bb": s_bb.tolist(),
                 **({"measures": {name: _nan_to_none(self.cka_matrix(a, b, name)) for name in self.measures}}
                    if self.measures != [DEFAULT] else {}),
@@ -292,7 +333,7 @@ class Results:
             **rankme,
             "runs": [dict(r.to_dict(), label=n) for r, n in zip(self.runs, self.run_names)],
             "m": self.m, "pairing": self.pairing, "n_minibatches": int(len(self.minibatches)),
-            "notes": self.notes, "pairs": pairs,
+            "notes": self.notes, "resampling": self.resampling.to_dict(), "pairs": pairs,
         }
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -305,15 +346,18 @@ class Results:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         others = self.measures[1:]
-        writer.writerow([*COLUMNS, *others])
+        writer.writerow([*COLUMNS, *UNCERTAINTY_COLUMNS, *others])
         for a, b in self.pairs():
             s_ab, s_aa, s_bb = self.hsic_sums(a, b)
             matrix = self.cka_matrix(a, b)
             extra = [self.cka_matrix(a, b, name) for name in others]
+            low, high = self.cka_interval(a, b)
+            p = self.p_value(a, b)
             for i, la in enumerate(self.layer_names(a)):
                 for j, lb in enumerate(self.layer_names(b)):
                     writer.writerow([a, la, b, lb, repr(float(matrix[i, j])), repr(float(s_ab[i, j])),
                                      repr(float(s_aa[i])), repr(float(s_bb[j])),
+                                     repr(float(low[i, j])), repr(float(high[i, j])), repr(float(p[i, j])),
                                      *(repr(float(values[i, j])) for values in extra)])
         text = buf.getvalue()
         if path is not None:
@@ -360,7 +404,8 @@ class Results:
         pairs = [(a, b) for a, b in self.pairs() if a != b] or [(names[0], names[0])]
         first = self.measures[0]
         what = "minibatch CKA" if first == DEFAULT else first
-        lines = [f"{what}, m={self.m}, {len(self.minibatches)} minibatches, pairing by {self.pairing}"]
+        lines = [f"{what}, m={self.m}, {len(self.minibatches)} minibatches, pairing by {self.pairing}",
+                 self.resampling.describe(len(self.minibatches))]
         others = self.measures[1:]
         if others or self.rankme is not None:
             lines.append("columns: layer, best layer, " + ", ".join([first, *others] + ["RankMe"] * (self.rankme is not None)))
@@ -368,15 +413,19 @@ class Results:
             matches = self.best_matches(a, b)
             width = max(len(la) for la, _, _ in matches)
             widest = max(len(lb) for _, lb, _ in matches)
+            low, high = self.cka_interval(a, b)
+            p = self.p_value(a, b)
             title = f"{a} -> best layer of {b}" if a != b else f"{a}: most similar other layer"
             extra = [self.cka_matrix(a, b, name) for name in others]
             ranks = self.layer_rankme(a) if self.rankme is not None else None
             lines += ["", title]
             for i, (la, lb, value) in enumerate(matches):
-                j = self.layer_names(b).index(lb) if lb in self.layer_names(b) else None
+                j = self.layer_index(b, lb) if lb != "-" else None
+                number = (format_interval(value, low[i, j], high[i, j], p[i, j], self.resampling.permutations)
+                          if j is not None else f"{value:.4f}")
                 cells = [f"{values[i, j]:.4f}" if j is not None else "-" for values in extra]
                 cells += [f"{ranks[i]:.1f}"] if ranks is not None else []
-                lines.append(f"  {la:<{width}}  {lb:<{widest}}  {value:.4f}" + "".join(f"  {c}" for c in cells))
+                lines.append(f"  {la:<{width}}  {lb:<{widest}}  {number}" + "".join(f"  {c}" for c in cells))
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -407,6 +456,7 @@ def _write_store(results: Results, tmp: Path) -> None:
         "runs": [r.to_dict() for r in results.runs],
         "inputs": results.inputs,
         "notes": results.notes,
+        "resampling": results.resampling.to_dict(),
         "created": now(),
         "versions": library_versions(ANALYSIS_LIBRARIES),
     }}
@@ -442,8 +492,20 @@ def load_results(path: str | os.PathLike) -> Results:
     minibatches = group["minibatch"] if "minibatch" in group else group["minibatches"]  # version 1: "minibatches"
     stats = dict(zip((str(name) for name in group["measure"][:]), group["measure_stats"][:])) if "measure_stats" in group else {}
     rankme = group["rankme"][:] if "rankme" in group else None
-    return Results(runs, group["hsic"][:], minibatches[:], meta["inputs"], list(meta["notes"]), path,
-                   measure_stats=stats, rankme=rankme)
+    results = Results(runs, group["hsic"][:], minibatches[:], meta["inputs"], list(meta["notes"]), path,
+                      measure_stats=stats, rankme=rankme)
+    _read_uncertainty(group, meta, results)
+    return results
+
+
+def _read_uncertainty(group, meta: dict, results: Results) -> None:
+    """The stored intervals and p-values (a store written before them gets intervals drawn on first use)."""
+    if "resampling" not in meta or "cka_low" not in group:
+        return
+    results.resampling = Resampling.from_dict(meta["resampling"])
+    results.bounds = np.stack([group["cka_low"][:], group["cka_high"][:]])
+    p = group["p_value"][:]
+    results.p_value_all = None if np.isnan(p).all() else p
 
 
 def recorded_inputs(path: str | os.PathLike) -> dict | None:
@@ -452,6 +514,18 @@ def recorded_inputs(path: str | os.PathLike) -> dict | None:
         return zarr.open_group(Path(path), mode="r").attrs[ATTRS]["inputs"]
     except Exception:  # noqa: BLE001
         return None
+
+
+UNCERTAINTY_COLUMNS = ("cka_low", "cka_high", "p_value")
+
+
+def format_interval(value: float, low: float, high: float, p: float = float("nan"), permutations: int = 0) -> str:
+    """``0.842 [0.831, 0.853]``, and ``p = 0.004`` when tested (``p <= 0.001``: at the resolution 1/(R+1))."""
+    text = f"{value:.3f}" if np.isnan(low) else f"{value:.3f} [{low:.3f}, {high:.3f}]"
+    if np.isfinite(p):
+        floor = 1 / (permutations + 1) if permutations else 0.0
+        text += f"  p <= {floor:.2g}" if p <= floor else f"  p = {p:.2g}"
+    return text
 
 
 def _nan_to_none(matrix: np.ndarray) -> list:

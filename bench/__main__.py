@@ -25,11 +25,11 @@ from pathlib import Path
 from bench.common import machine, markdown, print_row, require_torchvision, write_table
 from bench.report import write_docs
 
-FULL = {"G": 10240, "M": 10240, "W1": 10240, "W2": 2560, "W3": 10240, "W4": [2560, 5120, 10240, 20480],
+FULL = {"G": 10240, "M": 10240, "U": 10240, "W1": 10240, "W2": 2560, "W3": 10240, "W4": [2560, 5120, 10240, 20480],
         "F1": 10240, "F2": 2560, "F3": 10240, "F4": [2560, 5120, 10240, 20480]}
-REDUCED = {"G": 2560, "M": 2560, "W1": 5120, "W2": 512, "W3": 2048, "W4": [2560, 5120, 10240, 20480],
+REDUCED = {"G": 2560, "M": 2560, "U": 2560, "W1": 5120, "W2": 512, "W3": 2048, "W4": [2560, 5120, 10240, 20480],
            "F1": 2048, "F2": 256, "F3": 1024, "F4": [1024, 4096]}
-ALL = "C,E,K,A,G,M,W1,W2,W3,W4,F1,F2,F3,F4"  # the whole suite: a run of all of it rewrites docs/benchmarks.md
+ALL = "C,E,K,A,G,M,U,W1,W2,W3,W4,F1,F2,F3,F4"  # the whole suite: a run of all of it rewrites docs/benchmarks.md
 COMPARE_TARGETS = {"cpu": (">= 1.3", ">= 8"), "cuda": (">= 3", ">= 10")}  # compare vs torch-cka, W1 and W3 (issue 10)
 PAIR = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0))
 SIX = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0), ("resnet50", "resnet50", 0),
@@ -43,7 +43,8 @@ def parse(argv):
     parser.add_argument("--only", default=ALL,
                         help="comma-separated pieces: C (codecs), E (extraction vs forward, digits), K (checksums), "
                              "A (float32 accuracy against an offset), G (Grams filled at extraction), "
-                             "M (each measure from cached Grams against linear CKA), W1..W4, "
+                             "M (each measure from cached Grams against linear CKA), "
+                             "U (intervals and p-values against the analysis from cached Grams), W1..W4, "
                              "F1..F4 (compare end to end: W1 and W3 speed, W1 and W2 accuracy, W4 memory)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", default="bench-results")
@@ -58,6 +59,7 @@ def pieces(sizes: dict, device: str, workdir: Path) -> dict:
     from bench.front import accuracy_rows, front_rows, memory_rows
     from bench.grams import gram_rows
     from bench.measures import measure_rows
+    from bench.uncertainty import uncertainty_rows
     from bench.workloads import Study, run_study, scaling
 
     two, six = COMPARE_TARGETS[device]
@@ -69,6 +71,8 @@ def pieces(sizes: dict, device: str, workdir: Path) -> dict:
         "A": lambda: offset_rows(workdir / "A"),
         "G": lambda: gram_rows(Study("G", PAIR, sizes["G"], 32, device), workdir),
         "M": lambda: measure_rows(Study("M", PAIR, sizes["M"], 32, device), workdir),
+        "U": lambda: uncertainty_rows(Study("U", PAIR, sizes["U"], 32, device), workdir,
+                                      permutations=1000 if sizes is FULL else 200),
         "W1": lambda: run_study(Study("W1", PAIR, sizes["W1"], 32, device), workdir),
         "W2": lambda: run_study(Study("W2", PAIR, sizes["W2"], 224, device, rounds=1), workdir),
         "W3": lambda: run_study(Study("W3", SIX, sizes["W3"], 32, device, end_to_end_target=">= 10"), workdir),

@@ -26,6 +26,7 @@ COMMANDS = {
     "analyze": "ckapipe.analyze.cli:analyze",
     "plot": "ckapipe.analyze.cli:plot",
     "rank": "ckapipe.analyze.cli:rank",
+    "diff": "ckapipe.analyze.cli:diff",
     "run": "ckapipe.pipelines.commands:run",
     "verify": "ckapipe.store_cli:verify",
     "unlock": "ckapipe.store_cli:unlock",
