@@ -58,7 +58,8 @@ def results_dataset(runs: list[str], layers: list[str], minibatches: np.ndarray,
                     uncertainty: tuple | None = None) -> xr.Dataset:
     """The labelled arrays of one analysis: stacked layers ``runs[i]:layers[i]`` on a and b.
 
-    ``uncertainty`` (low, high, p), each (L, L), adds ``cka_low``, ``cka_high`` and ``p_value``.
+    ``uncertainty`` (low, high, p, settings), each array (L, L), adds ``cka_low``, ``cka_high`` and
+    ``p_value``, with the resampling settings in their attributes.
 
     ``measures`` (name -> (values (L, L), per-minibatch statistics (n, L, L))) adds ``measure_cka``
     and ``measure_stats`` over a ``measure`` dimension; ``rankme`` (n, L) adds RankMe per minibatch.
@@ -76,10 +77,11 @@ def results_dataset(runs: list[str], layers: list[str], minibatches: np.ndarray,
         data["measure_stats"] = (("measure", *per_minibatch), np.stack([s for _, s in measures.values()]),
                                  {"long_name": "the per-minibatch statistic of every measure"})
     if uncertainty is not None:
-        low, high, p = uncertainty
-        data["cka_low"] = (pair, low, {"long_name": "bootstrap interval of cka, lower end"})
-        data["cka_high"] = (pair, high, {"long_name": "bootstrap interval of cka, upper end"})
-        data["p_value"] = (pair, p, {"long_name": "permutation p-value of CKA > 0 between runs (NaN: not tested)"})
+        low, high, p, settings = uncertainty
+        data["cka_low"] = (pair, low, {"long_name": "bootstrap interval of cka, lower end", "resampling": settings})
+        data["cka_high"] = (pair, high, {"long_name": "bootstrap interval of cka, upper end", "resampling": settings})
+        data["p_value"] = (pair, p, {"long_name": "permutation p-value of CKA > 0 between runs (NaN: not tested)",
+                                     "resampling": settings})
     if rankme is not None:
         data["rankme"] = (("minibatch", "a"), rankme, {"long_name": "RankMe of each layer in each minibatch (Garrido et al. 2023)"})
     ds = xr.Dataset(data, coords=layer_coordinates(runs, layers, "a")).assign_coords(layer_coordinates(runs, layers, "b"))

@@ -274,7 +274,7 @@ class Results:
                                {"m": self.m, "pairing": self.pairing, "notes": list(self.notes),
                                 "resampling": self.resampling.describe(len(self.minibatches))},
                                measures=measures if self.measures != [DEFAULT] else None, rankme=self.rankme,
-                               uncertainty=(low.copy(), high.copy(), p.copy()))
+                               uncertainty=(low.copy(), high.copy(), p.copy(), self.resampling.to_dict()))
 
     @cached_property
     def _labelled(self):

@@ -20,7 +20,7 @@ import ckapipe.analyze as analyze
 from ckapipe.analyze import stats
 from ckapipe.cli import main
 from ckapipe.errors import CkapipeError
-from tests._analyze_stores import make_run, random_layers
+from tests.numpy_runs import make_run, random_layers
 from tests.test_stats import song_hsic
 
 M = 8
