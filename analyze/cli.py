@@ -110,7 +110,8 @@ def rank(cache, runs, batch_size, full, minibatch, device, out, quiet):
 @click.option("--b", "pairs_b", nargs=2, multiple=True, required=True, metavar="RUN:LAYER RUN:LAYER",
               help="The pair it is compared with (repeat --b for a table).")
 @resampling_options
-def diff(results, pair_a, pairs_b, ci, bootstrap, seed, interval):
+@quiet_option
+def diff(results, pair_a, pairs_b, ci, bootstrap, seed, interval, quiet):
     """Paired difference CKA(a) - CKA(b) with its bootstrap interval, over the minibatches both share.
 
     RESULTS: results directories, or a study's results directory (every comparison in it).
@@ -122,16 +123,16 @@ def diff(results, pair_a, pairs_b, ci, bootstrap, seed, interval):
         raise CkapipeError("ckapipe diff draws an interval: give --ci between 0 and 1 (0.95 is usual)")
     rows = paired_difference(list(results), pair_a, list(pairs_b), ci=ci, bootstrap=bootstrap, seed=seed,
                              method=interval)
-    click.echo(difference_table(rows))
+    click.echo(difference_table(rows, note=not quiet))
 
 
-def difference_table(rows) -> str:
-    """The rows of ``diff`` as text: one line per pair b."""
+def difference_table(rows, note: bool = True) -> str:
+    """The rows of ``diff`` as text: one line per pair b, after a line saying how the intervals were drawn."""
     first = rows[0]
     width = max(len(r.b) for r in rows)
     level = f"{first.resampling.ci * 100:g} %"
-    lines = [f"CKA(a) - CKA(b) with {first.resampling.describe(first.n_minibatches)}",
-             f"a = {first.a}: CKA {first.cka_a:.3f}", "",
+    lines = [f"CKA(a) - CKA(b) with {first.resampling.describe(first.n_minibatches)}"] if note else []
+    lines += [f"a = {first.a}: CKA {first.cka_a:.3f}", "",
              f"  {'b':<{width}}  CKA(b)  CKA(a) - CKA(b)  {level + ' interval':<18}  resamples on the other side of 0"]
     for r in rows:
         share = f"< {1 / r.resampling.bootstrap:.2g}" if r.other_side == 0 else f"{r.other_side:.3g}"

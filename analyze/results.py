@@ -219,10 +219,16 @@ class Results:
                            else np.full((2, *self.hsic.shape[1:]), np.nan))
         return self.bounds
 
-    def cka_interval(self, a, b=None) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high), each (La, Lb): the bootstrap interval of cka(a, b)."""
+    def cka_interval(self, a, b=None, measure=None) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high), each (La, Lb): the bootstrap interval of cka(a, b), or of ``measure``'s matrix
+        (NaN for a measure that is not a ratio of sums over minibatches)."""
         b = a if b is None else b
-        low, high = self.cka_bounds
+        if measure is None or self.measure_name(measure) == self.measures[0]:
+            low, high = self.cka_bounds
+        elif parse_measure(self.measure_name(measure)).aggregate == SUMS:
+            low, high = bootstrap_bounds(self.statistics(measure), self.resampling)
+        else:
+            low = high = np.full(self.hsic.shape[1:], np.nan)
         return low[self._span(a), self._span(b)], high[self._span(a), self._span(b)]
 
     def p_value(self, a, b=None) -> np.ndarray:
@@ -365,7 +371,8 @@ class Results:
         return text
 
     def to_dataframe(self, all_pairs: bool = False):
-        """A tidy pandas.DataFrame, one row per pair of layers: run_a, layer_a, run_b, layer_b, cka, hsic_ab, hsic_aa, hsic_bb.
+        """A tidy pandas.DataFrame, one row per pair of layers: run_a, layer_a, run_b, layer_b, cka, hsic_ab,
+        hsic_aa, hsic_bb, cka_low, cka_high, p_value (and a column per other measure).
 
         Each pair once: every layer of a with every layer of b for two runs (a before b), and
         within a run each unordered pair of different layers. ``all_pairs`` gives every ordered
@@ -375,6 +382,7 @@ class Results:
 
         names = self.run_names
         pairs = itertools.product(names, names) if all_pairs else self.pairs()
+        columns = [*COLUMNS, *UNCERTAINTY_COLUMNS, *self.measures[1:]]
         frames = []
         for a, b in pairs:
             s_ab, s_aa, s_bb = self.hsic_sums(a, b)
@@ -384,13 +392,15 @@ class Results:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 cka = self.cka_matrix(a, b)[i, j]
+                low, high = (bound[i, j] for bound in self.cka_interval(a, b))
             frames.append(pd.DataFrame({
                 "run_a": a, "layer_a": np.asarray(self.layer_names(a), dtype=object)[i],
                 "run_b": b, "layer_b": np.asarray(self.layer_names(b), dtype=object)[j],
                 "cka": cka, "hsic_ab": s_ab[i, j], "hsic_aa": s_aa[i], "hsic_bb": s_bb[j],
+                "cka_low": low, "cka_high": high, "p_value": self.p_value(a, b)[i, j],
                 **{name: self.cka_matrix(a, b, name)[i, j] for name in self.measures[1:]},
-            }, columns=[*COLUMNS, *self.measures[1:]]))
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*COLUMNS, *self.measures[1:]])
+            }, columns=columns))
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
     def plot(self, out_dir=None, **options) -> list[Path]:
         """Write the heatmaps and the per-minibatch view (see ckapipe.analyze.plots.plot_results); the paths written."""

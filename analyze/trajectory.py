@@ -122,8 +122,8 @@ def _against_reference(results: Results, reference: str, run: str, layers: list[
                          for i, layer in zip(rows, layers)]
         interval = _mean_interval([np.array(per_minibatch).T])
         interval = (interval[0][0], interval[1][0])
-    elif callable(getattr(results, "cka_interval", None)):
-        low, high = results.cka_interval(reference, run, measure=measure)
+    else:
+        low, high = results.cka_interval(reference, run, measure)
         interval = (np.asarray(low)[rows, np.arange(len(layers))], np.asarray(high)[rows, np.arange(len(layers))])
     return values, [ref_layers[i] for i in rows], interval
 

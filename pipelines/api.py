@@ -76,6 +76,7 @@ def submit_study(study: Study, stage: str, *, tasks, slurm_options, scheduler, s
     if not jobs:
         say(f"nothing to submit for stage {stage}: no unfinished extraction task, no comparison to analyze")
         return []
+    slurm.require_slurm()
     if not force:
         slurm.refuse_if_queued(study)
     submitted = slurm.submit_jobs(jobs, say=say)

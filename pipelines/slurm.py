@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -207,14 +208,18 @@ def plan_jobs(study: Study, stage: str, *, tasks: list[int] | None = None, overr
     return jobs
 
 
+def require_slurm() -> None:
+    """A one-line error when this machine has no SLURM client to submit with (sbatch, then squeue)."""
+    for tool in ("sbatch", "squeue"):
+        if shutil.which(tool) is None:
+            raise PipelineError(f"{tool} not found: --slurm needs a SLURM cluster (or use --dry-run to see the scripts)")
+
+
 def queued_jobs(study: Study) -> list[tuple[str, str, str]]:
     """(job id, name, state) of the study's jobs in the SLURM queue: ``squeue`` by the jobs' names,
     kept when their batch script is this study's (another results directory is another study)."""
     names = ",".join(job_name(study, kind) for kind in ("extract", "analyze"))
-    try:
-        proc = subprocess.run(["squeue", "-h", "--name", names, "-o", "%F|%j|%T|%o"], capture_output=True, text=True)
-    except FileNotFoundError:
-        raise PipelineError("squeue not found: --slurm needs a SLURM cluster (or use --dry-run to see the scripts)") from None
+    proc = subprocess.run(["squeue", "-h", "--name", names, "-o", "%F|%j|%T|%o"], capture_output=True, text=True)
     if proc.returncode != 0:
         raise PipelineError(f"squeue failed: {(proc.stderr or proc.stdout).strip() or proc.returncode}")
     jobs = {}
@@ -254,10 +259,7 @@ def submit_jobs(jobs: list[JobScript], say: Callable[[str], None] = print) -> li
 
 
 def sbatch(script: Path, args: list[str]) -> str:
-    try:
-        proc = subprocess.run(["sbatch", "--parsable", *args, str(script)], capture_output=True, text=True)
-    except FileNotFoundError:
-        raise PipelineError("sbatch not found: --slurm needs a SLURM cluster (or use --dry-run to see the scripts)") from None
+    proc = subprocess.run(["sbatch", "--parsable", *args, str(script)], capture_output=True, text=True)
     if proc.returncode != 0:
         message = (proc.stderr or proc.stdout).strip().splitlines()
         raise PipelineError(f"sbatch {script.name} failed: {message[-1] if message else proc.returncode}")

@@ -344,7 +344,7 @@ def test_full_disk_creating_a_run_and_writing_results(tmp_path, monkeypatch, cap
     monkeypatch.setattr(LocalStore, "set", full)
     code, _, err = cli(capsys, "extract", "-m", A, "-b", M, "--limit", N, "--cache", tmp_path / "cache", "-q")
     assert_one_line_error(code, err, "the disk is full")
-    code, _, err = cli(capsys, "analyze", "--cache", tmp_path / "cache", "net", "--out", tmp_path / "out")
+    code, _, err = cli(capsys, "analyze", "--cache", tmp_path / "cache", "net", "--out", tmp_path / "out", "--ci", "0")
     assert_one_line_error(code, err, f"cannot write {tmp_path / 'out'}: the disk is full")
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
     assert [r.slug for r in store.list_runs(tmp_path / "cache")] == ["net"]
@@ -393,12 +393,12 @@ os.remove(disk / "filler")
 report["resume"] = ckapipe(*extract)
 run = next(p for p in (disk / "cache").iterdir() if p.name.startswith("mlp2"))
 fill(0)
-report["results"] = ckapipe("analyze", "--cache", disk / "cache", run.name, "--out", disk / "out", "--no-gram-cache", "-q") \
+report["results"] = ckapipe("analyze", "--cache", disk / "cache", run.name, "--out", disk / "out", "--no-gram-cache", "--ci", "0", "-q") \
     + (hidden(disk), (disk / "out").exists())
 os.remove(disk / "filler")
 os.system(f"mount -o remount,ro {disk}")
 report["read_only"] = ckapipe(*extract, "--order-seed", "1")
-report["read_only_results"] = ckapipe("analyze", "--cache", disk / "cache", run.name, "--out", disk / "out2", "-q")
+report["read_only_results"] = ckapipe("analyze", "--cache", disk / "cache", run.name, "--out", disk / "out2", "--ci", "0", "-q")
 report["files"] = {str(p.relative_to(run)): p.read_bytes().hex() for p in sorted((run / "layers").rglob("*"))
                    if p.is_file() and p.name != "zarr.json"}
 print(json.dumps(report))
@@ -456,7 +456,9 @@ def test_a_warning_is_one_line(tmp_path):
                            str(tmp_path / "out"), "-q"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == [
-        "ckapipe: warning: CKA is undefined for layers with constant activations (HSIC(K, K) = 0): net:flat"]
+        "ckapipe: warning: CKA is undefined for layers with constant activations (HSIC(K, K) = 0): net:flat",
+        "ckapipe: warning: only 4 minibatches enter the bootstrap (fewer than 10): its intervals are unreliable; "
+        "use more samples or a smaller --batch-size"]
 
 
 # --------------------------------------------------------------------------- 5. locks across nodes

@@ -88,7 +88,8 @@ def test_the_analysis_gives_the_same_minibatch_rankme_and_a_summary_column(cache
     np.testing.assert_array_equal(results.layer_rankme("net"), [rows[layer].rankme_minibatch for layer in rows])
     assert results.rankme.shape == (N // M, 3)
     summary = results.summary()
-    assert "RankMe" in summary.splitlines()[1]
+    columns = [line for line in summary.splitlines() if line.startswith("columns: ")]
+    assert columns and columns[0].endswith(", RankMe")
     assert f"{rows['narrow'].rankme_minibatch:.1f}" in summary
 
 
