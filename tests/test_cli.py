@@ -12,18 +12,9 @@ import sys
 import pytest
 
 import ckapipe
-from ckapipe.cli import COMMANDS, main
+from ckapipe.cli import COMMANDS
 from ckapipe.progress import Progress
-
-
-def ckapipe_cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli_calls import ckapipe_cli
 
 
 def test_help_lists_every_command_and_version_prints_it(capsys):

@@ -205,8 +205,9 @@ def test_the_last_worker_killed_stops_the_analysis_after_the_no_workers_timeout(
     assert "DASK_CKAPIPE__NO_WORKERS_TIMEOUT" in line and not (tmp_path / "out").exists()
 
 
-def test_a_started_scheduler_serves_no_dashboard_and_leaves_its_port_alone(study, tmp_path):
-    """``--dask-cluster local`` with port 8787 taken (a shared node): no port-clash warning."""
+@pytest.fixture
+def port_8787_taken():
+    """Port 8787 (Dask's dashboard) held by someone else, as on a shared node."""
     import socket
 
     taken = socket.socket()
@@ -215,15 +216,25 @@ def test_a_started_scheduler_serves_no_dashboard_and_leaves_its_port_alone(study
         taken.listen()
     except OSError:
         pass  # someone else holds it already: the same situation
+    yield
+    taken.close()
+
+
+@pytest.mark.parametrize("cluster, started", [
+    ("local", "LocalCluster, 1 worker processes"),
+    pytest.param("slurm", "SLURMCluster, 1 worker jobs", marks=pytest.mark.slurm),  # on a real SLURM
+])
+def test_a_started_scheduler_serves_no_dashboard_and_leaves_its_port_alone(study, tmp_path, port_8787_taken,
+                                                                           cluster, started):
+    """``--dask-cluster local|slurm`` with port 8787 taken: no port-clash warning, no dashboard, same numbers."""
     results = tmp_path / "results"
     shutil.copytree(study["results"] / "default" / "runs", results / "default" / "runs")
     lines = []
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*already in use")
-        out = run_study(DEFAULT, "analyze", cache=study["cache"], results=results, dask_cluster="local",
+        out = run_study(DEFAULT, "analyze", cache=study["cache"], results=results, dask_cluster=cluster,
                         dask_workers=1, progress=False, say=lines.append)
-    taken.close()
-    assert any("LocalCluster, 1 worker processes" in line and "dashboard" not in line for line in lines), lines
+    assert any(started in line and "dashboard" not in line for line in lines), lines
     reference = analyze.load_results(study["results"] / "default" / "seeds")
     np.testing.assert_allclose(out["seeds"].hsic, reference.hsic, rtol=1e-12, atol=0)
 

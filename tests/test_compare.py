@@ -14,6 +14,7 @@ from ckapipe import compare, store
 from ckapipe.errors import ActivationError, CkapipeError, DataError
 from ckapipe.extract.runner import extract_run
 from ckapipe.extract.zoo import digits_tensors
+from tests.reference import minibatch_cka_matrix_reference
 from tests.spec_factories import BlockNet, Poisoned
 
 M = 64
@@ -42,33 +43,7 @@ def counted(model: nn.Module) -> list[int]:
     return calls
 
 
-# --------------------------------------------------------------------------- an independent reference
-
-
-def hsic1(k: np.ndarray, l: np.ndarray) -> float:
-    """Song et al. (2012), eq. 5, in float64 with explicit traces and ones vectors (diagonals zeroed)."""
-    k, l = k.copy(), l.copy()
-    np.fill_diagonal(k, 0)
-    np.fill_diagonal(l, 0)
-    m = k.shape[0]
-    one = np.ones(m)
-    value = np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((m - 1) * (m - 2)) - 2 / (m - 2) * (one @ k @ l @ one)
-    return value / (m * (m - 3))
-
-
-def reference_cka(features_a: list[np.ndarray], features_b: list[np.ndarray], m: int) -> np.ndarray:
-    """Minibatch CKA (Nguyen et al. 2021) of every layer pair from (N, D) features, linear kernel, float64."""
-    n = len(features_a[0]) // m
-    s_ab = np.zeros((len(features_a), len(features_b)))
-    s_aa, s_bb = np.zeros(len(features_a)), np.zeros(len(features_b))
-    for k in range(n):
-        rows = slice(k * m, (k + 1) * m)
-        ka = [x[rows].astype(np.float64) @ x[rows].astype(np.float64).T for x in features_a]
-        kb = [y[rows].astype(np.float64) @ y[rows].astype(np.float64).T for y in features_b]
-        s_aa += [hsic1(g, g) for g in ka]
-        s_bb += [hsic1(g, g) for g in kb]
-        s_ab += [[hsic1(g, h) for h in kb] for g in ka]
-    return s_ab / np.sqrt(np.outer(s_aa, s_bb))
+# --------------------------------------------------------------------------- the features, captured by hand
 
 
 def features_of(model: nn.Module, x: torch.Tensor, layers: list[str], batch: int) -> list[np.ndarray]:
@@ -124,7 +99,7 @@ def test_compare_matches_an_independent_float64_reference_at_a_larger_input_size
     res = compare({"a": a, "b": b}, x, layers=["conv", "act", "pool", "head"], batch_size=16, order_seed=None,
                   progress=False)
     layers = ["conv", "act", "pool", "head"]
-    exact = reference_cka(features_of(a, x, layers, 16), features_of(b, x, layers, 16), 16)
+    exact = minibatch_cka_matrix_reference(features_of(a, x, layers, 16), features_of(b, x, layers, 16), 16)
     assert np.abs(res.cka("a", "b") - exact).max() < 1e-6
     assert np.abs(np.diag(res.cka("a"))[:] - 1).max() < 1e-12
 

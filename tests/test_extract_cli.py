@@ -7,26 +7,16 @@ import subprocess
 
 import pytest
 
-from ckapipe.cli import main
-
-
-def ckapipe(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.cli_calls import ckapipe_cli
 
 
 def test_layers_extract_ls(capsys, tmp_path):
     cache = str(tmp_path)
-    code, out, _ = ckapipe(capsys, "layers", "zoo:mlp2", "--cache", cache)
+    code, out, _ = ckapipe_cli(capsys, "layers", "zoo:mlp2", "--cache", cache)
     assert code == 0 and "block1.1  Linear" in out and out.splitlines()[-1].split() == ["head", "Linear", "10"]
-    code, out, _ = ckapipe(capsys, "extract", "-m", "zoo:mlp2", "-l", "block*,head:mean", "-b", "100", "--limit", "500", "--cache", cache, "-q")
+    code, out, _ = ckapipe_cli(capsys, "extract", "-m", "zoo:mlp2", "-l", "block*,head:mean", "-b", "100", "--limit", "500", "--cache", cache, "-q")
     assert code == 0 and "complete, 5/5 minibatches, 3 layers" in out
-    code, out, _ = ckapipe(capsys, "ls", "--cache", cache, "--layers")
+    code, out, _ = ckapipe_cli(capsys, "ls", "--cache", cache, "--layers")
     lines = out.splitlines()
     assert lines[0].split() == ["run", "model", "dataset", "layers", "N", "m", "grams", "size", "status"]
     assert "zoo:mlp2" in lines[1] and lines[1].split()[4:7] == ["500", "100", "-"] and lines[1].endswith("complete")
@@ -44,12 +34,12 @@ def test_layers_extract_ls(capsys, tmp_path):
     ],
 )
 def test_bad_input_is_one_line_exit_2(capsys, tmp_path, args, message):
-    code, out, err = ckapipe(capsys, *args, "--cache", str(tmp_path / "cache"))
+    code, out, err = ckapipe_cli(capsys, *args, "--cache", str(tmp_path / "cache"))
     assert code == 2 and message in err and err.count("\n") == 1 and err.startswith("ckapipe: error: ")
 
 
 def test_chunks_option_is_validated(capsys, tmp_path):
-    code, _, err = ckapipe(capsys, "extract", "-m", "zoo:mlp2", "--chunks", "3-4", "--cache", str(tmp_path))
+    code, _, err = ckapipe_cli(capsys, "extract", "-m", "zoo:mlp2", "--chunks", "3-4", "--cache", str(tmp_path))
     assert code == 2 and "use A:B" in err
 
 

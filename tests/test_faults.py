@@ -26,10 +26,10 @@ import zarr
 
 import ckapipe.analyze as analyze
 from ckapipe import store
-from ckapipe.cli import main
 from ckapipe.errors import CkapipeError, StoreError
 from ckapipe.extract.runner import extract_run
 from ckapipe.locks import lock_dir, read_claim, writer_lock
+from tests.cli_calls import ckapipe_cli
 from tests.numpy_runs import make_run, random_layers
 from tests.reference import minibatch_cka_reference
 
@@ -39,16 +39,6 @@ A = "zoo:mlp2?weights=none&init_seed=0"
 B = "zoo:mlp2?weights=none&init_seed=1"
 G = "zoo:mlp2?weights=none&init_seed=2"
 LAYERS = ("block1", "block2", "head")
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
@@ -92,7 +82,7 @@ def test_slow_writer_still_writes_every_chunk(tmp_path, monkeypatch, capsys):
         real(self, k, arrays)
 
     monkeypatch.setattr(store.Run, "write_chunk", slow)
-    code, out, err = cli(capsys, "extract", "-m", A, "-b", 32, "--limit", N, "--cache", tmp_path / "cli", "-q")
+    code, out, err = ckapipe_cli(capsys, "extract", "-m", A, "-b", 32, "--limit", N, "--cache", tmp_path / "cli", "-q")
     assert code == 0 and "complete, 8/8 minibatches" in out, err
     run = extract(tmp_path / "api", batch_size=32, writer_threads=1)
     assert run.status == store.COMPLETE and run.done().all()
@@ -104,7 +94,7 @@ def test_slow_writer_still_writes_every_chunk(tmp_path, monkeypatch, capsys):
 def test_a_chunk_left_unwritten_is_an_error_and_a_rerun_completes(tmp_path, monkeypatch, capsys):
     real = store.Run.write_chunk
     monkeypatch.setattr(store.Run, "write_chunk", lambda self, k, arrays: None if k == 2 else real(self, k, arrays))
-    code, _, err = cli(capsys, "extract", "-m", A, "-b", M, "--limit", N, "--cache", tmp_path, "-q")
+    code, _, err = ckapipe_cli(capsys, "extract", "-m", A, "-b", M, "--limit", N, "--cache", tmp_path, "-q")
     assert_one_line_error(code, err, "1 minibatch(es) of 0:4 were not written (first 2)", "rerun")
     with pytest.raises(StoreError, match="were not written"):
         extract(tmp_path, chunks=(1, 3))
@@ -195,17 +185,17 @@ def test_corruption_is_named_by_analyze_and_verify_and_repaired(fault, pristine,
     corrupt(cache)
     name = _store(cache, slug).name
 
-    code, out, err = cli(capsys, "analyze", "--cache", cache, "a", "b", "g", "--out", tmp_path / "out", "-q")
+    code, out, err = ckapipe_cli(capsys, "analyze", "--cache", cache, "a", "b", "g", "--out", tmp_path / "out", "-q")
     assert_one_line_error(code, err, name, *named)
     assert not (tmp_path / "out").exists()
 
-    code, out, err = cli(capsys, "verify", "--cache", cache, "-q")
+    code, out, err = ckapipe_cli(capsys, "verify", "--cache", cache, "-q")
     assert_one_line_error(code, err, "in 1 of 3 run(s)")
     report = out[out.index(name):]
     assert all(fragment in report for fragment in named), out
     assert "ok" in out.split(_store(cache, "a" if slug != "a" else "b").name)[1].split("\n")[0]
 
-    code, out, err = cli(capsys, "verify", "--cache", cache, "--repair", "-q")
+    code, out, err = ckapipe_cli(capsys, "verify", "--cache", cache, "--repair", "-q")
     metadata = "zarr.json" in fault
     assert (code == 2) if metadata else (code == 0), err
     for line in out.splitlines():  # the commands verify prints rebuild what it found bad
@@ -213,12 +203,12 @@ def test_corruption_is_named_by_analyze_and_verify_and_repaired(fault, pristine,
         if line.strip().startswith("rm -r "):
             shutil.rmtree(shlex.split(line.strip())[2])
         if command.startswith("ckapipe extract"):
-            assert cli(capsys, *shlex.split(command)[1:], "-q")[0] == 0
+            assert ckapipe_cli(capsys, *shlex.split(command)[1:], "-q")[0] == 0
 
     results = analyze.analyze(cache, ["a", "b", "g"], progress=False)
     for (a, b), cka in expected.items():
         np.testing.assert_allclose(results.cka(a, b), cka, rtol=1e-6, atol=1e-6)
-    assert cli(capsys, "verify", "--cache", cache, "-q")[0] == 0
+    assert ckapipe_cli(capsys, "verify", "--cache", cache, "-q")[0] == 0
     for slug_, before in files.items():
         assert chunk_files(_store(cache, slug_)) == before, slug_
 
@@ -229,7 +219,7 @@ def test_store_version_2_is_read_as_before_and_reported_without_checksums(pristi
     assert old.store_version == 2 and "checksums" not in old.group
     results = analyze.analyze(tmp_path, ["a"], progress=False)
     np.testing.assert_allclose(results.cka("a"), expected[("a", "a")], rtol=1e-6, atol=1e-6)
-    code, out, _ = cli(capsys, "verify", "--cache", tmp_path, "-q")
+    code, out, _ = ckapipe_cli(capsys, "verify", "--cache", tmp_path, "-q")
     assert code == 0 and "no checksums (store version 2)" in out
 
 
@@ -316,7 +306,7 @@ BAD_INPUT = [
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, message, inputs, capsys):
     before = sorted(p.name for p in inputs.iterdir())
     cache = [] if args[0] == "run" else ["--cache", "cache"]
-    code, _, err = cli(capsys, *args, *cache)
+    code, _, err = ckapipe_cli(capsys, *args, *cache)
     assert_one_line_error(code, err, message)
     assert "weights_only" not in err and "Traceback" not in err
     assert sorted(p.name for p in inputs.iterdir() if p.name != "cache") == [n for n in before if n != "cache"]
@@ -342,14 +332,14 @@ def test_full_disk_creating_a_run_and_writing_results(tmp_path, monkeypatch, cap
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(LocalStore, "set", full)
-    code, _, err = cli(capsys, "extract", "-m", A, "-b", M, "--limit", N, "--cache", tmp_path / "cache", "-q")
+    code, _, err = ckapipe_cli(capsys, "extract", "-m", A, "-b", M, "--limit", N, "--cache", tmp_path / "cache", "-q")
     assert_one_line_error(code, err, "the disk is full")
-    code, _, err = cli(capsys, "analyze", "--cache", tmp_path / "cache", "net", "--out", tmp_path / "out", "--ci", "0")
+    code, _, err = ckapipe_cli(capsys, "analyze", "--cache", tmp_path / "cache", "net", "--out", tmp_path / "out", "--ci", "0")
     assert_one_line_error(code, err, f"cannot write {tmp_path / 'out'}: the disk is full")
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
     assert [r.slug for r in store.list_runs(tmp_path / "cache")] == ["net"]
     monkeypatch.setattr(LocalStore, "set", real)
-    assert cli(capsys, "analyze", "--cache", tmp_path / "cache", "net", "--out", tmp_path / "out", "-q")[0] == 0
+    assert ckapipe_cli(capsys, "analyze", "--cache", tmp_path / "cache", "net", "--out", tmp_path / "out", "-q")[0] == 0
     assert extract(tmp_path / "cache").status == store.COMPLETE
 
 
@@ -476,7 +466,7 @@ def _claim(run_path: Path, chunks: str, host: str, heartbeat_age: float, pid: in
 def test_a_live_writer_on_another_node_is_waited_for_a_dead_one_taken_over(tmp_path, capsys):
     run = extract(tmp_path, chunks=(0, 1))
     lock = _claim(run.path, "0-4", "node-b", heartbeat_age=5)
-    code, _, err = cli(capsys, "extract", "-m", A, "-b", M, "--limit", N, "--cache", tmp_path, "-q")
+    code, _, err = ckapipe_cli(capsys, "extract", "-m", A, "-b", M, "--limit", N, "--cache", tmp_path, "-q")
     assert_one_line_error(code, err, "being extracted by another process (host node-b pid 4242", "ckapipe unlock")
     assert lock.exists() and not extract(tmp_path, chunks=(0, 1)).done()[1:].any()
     _claim(run.path, "0-4", "node-b", heartbeat_age=3600)  # node-b died an hour ago
@@ -525,9 +515,9 @@ def test_a_writer_whose_lock_was_taken_over_stops(tmp_path):
 def test_unlock_removes_a_dead_nodes_lock_and_refuses_a_live_local_one(tmp_path, capsys):
     run = extract(tmp_path, chunks=(0, 1))
     _claim(run.path, "1-4", "node-b", heartbeat_age=1)
-    code, out, _ = cli(capsys, "unlock", "--cache", tmp_path, run.name)
+    code, out, _ = ckapipe_cli(capsys, "unlock", "--cache", tmp_path, run.name)
     assert code == 0 and "removed the lock on chunks 1-4 (host node-b pid 4242" in out
     assert extract(tmp_path).status == store.COMPLETE
     _claim(run.path, "0-4", socket.gethostname(), heartbeat_age=0, pid=os.getpid())
-    code, _, err = cli(capsys, "unlock", "--cache", tmp_path, run.name)
+    code, _, err = ckapipe_cli(capsys, "unlock", "--cache", tmp_path, run.name)
     assert_one_line_error(code, err, f"being extracted by pid {os.getpid()} on this host")

@@ -6,7 +6,8 @@ shell reads them), ```python blocks are programs. They run in one scratch
 directory in the order they appear, as a reader following the README would.
 ```sh slurm blocks need a SLURM cluster and run in the slurm test. Not run:
 ``make test`` (this is it) and blocks marked ```sh notest, which hold only
-``make test`` and ``make bench`` (the benchmarks, run by ``make bench``).
+``make test``, ``make coverage`` (this suite again, under coverage) and
+``make bench`` (the benchmarks, 15 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -100,3 +101,8 @@ def test_the_script_parser_reads_shell_lines():
     assert script(text) == [("sh", "ckapipe ls"), ("sh", "ckapipe extract -m 'zoo:cnn3?seed=0' -b 64")]
     assert script("```sh notest\nmake bench\n```\n") == []
     assert script("```sh slurm\nckapipe run x --slurm\n```\n", "slurm") == [("sh", "ckapipe run x --slurm")]
+
+
+def test_only_the_suite_and_the_benchmarks_go_unrun():
+    unrun = {line for _, tag, body in blocks(README.read_text()) if tag == "notest" for line in command_lines(body)}
+    assert unrun <= {"make test", "make coverage", "make bench"}, unrun

@@ -13,6 +13,7 @@ import xarray as xr
 import ckapipe.analyze as analyze
 from ckapipe.analyze.labelled import indexed
 from tests.numpy_runs import make_run, random_layers
+from tests.reference import hsic1_reference
 
 M = 16
 
@@ -31,19 +32,11 @@ def study(tmp_path_factory):
 
 def by_hand(x: np.ndarray, y: np.ndarray, m: int = M) -> tuple[np.ndarray, float]:
     """Per-minibatch HSIC_1 (Song et al. 2012, eq. 5, explicit traces, float64) and minibatch CKA of two layers."""
-    def hsic1(k, l):
-        k, l = k.copy(), l.copy()
-        np.fill_diagonal(k, 0)
-        np.fill_diagonal(l, 0)
-        one = np.ones(m)
-        v = np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((m - 1) * (m - 2)) - 2 / (m - 2) * (one @ k @ l @ one)
-        return v / (m * (m - 3))
-
     terms = []
     for k in range(len(x) // m):
         a, b = x[k * m:(k + 1) * m].astype(np.float64), y[k * m:(k + 1) * m].astype(np.float64)
         ka, kb = a @ a.T, b @ b.T
-        terms.append((hsic1(ka, kb), hsic1(ka, ka), hsic1(kb, kb)))
+        terms.append((hsic1_reference(ka, kb), hsic1_reference(ka, ka), hsic1_reference(kb, kb)))
     terms = np.array(terms)
     per_minibatch = terms[:, 0] / np.sqrt(terms[:, 1] * terms[:, 2])
     total = terms.sum(axis=0)
@@ -78,7 +71,9 @@ def test_minibatch_cka_is_a_labelled_array_and_still_callable(study):
 def test_to_dataframe_gives_each_pair_of_layers_once(study):
     _, res, small, big = study
     table = res.to_dataframe()
-    assert list(table.columns) == ["run_a", "layer_a", "run_b", "layer_b", "cka", "hsic_ab", "hsic_aa", "hsic_bb"]
+    assert list(table.columns) == ["run_a", "layer_a", "run_b", "layer_b", "cka", "hsic_ab", "hsic_aa", "hsic_bb",
+                                   "cka_low", "cka_high", "p_value"]
+    assert (table.cka_low < table.cka_high).all() and table.p_value.isna().all()  # no permutation test asked
     within = table[table.run_a == table.run_b]
     assert len(table) == 3 + 9 + 3 and len(within) == 6  # 3 + 3 unordered pairs of different layers within a run
     assert not ((within.layer_a == within.layer_b).any())
