@@ -184,7 +184,7 @@ def test_a_killed_worker_with_no_allowed_failures_ends_in_one_line(study, tmp_pa
         wait_for(is_stuck, "worker reading the stuck chunk")
         kill_worker(client)
         line = one_line_exit_2(proc)
-    task = r"(features-\d+-\d \(Grams of run cnn3-s[01]-\w+|minibatch-hsic-\d+ \(HSIC of), minibatches \d+-\d+\)"
+    task = r"(features-\d+-\d \(Grams of run cnn3-s[01]-\w+, |minibatch-hsic-\d+ \(HSIC of )minibatches \d+-\d+\)"
     assert re.fullmatch(rf"ckapipe: error: Dask task {task} failed: the worker running it \(tcp://[\d.:]+\) died, "
                         r"and distributed.scheduler.allowed-failures is 0; the workers' logs say why they died "
                         r"\(memory limit, killed\)", line), line

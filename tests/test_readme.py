@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pipeline_helpers import copy_models
+
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 FENCE = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.M | re.S)
@@ -54,8 +56,12 @@ def script(text: str, tag: str = "") -> list[tuple[str, str]]:
     return steps
 
 
-def workdir(tmp_path: Path) -> Path:
+def workdir(tmp_path: Path, trained: Path) -> Path:
+    """A scratch directory with the repository's pipelines/ and, in cache/models/, the zoo networks the
+    session already trained (the same weights a reader's first command trains: training is tested by
+    the default_study fixture, and doing it again here would double this test's time)."""
     (tmp_path / "pipelines").symlink_to(REPO / "pipelines")
+    copy_models(trained, tmp_path / "cache")
     return tmp_path
 
 
@@ -78,20 +84,20 @@ def run_step(kind: str, step: str, cwd: Path) -> None:
     assert proc.returncode == 0, f"README step failed: {step}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
-def test_the_readme_runs_as_written(tmp_path):
+def test_the_readme_runs_as_written(tmp_path, default_study):
     steps = [(kind, step) for kind, step in script(README.read_text()) if step != "make test"]
     assert len(steps) > 10  # the parse found the README's commands
-    cwd = workdir(tmp_path)
+    cwd = workdir(tmp_path, default_study["cache"])
     for kind, step in steps:
         run_step(kind, step, cwd)
     assert (cwd / "results" / "default" / "summary.csv").exists()
 
 
 @pytest.mark.slurm
-def test_the_readme_slurm_commands_run_on_slurm(tmp_path):
+def test_the_readme_slurm_commands_run_on_slurm(tmp_path, default_study):
     steps = script(README.read_text(), "slurm")
     assert steps
-    cwd = workdir(tmp_path)
+    cwd = workdir(tmp_path, default_study["cache"])
     for kind, step in steps:
         run_step(kind, step, cwd)
 

@@ -156,7 +156,7 @@ def test_nothing_drawn_that_the_study_did_not_ask_for(teacher_study, tmp_path):
 
 # --------------------------------------------------------------------------- ensembles
 
-MEMBERS = ["m0", "m1", "m2", "m3", "m4"]
+MEMBERS = ["m0", "m1", "m2"]
 
 
 def member_matrix(store: Store, members, layers) -> np.ndarray:
