@@ -74,13 +74,17 @@ submit: install
 # default one runs everything but the extras and gpu tests, so a skip there is always worth
 # reading; in .venv-extras the extras must import (CKAPIPE_REQUIRE_EXTRAS: a missing or
 # broken torchvision fails, never skips).
+# The default environment's tests run on TEST_WORKERS pytest-xdist processes (CI's 2 cores;
+# most tests wait on a subprocess, a disk or a cluster, so two nearly halve the time), the
+# slurm tests one after another on one of them, the default study built once for both.
 PYTEST_DEFAULT := -m "not extras and not gpu"
 PYTEST_EXTRAS  := -m extras
+TEST_WORKERS ?= 2
 
 test: test-default test-extras
 
 test-default: install-test
-	$(PY) -m pytest -q -rfEs $(PYTEST_DEFAULT)
+	$(PY) -m pytest -q -rfEs -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_DEFAULT)
 
 test-extras: install-extras
 	CKAPIPE_REQUIRE_EXTRAS=1 $(XPY) -m pytest -q -rfEs $(PYTEST_EXTRAS)

@@ -5,7 +5,8 @@ Fixtures
     two_runs        two runs written from NumPy into ``cache`` (100 samples, m = 16); their layers
     reads           a Counter of (run slug, layer, chunk) reads through ``Run.read_chunk``
     zoo_cache       (session) a cache whose models/ holds the trained ``zoo:mlp2?seed=0``
-    default_study   (session) pipelines/default.yaml extracted and analyzed ONCE per pytest run:
+    default_study   (session) pipelines/default.yaml extracted and analyzed ONCE per pytest run
+                    (once for all of pytest-xdist's workers):
                     {"cache", "results", "study"}; tests that change it work on a copy
 
 Elsewhere in tests/: the float64 formulas in reference.py, stores written from NumPy in
@@ -20,6 +21,7 @@ CKAPIPE_REQUIRE_GPU: there a skip cannot hide a test that did not run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -47,6 +49,15 @@ def pytest_runtest_setup(item):
         if os.environ.get(variable):
             pytest.fail(f"{why}, and {variable} is set: this test must run here", pytrace=False)
         pytest.skip(why)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist (``--dist loadgroup``): a module's tests run on one worker, so that its
+    module fixtures (a study run, a Dask cluster) are built once; the slurm tests, which share one
+    single-node SLURM, run one after another on one worker, as their job timeouts assume."""
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") is not None else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @functools.cache
@@ -149,8 +160,9 @@ def zoo_cache(tmp_path_factory):
     """A cache whose models/ already holds the trained zoo:mlp2?seed=0 (trained once per run)."""
     from ckapipe.extract.models import load_model
 
-    cache = tmp_path_factory.mktemp("zoo")
-    load_model("zoo:mlp2?seed=0", cache=cache)
+    with built_once(tmp_path_factory, "zoo") as (cache, missing):
+        if missing:
+            load_model("zoo:mlp2?seed=0", cache=cache)
     return cache
 
 
@@ -161,7 +173,28 @@ def default_study(tmp_path_factory):
     from ckapipe.pipelines.study import load_study
     from tests.pipeline_helpers import DEFAULT
 
-    base = tmp_path_factory.mktemp("default-study")
-    cache, results = base / "cache", base / "results"
-    run_study(DEFAULT, cache=cache, results=results, progress=False, say=lambda line: None)
+    with built_once(tmp_path_factory, "default-study") as (base, missing):
+        cache, results = base / "cache", base / "results"
+        if missing:
+            run_study(DEFAULT, cache=cache, results=results, progress=False, say=lambda line: None)
     return {"cache": cache, "results": results, "study": load_study(DEFAULT, cache=cache, results=results)}
+
+
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str):
+    """(directory, whether it still has to be built) of a session fixture, built by one process of the
+    run: with pytest-xdist's workers (``make test`` runs two) the first builds it, under a file lock,
+    and the others wait and reuse it. Marked complete only when the build returned."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run
+    directory, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        missing = not done.exists()
+        if missing and directory.exists():
+            shutil.rmtree(directory)  # a build that failed half-way
+        directory.mkdir(exist_ok=True)
+        yield directory, missing
+        done.touch()
