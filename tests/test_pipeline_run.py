@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 
 import numpy as np
@@ -124,3 +125,33 @@ def test_chunk_range_tasks_fill_one_run_between_them(default_study, tmp_path):
     reference = [r for r in list_runs(default_study["cache"]) if r.slug == "cnn3-s0"][0]
     assert run.name == reference.name
     np.testing.assert_array_equal(run.layer("block2")[:], reference.layer("block2")[:])
+
+
+def test_the_summary_shows_intervals_and_diff_sets_the_two_seeds_against_the_shallower_network(default_study, capsys):
+    """The default study's summary gives each CKA its bootstrap interval; ``ckapipe diff`` across
+    its comparisons (seeds, depth) gives CKA(cnn3-s0:block3, cnn3-s1:block3) - CKA(cnn3-s0:block3,
+    cnn2-s0:block2), whose two terms equal Song et al.'s formula on the stored features."""
+    from tests.cli_calls import ckapipe_cli
+    from tests.reference import minibatch_cka_reference
+
+    out = default_study["results"] / "default"
+    summary = (out / "seeds" / "summary.txt").read_text()
+    assert "95 % bootstrap intervals (bca, 2000 resamples of 28 minibatches, seed 0)" in summary
+    intervals = re.findall(r"^  (\S+)\s+(\S+)\s+(0\.\d{3}) \[(0\.\d{3}), (0\.\d{3})\]$", summary, re.M)
+    assert [(la, lb) for la, lb, *_ in intervals[:4]] == [(f"block{i}", f"block{i}") for i in (1, 2, 3)] + [("head", "head")]
+    assert all(float(low) <= float(value) <= float(high) for *_, value, low, high in intervals)
+
+    study = default_study["study"]
+    features = {name: zarr.open_group(study.cache / recorded_store(study, run), mode="r")
+                for name, run in study.runs.items()}
+    a = minibatch_cka_reference(features["cnn3-s0"]["layers/block3"][:], features["cnn3-s1"]["layers/block3"][:], 64)
+    b = minibatch_cka_reference(features["cnn3-s0"]["layers/block3"][:], features["cnn2-s0"]["layers/block2"][:], 64)
+    (row,) = analyze.diff([out], ("cnn3-s0:block3", "cnn3-s1:block3"), [("cnn3-s0:block3", "cnn2-s0:block2")])
+    assert abs(row.cka_a - a) < 1e-9 and abs(row.cka_b - b) < 1e-9 and abs(row.estimate - (a - b)) < 1e-9
+    assert row.low <= row.estimate <= row.high and row.n_minibatches == 28
+
+    code, printed, _ = ckapipe_cli(capsys, "diff", out, "--a", "cnn3-s0:block3", "cnn3-s1:block3",
+                                   "--b", "cnn3-s0:block3", "cnn2-s0:block2")
+    lines = printed.splitlines()
+    assert code == 0 and lines[0].startswith("CKA(a) - CKA(b) with 95 % bootstrap intervals")
+    assert f"{row.estimate:+.3f}" in lines[-1] and f"[{row.low:+.3f}, {row.high:+.3f}]" in lines[-1]
