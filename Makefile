@@ -93,7 +93,7 @@ test-extras: install-extras
 # combined: the percentage per module.
 coverage: install-test install-extras
 	rm -f .coverage .coverage.*
-	COVERAGE_FILE=$(CURDIR)/.coverage $(PY) -m coverage run -m pytest -q -rfEs $(PYTEST_DEFAULT)
+	COVERAGE_FILE=$(CURDIR)/.coverage $(PY) -m coverage run -m pytest -q -rfEs -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_DEFAULT)
 	COVERAGE_FILE=$(CURDIR)/.coverage CKAPIPE_REQUIRE_EXTRAS=1 $(XPY) -m coverage run -m pytest -q -rfEs $(PYTEST_EXTRAS)
 	$(PY) -m coverage combine -q
 	$(PY) -m coverage report

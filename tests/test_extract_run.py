@@ -313,7 +313,7 @@ def test_ctrl_c_mid_extraction_exits_130_and_keeps_what_was_written(tmp_path):
     """SIGINT, as a terminal's Ctrl-C sends it: 'ckapipe: aborted', exit status 130, the chunks
     written so far kept with their markers (a rerun resumes from there)."""
     command = [sys.executable, "-m", "ckapipe", "extract", "-m", "tests.spec_factories:slow?delay=0.05", "-b", "8",
-               "--limit", "320", "--cache", str(tmp_path), "-q"]
+               "--limit", "1600", "--cache", str(tmp_path), "-q"]  # 200 minibatches, 10 s: time to be interrupted on a loaded CI
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for_chunks(tmp_path, proc, at_least=3)
@@ -323,4 +323,4 @@ def test_ctrl_c_mid_extraction_exits_130_and_keeps_what_was_written(tmp_path):
         proc.kill()
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "ckapipe: aborted", err
     (run,) = store.list_runs(tmp_path)
-    assert run.status == store.IN_PROGRESS and 3 <= run.done().sum() < 40
+    assert run.status == store.IN_PROGRESS and 3 <= run.done().sum() < 200
