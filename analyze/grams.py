@@ -29,7 +29,10 @@ import numpy as np
 
 from ckapipe.atomic import describe_os_error
 from ckapipe.errors import StoreError
-from ckapipe.kernels import gram_parts, square_from_triangle, sub_gram_parts, sub_triangles, to_host, upper_triangle
+from ckapipe.kernels import (
+    gram_parts, square_from_triangle, strict_in_diagonal_triangle, sub_gram_parts, sub_triangles, to_host,
+    ucentered_from_centred, upper_triangle,
+)
 from ckapipe.store import GramCache, Run, open_run
 
 
@@ -171,15 +174,8 @@ def _legacy_rows(triangles, xp) -> GramRows:
     n, n_layers, width = triangles.shape
     m = minibatch_size(width)
     wide = xp.zeros((n, n_layers, m * (m + 1) // 2))
-    wide[..., _strict_in_full(xp, m)] = xp.asarray(triangles)
+    wide[..., strict_in_diagonal_triangle(xp, m)] = xp.asarray(triangles)
     return GramRows(wide, None, xp.zeros((n, n_layers, m)))
-
-
-@functools.lru_cache(maxsize=16)
-def _strict_in_full(xp, m: int):
-    """Positions of the strict upper triangle's entries in an upper triangle with the diagonal."""
-    i, j = np.triu_indices(m, k=0)
-    return xp.asarray(np.flatnonzero(i != j))
 
 
 def fill_cache(cache: GramCache, ks: Sequence[int], centred: np.ndarray, means: np.ndarray) -> None:
@@ -269,12 +265,10 @@ def _from_coarser(run: Run, source: RunSource, ks: Sequence[int], m: int, xp) ->
 def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: str = "float64"):
     """(len(ks), layers, m(m-1)/2) float64 strict upper triangles of U(X Xᵀ) of one run (the unbiased
     HSIC's rows), from whatever ``run_grams`` gives."""
-    from ckapipe.kernels import center_gram
-
     rows = run_grams(source, ks, m, xp, product)
     if rows.means is None:
-        return rows.centred[..., _strict_in_full(xp, m)]
-    return upper_triangle(center_gram(square_from_triangle(rows.centred, diagonal=True)))
+        return rows.centred[..., strict_in_diagonal_triangle(xp, m)]
+    return ucentered_from_centred(rows.centred)
 
 
 __all__ = ["RunSource", "GramRows", "plan_source", "create_gram_caches", "run_grams", "run_triangles",

@@ -39,9 +39,9 @@ import numpy as np
 
 from ckapipe.errors import CkapipeError, suggest
 from ckapipe.kernels import (
-    array_module, biased_triangles, center_gram, cknna_hsic, cknna_parts, cosine_gram, double_center, hsic0_matrix,
+    array_module, biased_triangles, cknna_hsic, cknna_parts, cosine_gram, double_center, hsic0_matrix,
     hsic1_matrix, knn_mask, mutual_knn_matrix, rankme, raw_gram, rbf_gram, singular_values_from_gram,
-    square_from_triangle, upper_triangle,
+    square_from_triangle, ucentered_triangle,
 )
 from ckapipe.kernels import cka as ratio_of_sums
 
@@ -160,7 +160,7 @@ def layer_features(measure: Measure, rows) -> dict:
     if measure.kind == "linear_biased":
         return {"rows": biased_triangles(centred)}
     if measure.kind == "rbf":
-        return {"rows": upper_triangle(center_gram(rbf_gram(centred, measure.param)))}
+        return {"rows": ucentered_triangle(rbf_gram(centred, measure.param))}
     if measure.kind == "rbf_biased":
         return {"rows": biased_triangles(double_center(rbf_gram(centred, measure.param)))}
     cosine = cosine_gram(raw_gram(centred, rows.means))

@@ -167,6 +167,19 @@ def triangle_positions(xp, m: int, diagonal: bool = False):
     return i * m + j
 
 
+@functools.lru_cache(maxsize=32)
+def triangle_indices(xp, m: int):
+    """(i, j) of the strict upper triangle's entries, row by row (cached like triangle_positions)."""
+    return xp.triu_indices(m, k=1)
+
+
+@functools.lru_cache(maxsize=32)
+def strict_in_diagonal_triangle(xp, m: int):
+    """Positions of the strict upper triangle's entries within an upper triangle with the diagonal."""
+    i, j = np.triu_indices(m, k=0)
+    return xp.asarray(np.flatnonzero(i != j))
+
+
 FEATURE_BLOCK = 4096  # columns centred and multiplied at a time on the CPU (256 × 4096 float64 = 8 MiB)
 
 
@@ -210,7 +223,31 @@ def ucentered_gram(x, product="float64"):
     The features are centred in float64 first; ``product`` is the precision of
     the Gram product (see gram_linear).
     """
-    return upper_triangle(center_gram(centered_gram(x, product)))
+    return ucentered_triangle(centered_gram(x, product))
+
+
+def ucentered_triangle(gram):
+    """Strict upper triangle of U(K), (…, m(m-1)/2), from Grams K (…, m, m), without forming U(K):
+
+    U_ij = K_ij - r_i/(m-2) - r_j/(m-2) + t/((m-1)(m-2)) for i < j,
+
+    r the row sums of K with its diagonal zeroed and t their total (Székely & Rizzo 2014, eq. 3.1):
+    center_gram's numbers from one pass over K and a pass over the triangle, not five over K.
+    """
+    xp = array_module(gram)
+    gram = xp.asarray(gram, dtype=xp.float64)
+    m = check_minibatch_size(gram.shape[-1])
+    rows = gram.sum(axis=-2) - xp.diagonal(gram, axis1=-2, axis2=-1)
+    return _ucentre(upper_triangle(gram), rows, m)
+
+
+def _ucentre(off, rows, m: int):
+    """U-centre strict upper triangles ``off`` (…, m(m-1)/2) of Grams whose zero-diagonal row sums are ``rows`` (…, m),
+    in center_gram's order of operations (a constant Gram gives exact zeros, as there)."""
+    i, j = triangle_indices(array_module(off), m)
+    means = rows / (m - 2)
+    means -= means.sum(axis=-1, keepdims=True) / (2 * (m - 1))
+    return off - means.take(i, axis=-1) - means.take(j, axis=-1)
 
 
 def minibatch_grams(x, product="float64"):
@@ -248,7 +285,13 @@ def ucentered_from_centred(t):
     U-centring removes every a_i + a_j term, so U(C) = U(X Xᵀ): the Gram cache keeps C with its
     diagonal and the unbiased HSIC's triangles are derived on read.
     """
-    return upper_triangle(center_gram(square_from_triangle(t, diagonal=True)))
+    xp = array_module(t)
+    m = check_minibatch_size(gram_size(t.shape[-1]))
+    half = xp.zeros((*t.shape[:-1], m * m), dtype=xp.float64)  # the upper half: its row and column sums are K's row sums
+    half[..., triangle_positions(xp, m, True)] = t
+    half = half.reshape(*t.shape[:-1], m, m)
+    rows = half.sum(axis=-1) + half.sum(axis=-2) - 2 * xp.diagonal(half, axis1=-2, axis2=-1)
+    return _ucentre(t.take(strict_in_diagonal_triangle(xp, m), axis=-1), rows, m)
 
 
 def raw_gram(centred, mean_products):
@@ -302,7 +345,7 @@ def sub_triangles(t, m_sub: int):
     if m % m_sub:
         raise ValueError(f"{m_sub} does not divide {m}")
     blocks = [u[s:s + m_sub, s:s + m_sub] for s in range(0, m, m_sub)]
-    return xp.stack([upper_triangle(center_gram(b)) for b in blocks])
+    return xp.stack([ucentered_triangle(b) for b in blocks])
 
 
 def gram_size(n_triangle: int) -> int:
