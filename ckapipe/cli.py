@@ -76,7 +76,7 @@ def main(argv=None):
     one_malloc_arena()
     warnings.showwarning = show_warning
     try:
-        cli.main(args=argv, standalone_mode=False, prog_name="ckapipe")
+        code = cli.main(args=argv, standalone_mode=False, prog_name="ckapipe")  # click returns ctx.exit's code here
     except CkapipeError as err:
         click.echo(f"ckapipe: error: {err}", err=True)
         sys.exit(2)
@@ -88,7 +88,7 @@ def main(argv=None):
         click.echo(f"ckapipe: error: {err.format_message()} (see {command} --help)", err=True)
         sys.exit(2)
     except click.ClickException as err:
-        err.show()
+        click.echo(f"ckapipe: error: {err.format_message()}", err=True)
         sys.exit(err.exit_code)
-    except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
+    if isinstance(code, int) and code:
+        sys.exit(code)

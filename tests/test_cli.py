@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import click
 import pytest
 
 import ckapipe
@@ -85,3 +86,20 @@ def test_usage_errors_are_one_line_and_exit_2(capsys, tmp_path, args, message):
     code, _, err = ckapipe_cli(capsys, *args, *(["--results", str(tmp_path)] if args[0] == "run" else []))
     assert code == 2 and message in err and err.count("\n") == 1 and err.startswith("ckapipe: error: ")
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("raised, code, line", [
+    (KeyboardInterrupt(), 130, "ckapipe: aborted"),  # Ctrl-C: click turns it into Abort
+    (click.ClickException("the disk said no"), 1, "ckapipe: error: the disk said no"),
+    (click.exceptions.Exit(3), 3, None),  # ctx.exit(3): the status survives click's non-standalone mode
+])
+def test_an_interrupt_or_a_click_error_is_one_line_and_its_status(capsys, monkeypatch, raised, code, line):
+    from ckapipe import store_cli
+
+    def fail(**options):
+        raise raised
+
+    monkeypatch.setattr(store_cli.verify, "callback", fail)
+    status, _, err = ckapipe_cli(capsys, "verify")
+    assert status == code
+    assert err.strip().splitlines()[-1:] == ([line] if line else [])
