@@ -312,11 +312,12 @@ def test_cuda_without_a_gpu_is_refused(zoo_cache, tmp_path):
 def test_ctrl_c_mid_extraction_exits_130_and_keeps_what_was_written(tmp_path):
     """SIGINT, as a terminal's Ctrl-C sends it: 'ckapipe: aborted', exit status 130, the chunks
     written so far kept with their markers (a rerun resumes from there)."""
-    # 200 minibatches of 0.25 s: under coverage on a loaded machine one poll of the store can take
-    # seconds, and the extraction must still be running when the signal comes
-    command = [sys.executable, "-m", "ckapipe", "extract", "-m", "tests.spec_factories:slow?delay=0.25", "-b", "8",
-               "--limit", "1600", "--cache", str(tmp_path), "-q"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "ckapipe", "extract", "-m", "tests.spec_factories:slow?delay=0.05", "-b", "8",
+               "--limit", "1600", "--cache", str(tmp_path), "-q"]  # 200 minibatches: still running when the signal comes
+    # A terminal's default disposition of SIGINT: pytest-xdist's workers ignore it, and a child inherits
+    # an ignored signal (Python then installs no KeyboardInterrupt handler: the extraction ran to the end).
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_chunks(tmp_path, proc, at_least=3)
         proc.send_signal(signal.SIGINT)
