@@ -214,21 +214,31 @@ class Results:
         """(2, L, L) bootstrap interval [low, high] of every entry of cka_all (NaN when ci is None, and
         for a first measure that is not a ratio of sums, which this bootstrap does not cover)."""
         if self.bounds is None:
-            ratio = parse_measure(self.measures[0]).aggregate == SUMS
-            self.bounds = (bootstrap_bounds(self.hsic, self.resampling) if ratio
-                           else np.full((2, *self.hsic.shape[1:]), np.nan))
+            self.bounds = self._bootstrap(self.measures[0])
         return self.bounds
+
+    def measure_bounds(self, measure=None) -> np.ndarray:
+        """(2, L, L) bootstrap interval of every entry of a measure's matrix (cka_bounds for the first),
+        drawn once per measure."""
+        name = self.measure_name(measure)
+        if name == self.measures[0]:
+            return self.cka_bounds
+        drawn = self.__dict__.setdefault("_measure_bounds", {})
+        if name not in drawn:
+            drawn[name] = self._bootstrap(name)
+        return drawn[name]
+
+    def _bootstrap(self, name: str) -> np.ndarray:
+        """The bootstrap over minibatches of a ratio-of-sums measure; NaN for one that is not."""
+        if parse_measure(name).aggregate != SUMS:
+            return np.full((2, *self.hsic.shape[1:]), np.nan)
+        return bootstrap_bounds(self.statistics(name), self.resampling)
 
     def cka_interval(self, a, b=None, measure=None) -> tuple[np.ndarray, np.ndarray]:
         """(low, high), each (La, Lb): the bootstrap interval of cka(a, b), or of ``measure``'s matrix
         (NaN for a measure that is not a ratio of sums over minibatches)."""
         b = a if b is None else b
-        if measure is None or self.measure_name(measure) == self.measures[0]:
-            low, high = self.cka_bounds
-        elif parse_measure(self.measure_name(measure)).aggregate == SUMS:
-            low, high = bootstrap_bounds(self.statistics(measure), self.resampling)
-        else:
-            low = high = np.full(self.hsic.shape[1:], np.nan)
+        low, high = self.measure_bounds(measure)
         return low[self._span(a), self._span(b)], high[self._span(a), self._span(b)]
 
     def p_value(self, a, b=None) -> np.ndarray:

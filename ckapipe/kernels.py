@@ -345,7 +345,7 @@ def sub_triangles(t, m_sub: int):
     if m % m_sub:
         raise ValueError(f"{m_sub} does not divide {m}")
     blocks = [u[s:s + m_sub, s:s + m_sub] for s in range(0, m, m_sub)]
-    return xp.stack([ucentered_triangle(b) for b in blocks])
+    return ucentered_triangle(xp.stack(blocks))
 
 
 def gram_size(n_triangle: int) -> int:

@@ -46,6 +46,18 @@ class BlockNet(nn.Module):
         return self.head(self.block(self.stem(x)))
 
 
+class LoggedDataset(torch.utils.data.TensorDataset):
+    """A TensorDataset that records, in ``loaded``, every index it is asked for (to count loads)."""
+
+    def __init__(self, *tensors):
+        super().__init__(*tensors)
+        self.loaded: list[int] = []
+
+    def __getitem__(self, i):
+        self.loaded.append(i)
+        return super().__getitem__(i)
+
+
 class Slow(nn.Module):
     """An MLP on digits that sleeps in its forward, so a test can kill it mid-run."""
 

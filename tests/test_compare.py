@@ -15,7 +15,7 @@ from ckapipe.errors import ActivationError, CkapipeError, DataError
 from ckapipe.extract.runner import extract_run
 from ckapipe.extract.zoo import digits_tensors
 from tests.reference import minibatch_cka_matrix_reference
-from tests.spec_factories import BlockNet, Poisoned
+from tests.spec_factories import BlockNet, LoggedDataset, Poisoned
 
 M = 64
 LAYERS = ["stem", "block.conv1", "block", "head"]
@@ -141,17 +141,11 @@ def test_batch_size_recuts_the_loaders_batches(digits):
 
 def test_every_pair_in_one_pass_loads_each_batch_once(digits):
     x, y = digits
-    loaded = []
-
-    class Logged(TensorDataset):
-        def __getitem__(self, i):
-            loaded.append(i)
-            return super().__getitem__(i)
-
+    logged = LoggedDataset(x, y)
     three = dict(zip("abc", nets(0, 1, 2)))
-    res = compare(three, DataLoader(Logged(x, y), batch_size=M), layers=LAYERS, progress=False)
+    res = compare(three, DataLoader(logged, batch_size=M), layers=LAYERS, progress=False)
     probe = M  # the probe's first batch
-    assert len(loaded) == probe + len(x)
+    assert len(logged.loaded) == probe + len(x)
     assert res.pairs() == [("a", "a"), ("a", "b"), ("a", "c"), ("b", "b"), ("b", "c"), ("c", "c")]
     pairwise = compare({"a": three["a"], "c": three["c"]}, DataLoader(TensorDataset(x, y), batch_size=M),
                        layers=LAYERS, progress=False)

@@ -13,7 +13,7 @@ from ckapipe.errors import DataError
 from ckapipe.extract.minibatches import BY_HASH, BY_NAME, rebatch
 from ckapipe.extract.runner import extract_run
 from ckapipe.extract.zoo import digits_tensors
-from tests.spec_factories import BlockNet
+from tests.spec_factories import BlockNet, LoggedDataset
 
 M = 32
 
@@ -56,16 +56,10 @@ def test_a_tensor_is_keyed_by_the_hash_of_its_minibatches_and_an_equal_array_hit
 
 def test_a_named_dataset_is_not_hashed(data, net, tmp_path):
     x, y = data
-    loads = []
-
-    class Logged(TensorDataset):
-        def __getitem__(self, i):
-            loads.append(i)
-            return super().__getitem__(i)
-
-    run = extract(net, Logged(x, y), tmp_path, data_name="digits-200")
+    logged = LoggedDataset(x, y)
+    run = extract(net, logged, tmp_path, data_name="digits-200")
     assert run.spec.dataset == "name:digits-200" and run.meta["data"]["identified_by"] == BY_NAME
-    assert len(loads) == 4 + 200  # the probe, then every sample once: no hashing pass
+    assert len(logged.loaded) == 4 + 200  # the probe, then every sample once: no hashing pass
 
 
 def test_a_loader_is_read_in_its_order_and_a_ragged_last_chunk_is_kept(data, net, tmp_path):
