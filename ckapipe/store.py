@@ -202,6 +202,7 @@ class LayerInfo:
 
     dim: int  # D: features per sample after the reduction
     output_shape: tuple[int, ...]  # per-sample shape of the raw output
+    module: str = ""  # the module's type (class name, ``Linear``): Sequential layers are named 0, 1, ...
 
 
 @dataclass
@@ -251,6 +252,12 @@ class Run:
     @property
     def layer_names(self) -> list[str]:
         return list(self.meta["layers"])
+
+    @property
+    def layer_modules(self) -> list[str]:
+        """Each layer's module type (``Linear``), in layer order; "" where a store older than the record has none."""
+        modules = self.meta.get("modules", {})
+        return [modules.get(name, "") for name in self.layer_names]
 
     @property
     def n_samples(self) -> int:
@@ -808,6 +815,7 @@ def create_run(
             "spec": spec.to_dict(),
             "key": spec.key,
             "layers": [layer.name for layer in spec.layers],
+            "modules": {layer.name: layers[layer.name].module for layer in spec.layers},
             "n_samples": n,
             "batch_size": m,
             "grams_only": grams_only,

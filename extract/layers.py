@@ -283,7 +283,7 @@ class Recorder:
                     raise LayerError(f"layer {name!r} ({kind}) output {tuple(tensor.shape)} has no leading batch dimension of {batch}: choose another layer")
                 features = reduce(tensor, sel.reduction, self.mask)
                 self.specs[name] = LayerSpec(name=name, reduction=sel.reduction, select=where)
-                infos[name] = LayerInfo(dim=int(features.shape[1]), output_shape=tuple(tensor.shape[1:]))
+                infos[name] = LayerInfo(dim=int(features.shape[1]), output_shape=tuple(tensor.shape[1:]), module=kind)
         for module_name, sels in self.modules.items():
             calls = self.calls_per_forward.get(module_name, 0)
             for sel in sels:

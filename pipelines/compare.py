@@ -426,5 +426,10 @@ def not_finite(members: list[Member], parts, k: int) -> str:
 
 def entry(m: Member) -> RunEntry:
     if m.run is None:
-        return RunEntry(m.label, m.label, "", tuple(m.layers))
-    return RunEntry(m.run.name, m.label, m.run.key, tuple(m.layers), str(m.run.path))
+        return RunEntry(m.label, m.label, "", tuple(m.layers), modules=modules_of(m))
+    return RunEntry(m.run.name, m.label, m.run.key, tuple(m.layers), str(m.run.path), modules_of(m))
+
+
+def modules_of(m: Member) -> tuple[str, ...]:
+    """Each recorded layer's module type, from the probe."""
+    return tuple(m.infos[name].module for name in m.layers)

@@ -190,3 +190,21 @@ def test_layers_command_with_a_pattern_that_selects_nothing_is_one_line_and_stat
     code, out, err = ckapipe_cli(capsys, "layers", "zoo:mlp2", "blok*", "--cache", tmp_path)
     assert (code, out) == (2, "")
     assert err == "ckapipe: error: no layer 'blok*' in the model; did you mean: block2, block1, block2.1? (list them with: ckapipe layers MODEL)\n"
+
+
+def test_each_layer_records_its_module_type_from_the_run_to_the_results(tmp_path):
+    from ckapipe import analyze, compare, store
+    from ckapipe.analyze.results import load_results
+    from ckapipe.extract.runner import extract_run
+
+    run = store.open_run(extract_run("zoo:mlp2?seed=0", "digits", "*", cache=tmp_path, batch_size=16, limit=64,
+                                     name="mlp", progress=False))
+    assert list(zip(run.layer_names, run.layer_modules)) == [
+        ("block1.0", "Flatten"), ("block1.1", "Linear"), ("block1.2", "ReLU"), ("block2.0", "Linear"),
+        ("block2.1", "ReLU"), ("head", "Linear")]
+    res = analyze.analyze(tmp_path, ["mlp"], out=tmp_path / "res", progress=False)
+    for ds in (res.to_xarray(), load_results(tmp_path / "res").to_xarray()):
+        assert list(ds.module_a.values) == run.layer_modules and list(ds.module_b.values) == run.layer_modules
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.ReLU())
+    pair = compare({"a": net, "b": net}, torch.rand(32, 1, 8, 8), layers="*", batch_size=16, progress=False).to_xarray()
+    assert list(pair.module_a.sel(run_a="b").values) == ["Flatten", "Linear", "ReLU"]
