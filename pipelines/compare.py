@@ -102,12 +102,15 @@ def compare(
     dict's keys, else by spec or class name. ``data``: a DataLoader (its batches are the minibatches
     unless ``batch_size`` is given), a map-style Dataset, a tensor or array of inputs, or a dataset
     spec (see ckapipe.extract.minibatches); a last minibatch shorter than m is dropped, with a note.
-    ``layers``: a selection for every model (``"layer*.?"``, see ckapipe.extract.layers) or one per
-    name (a dict); default each model's top-level children.
+    One data per model (``compare(a, b, loader_a, loader_b)``, ``data=[...]`` in the models' order or
+    ``data={name: ...}``): the same samples in another form, paired by position, checked to be as many
+    and to carry the same labels or ids (extract.minibatches.paired).
+    ``layers``: a selection for every model (``"layer*.?"``; ``"*"`` every leaf module; see
+    ckapipe.extract.layers) or one per name (a dict); default each model's top-level children.
 
     ``cache``: also leave a grams-only run per model in this cache (``keep_activations``: a full run),
     and reuse complete runs found there instead of running their models. Data given as an object is
-    identified by ``data_name`` or else by the sha256 of its minibatches (one extra pass that loads
+    identified by ``data_name`` (one per data) or else by the sha256 of its minibatches (one extra pass that loads
     them, made only with a cache). ``precision="float32"`` multiplies the centred features in float32
     (faster on CPUs, about 1e-9 off in CKA; never cached). ``out``: write the results store there.
     """

@@ -95,3 +95,11 @@ def test_analyze_takes_a_whole_word_run_glob_on_the_command_line(capsys, tmp_pat
     assert code == 0 and "error" not in err
     runs = json.loads((tmp_path / "res" / "cka.json").read_text())["runs"]
     assert sorted(r["name"] for r in runs) == sorted(r.name for r in study)
+
+
+def test_a_run_glob_that_matches_nothing_is_one_line_and_status_2(capsys, tmp_path):
+    extract(tmp_path, "zoo:mlp2?seed=0")
+    code, out, err = ckapipe_cli(capsys, "analyze", "cnn3-s*", "--cache", tmp_path, "--out", tmp_path / "res", "-q")
+    assert (code, out) == (2, "")
+    assert err.startswith("ckapipe: error: no run 'cnn3-s*' in cache ") and err.count("\n") == 1
+    assert not (tmp_path / "res").exists()
