@@ -7,6 +7,10 @@
 - a ``DataLoader``: its batches are the minibatches (``m`` given: re-cut into m rows), in the loader's
   order, with its workers and collate; ``(input, label)`` batches give their input.
 
+``paired({name: minibatches(...), ...})`` reads one data per model side by side (a second DataLoader
+for the second model, as in torch-cka): sample i of each is one sample; they must hold as many, and
+labels or ids their batches carry must agree.
+
 Specs, datasets and arrays are visited in the permutation drawn from ``order_seed`` (DESIGN.md,
 "Sample order matters"; ``order_seed=None`` keeps their order); a DataLoader in the order it gives.
 

@@ -65,7 +65,7 @@ class Member:
     source: RunSource | None = None  # a complete cached run: read, the model is not run
     writer: ChunkWriter | None = field(default=None, repr=False)  # filling its run as the pass goes
     keep_activations: bool = False
-    feed: str = ""  # the name of the data it reads in the compare's PairedMinibatches
+    feed: str = ALL  # the name of the data it reads in the compare's PairedMinibatches
 
     @property
     def layers(self) -> list[str]:
@@ -110,8 +110,8 @@ def compare(
 
     ``cache``: also leave a grams-only run per model in this cache (``keep_activations``: a full run),
     and reuse complete runs found there instead of running their models. Data given as an object is
-    identified by ``data_name`` (one per data) or else by the sha256 of its minibatches (one extra pass that loads
-    them, made only with a cache). ``precision="float32"`` multiplies the centred features in float32
+    identified by ``data_name`` (one per data) or else by the sha256 of its minibatches (one extra pass
+    that loads them, made only with a cache). ``precision="float32"`` multiplies the centred features in float32
     (faster on CPUs, about 1e-9 off in CKA; never cached). ``out``: write the results store there.
     """
     named_models, named, data = split_arguments(models_and_data, data)
@@ -209,7 +209,7 @@ def per_model(data, models: Mapping[str, Any]) -> dict[str, Any]:
             raise CkapipeError(f"data is given for {', '.join(map(str, data))}: give it for every model and no "
                                f"other ({', '.join(models)})")
         return {name: data[name] for name in models}
-    if isinstance(data, (list, tuple)):
+    if isinstance(data, list):  # not a tuple: an (inputs, labels) pair is one data
         if len(data) != len(models):
             raise CkapipeError(f"compare got {len(models)} models and {len(data)} data: give one data for every "
                                f"model, or one per model in the models' order")
