@@ -400,7 +400,7 @@ def analyze(
         for note in plan.pairing.notes:
             print(f"ckapipe: note: {note}", file=sys.stderr)
     computed = compute(plan, resolve_device(device, "cupy"), scheduler, scheduler_file, progress, no_workers_timeout)
-    entries = [RunEntry(r.name, r.slug, r.key, tuple(r.layer_names), str(r.path)) for r in plan.runs]
+    entries = [RunEntry(r.name, r.slug, r.key, tuple(r.layer_names), str(r.path), tuple(r.layer_modules)) for r in plan.runs]
     names = [measure.name for measure in plan.measures]
     results = Results(entries, computed[names[0]], np.asarray(plan.pairing.minibatches), plan.inputs,
                       list(plan.pairing.notes), measure_stats={name: computed[name] for name in names},

@@ -55,9 +55,11 @@ def layer_coordinates(runs: list[str], layers: list[str], side: str) -> xr.Coord
 def results_dataset(runs: list[str], layers: list[str], minibatches: np.ndarray, hsic: np.ndarray,
                     cka: np.ndarray, minibatch_cka: np.ndarray, attrs: dict | None = None,
                     measures: dict | None = None, rankme: np.ndarray | None = None,
-                    uncertainty: tuple | None = None) -> xr.Dataset:
+                    uncertainty: tuple | None = None, modules: list[str] | None = None) -> xr.Dataset:
     """The labelled arrays of one analysis: stacked layers ``runs[i]:layers[i]`` on a and b.
 
+    ``modules`` (each stacked layer's module type, ``Linear``) adds the coordinates ``module_a`` and
+    ``module_b``, so ``1 Linear`` can label a Sequential's layer ``1``.
     ``uncertainty`` (low, high, p, settings), each array (L, L), adds ``cka_low``, ``cka_high`` and
     ``p_value``, with the resampling settings in their attributes.
 
@@ -86,6 +88,8 @@ def results_dataset(runs: list[str], layers: list[str], minibatches: np.ndarray,
         data["rankme"] = (("minibatch", "a"), rankme, {"long_name": "RankMe of each layer in each minibatch (Garrido et al. 2023)"})
     ds = xr.Dataset(data, coords=layer_coordinates(runs, layers, "a")).assign_coords(layer_coordinates(runs, layers, "b"))
     ds = ds.assign_coords(minibatch=("minibatch", np.asarray(minibatches, dtype=np.int64)))
+    if modules is not None:
+        ds = ds.assign_coords({f"module_{side}": (side, np.array(modules, dtype=object)) for side in SIDES})
     if measures:
         ds = ds.assign_coords(measure=("measure", np.array(list(measures), dtype=object)))
     ds.attrs.update(attrs or {})

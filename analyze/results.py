@@ -71,9 +71,11 @@ class RunEntry:
     key: str
     layers: tuple[str, ...]
     path: str = ""
+    modules: tuple[str, ...] = ()  # each layer's module type (``Linear``); empty when not recorded
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "slug": self.slug, "key": self.key, "layers": list(self.layers), "path": self.path}
+        return {"name": self.name, "slug": self.slug, "key": self.key, "layers": list(self.layers), "path": self.path,
+                "modules": list(self.modules)}
 
 
 @dataclass
@@ -280,6 +282,7 @@ class Results:
 
         runs = [name for name, r in zip(self.run_names, self.runs) for _ in r.layers]
         layers = [layer for r in self.runs for layer in r.layers]
+        modules = [module for r in self.runs for module in (r.modules or ("",) * len(r.layers))]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # constant layers: said once, when the CKA was computed
             cka, per_minibatch = self.cka_all.copy(), self.minibatch_cka_all.copy()
@@ -290,7 +293,8 @@ class Results:
                                {"m": self.m, "pairing": self.pairing, "notes": list(self.notes),
                                 "resampling": self.resampling.describe(len(self.minibatches))},
                                measures=measures if self.measures != [DEFAULT] else None, rankme=self.rankme,
-                               uncertainty=(low.copy(), high.copy(), p.copy(), self.resampling.to_dict()))
+                               uncertainty=(low.copy(), high.copy(), p.copy(), self.resampling.to_dict()),
+                               modules=modules)
 
     @cached_property
     def _labelled(self):
@@ -508,7 +512,8 @@ def load_results(path: str | os.PathLike) -> Results:
         meta = group.attrs[ATTRS]
     except Exception:  # noqa: BLE001
         raise CkapipeError(f"{path} is not a ckapipe results directory (written by ckapipe analyze --out)") from None
-    runs = [RunEntry(r["name"], r["slug"], r["key"], tuple(r["layers"]), r.get("path", "")) for r in meta["runs"]]
+    runs = [RunEntry(r["name"], r["slug"], r["key"], tuple(r["layers"]), r.get("path", ""), tuple(r.get("modules", ())))
+            for r in meta["runs"]]
     minibatches = group["minibatch"] if "minibatch" in group else group["minibatches"]  # version 1: "minibatches"
     stats = dict(zip((str(name) for name in group["measure"][:]), group["measure_stats"][:])) if "measure_stats" in group else {}
     rankme = group["rankme"][:] if "rankme" in group else None

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import fnmatch
 import functools
 import hashlib
 import json
@@ -59,6 +58,7 @@ import zarr.errors
 from ckapipe.atomic import atomic_path
 from ckapipe.codecs import DEFAULT_COMPRESSION, NO_TAG, checksummed, chunk_tag, compressors as compression_chain, file_crc
 from ckapipe.errors import StoreError, suggest
+from ckapipe.globs import RUN_SEPARATORS, glob_match, is_glob
 from ckapipe.kernels import check_minibatch_size, ucentered_from_centred
 
 STORE_VERSION = 3  # 3: chunks end with their crc32c, tags recorded; Gram caches keep centred Grams with the diagonal
@@ -202,6 +202,7 @@ class LayerInfo:
 
     dim: int  # D: features per sample after the reduction
     output_shape: tuple[int, ...]  # per-sample shape of the raw output
+    module: str = ""  # the module's type (class name, ``Linear``): Sequential layers are named 0, 1, ...
 
 
 @dataclass
@@ -251,6 +252,12 @@ class Run:
     @property
     def layer_names(self) -> list[str]:
         return list(self.meta["layers"])
+
+    @property
+    def layer_modules(self) -> list[str]:
+        """Each layer's module type (``Linear``), in layer order; "" where a store older than the record has none."""
+        modules = self.meta.get("modules", {})
+        return [modules.get(name, "") for name in self.layer_names]
 
     @property
     def n_samples(self) -> int:
@@ -808,6 +815,7 @@ def create_run(
             "spec": spec.to_dict(),
             "key": spec.key,
             "layers": [layer.name for layer in spec.layers],
+            "modules": {layer.name: layers[layer.name].module for layer in spec.layers},
             "n_samples": n,
             "batch_size": m,
             "grams_only": grams_only,
@@ -923,16 +931,28 @@ def _matches(pattern: str, runs: list[Run], aliases: dict[str, str]) -> list[Run
     named = [r for r in runs if r.slug == pattern or aliases.get(pattern) == r.name]
     if len(named) > 1:
         raise StoreError(f"run name {pattern!r} is ambiguous: name one of {_candidates(named)}")
-    if named or not any(c in pattern for c in "*?["):
+    if named or not is_glob(pattern):
         return named
-    hits = [r for r in runs if fnmatch.fnmatchcase(r.name, pattern)]
-    by_slug = [r for r in runs if r not in hits and (fnmatch.fnmatchcase(r.slug, pattern) or any(
-        fnmatch.fnmatchcase(a, pattern) for a, target in aliases.items() if target == r.name))]
+    hits, by_slug = _glob_hits(pattern, runs, aliases, whole_words=True)
+    if not hits and not by_slug:
+        hits, by_slug = _glob_hits(pattern, runs, aliases, whole_words=False)
     for run in by_slug:
         twins = [r for r in by_slug if r.slug == run.slug]
         if len(twins) > 1:
             raise StoreError(f"run name {run.slug!r} (matched by {pattern!r}) is ambiguous: name one of {_candidates(twins)}")
     return sorted(hits + by_slug, key=lambda r: r.name)
+
+
+def _glob_hits(pattern: str, runs: list[Run], aliases: dict[str, str], whole_words: bool):
+    """(runs whose store name matches, runs matched by slug or alias only): component globs (ckapipe.globs),
+    where the pattern may stop before the name's last components; ``whole_words`` as there."""
+    def match(name: str) -> bool:
+        return glob_match(pattern, name, RUN_SEPARATORS, whole_words=whole_words, leading=True)
+
+    hits = [r for r in runs if match(r.name)]
+    by_slug = [r for r in runs if r not in hits and (match(r.slug) or any(
+        match(a) for a, target in aliases.items() if target == r.name))]
+    return hits, by_slug
 
 
 def _candidates(runs: list[Run]) -> str:

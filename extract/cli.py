@@ -26,16 +26,18 @@ def require_torch():
 
 @click.command()
 @click.argument("model")
+@click.argument("patterns", nargs=-1)
 @click.option("--dataset", default=None, help="Take example inputs from this dataset spec.")
 @cache_option()
 @RANDOM_OPTION
 @quiet_option
-def layers(model, dataset, cache, random_init, quiet):
-    """List MODEL's hookable layers (per call) with their per-sample output shapes."""
+def layers(model, patterns, dataset, cache, random_init, quiet):
+    """List MODEL's hookable layers (per call) with their per-sample output shapes; with PATTERNS, only
+    those that --layers PATTERNS would record ('*': every leaf module; 'block*': part by part)."""
     require_torch()
     from ckapipe.extract.runner import list_layers
 
-    rows = list_layers(model, dataset, cache=cache, random_init=random_init, with_types=True)
+    rows = list_layers(model, dataset, cache=cache, random_init=random_init, with_types=True, layers=list(patterns))
     width = max((len(name) for name, _, _ in rows), default=4)
     for name, kind, shape in rows:
         click.echo(f"{name:<{width}}  {kind:<20}  {shape}")

@@ -8,7 +8,8 @@ times (torchvision's BasicBlock reuses one ``relu``) is recorded per call,
 A selection item is ``PATTERN[@SELECT][:REDUCTION]``:
 
 - PATTERN: an exact name, a glob (``layer*.?``; ``*`` stays within one dotted part,
-  ``**`` crosses dots) or ``name#i`` for one call;
+  ``**`` crosses dots), ``*`` alone for every leaf module (torch-cka's "all layers"), or
+  ``name#i`` for one call;
 - SELECT: which tensor of a tuple/list/dict output (an index or key); the
   first tensor, depth first, by default; the choice is recorded in the run;
 - REDUCTION: ``flatten`` (default, as in the CKA papers), ``mean`` (spatial mean
@@ -21,9 +22,6 @@ forward pass; a typo gets the nearest real names.
 
 from __future__ import annotations
 
-import fnmatch
-import functools
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -31,10 +29,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from ckapipe import globs
 from ckapipe.errors import LayerError, suggest
 from ckapipe.store import LayerInfo, LayerSpec
 
 REDUCTIONS = ("flatten", "mean", "cls")
+EVERY_LEAF = "*"  # the pattern of every leaf module
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def match_modules(model: nn.Module, selections: Sequence[Selection]) -> dict[str
     names = module_names(model)
     chosen: dict[str, list[Selection]] = {}
     for sel in selections:
-        hits = [n for n in names if glob_match(sel.base, n)] if _is_glob(sel.base) else [n for n in names if n == sel.base]
+        hits = pattern_hits(model, sel.base)
         if not hits:
             raise LayerError(f"no layer {sel.pattern!r} in the model{suggest(sel.base, names)} (list them with: ckapipe layers MODEL)")
         for name in hits:
@@ -110,28 +110,21 @@ def glob_match(pattern: str, name: str) -> bool:
 
     So ``layer*.?`` means the blocks ``layer1.0 .. layer4.1``, not ``layer1.0.downsample.0``.
     """
-    return _glob_regex(pattern).fullmatch(name) is not None
+    return globs.glob_match(pattern, name, globs.LAYER_SEPARATORS)
 
 
-@functools.lru_cache(maxsize=256)
-def _glob_regex(pattern: str) -> re.Pattern:
-    parts = []
-    for token in re.split(r"(\*\*|\*|\?|\[[^\]]*\])", pattern):
-        if token == "**":
-            parts.append(".*")
-        elif token == "*":
-            parts.append(r"[^.]*")
-        elif token == "?":
-            parts.append(r"[^.]")
-        elif token.startswith("[") and token.endswith("]") and len(token) > 2:
-            parts.append(fnmatch.translate(token)[4:-3])
-        else:
-            parts.append(re.escape(token))
-    return re.compile("".join(parts))
+def leaf_names(model: nn.Module) -> list[str]:
+    """Every hookable module without children (a Linear, a ReLU; not a block): what ``"*"`` selects."""
+    return [name for name, m in hookable(model) if next(m.children(), None) is None]
 
 
-def _is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
+def pattern_hits(model: nn.Module, pattern: str) -> list[str]:
+    """The module names a pattern selects: ``*`` every leaf module (as torch-cka's "all layers"), a glob
+    the names it matches part by part, any other pattern the module of that exact name."""
+    if pattern == EVERY_LEAF:
+        return leaf_names(model)
+    names = module_names(model)
+    return [n for n in names if glob_match(pattern, n)] if globs.is_glob(pattern) else [n for n in names if n == pattern]
 
 
 # --------------------------------------------------------------------------- outputs
@@ -290,7 +283,7 @@ class Recorder:
                     raise LayerError(f"layer {name!r} ({kind}) output {tuple(tensor.shape)} has no leading batch dimension of {batch}: choose another layer")
                 features = reduce(tensor, sel.reduction, self.mask)
                 self.specs[name] = LayerSpec(name=name, reduction=sel.reduction, select=where)
-                infos[name] = LayerInfo(dim=int(features.shape[1]), output_shape=tuple(tensor.shape[1:]))
+                infos[name] = LayerInfo(dim=int(features.shape[1]), output_shape=tuple(tensor.shape[1:]), module=kind)
         for module_name, sels in self.modules.items():
             calls = self.calls_per_forward.get(module_name, 0)
             for sel in sels:
@@ -322,6 +315,20 @@ def observe(model: nn.Module, inputs: Any) -> list[tuple[str, str, str]]:
         module_name, call = key.rsplit("#", 1)
         rows.append((recorder._recorded_name(module_name, int(call)), kind, describe(output)))
     return rows
+
+
+def selected_rows(model: nn.Module, rows: list[tuple], items: Sequence[str]) -> list[tuple]:
+    """The rows of ``observe`` (recorded name first) that the selection items choose: what ``-l`` would record.
+
+    A bad pattern is the LayerError that extracting with it would raise.
+    """
+    chosen = match_modules(model, parse_selection(items))
+    return [row for row in rows if _chooses(chosen, row[0])]
+
+
+def _chooses(chosen: dict[str, list[Selection]], recorded: str) -> bool:
+    module_name, _, call = recorded.partition("#")
+    return any(sel.call is None or str(sel.call) == call for sel in chosen.get(module_name, ()))
 
 
 def prepare(model: nn.Module, selections: Sequence[Selection], inputs: Any, batch: int) -> tuple[Recorder, dict[str, LayerInfo]]:

@@ -7,6 +7,10 @@
 - a ``DataLoader``: its batches are the minibatches (``m`` given: re-cut into m rows), in the loader's
   order, with its workers and collate; ``(input, label)`` batches give their input.
 
+``paired({name: minibatches(...), ...})`` reads one data per model side by side (a second DataLoader
+for the second model, as in torch-cka): sample i of each is one sample; they must hold as many, and
+labels or ids their batches carry must agree.
+
 Specs, datasets and arrays are visited in the permutation drawn from ``order_seed`` (DESIGN.md,
 "Sample order matters"; ``order_seed=None`` keeps their order); a DataLoader in the order it gives.
 
@@ -85,11 +89,13 @@ class Minibatches:
             raise DataError(f"the {self.given} gives no batch")
         return take_rows(first, slice(0, n))
 
-    def batches(self, ks: Sequence[int] | None = None, verify: bool = False) -> Iterator[tuple[int, Any]]:
+    def batches(self, ks: Sequence[int] | None = None, verify: bool = False,
+                labels: list | None = None) -> Iterator[tuple[int, Any]]:
         """(k, inputs) of minibatches ks (sorted; default all), each loaded once.
 
         ``verify``: a pass over every minibatch hashes them again and raises DataError, after the
-        last one, when they differ from those the identity was computed from.
+        last one, when they differ from those the identity was computed from. ``labels``: a list to
+        which a loader's batches append the labels or ids they carry (``batch_labels``).
         """
         wanted = range(self.n_chunks) if ks is None else ks
         verify = verify and self.digest is not None and list(wanted) == list(range(self.n_chunks))
@@ -97,7 +103,7 @@ class Minibatches:
         if self.source is not None:
             stream = zip(wanted, self.source.batches((self.sample_ids[self.rows(k)] for k in wanted), self.workers))
         else:
-            stream = self._loader_batches(set(wanted))
+            stream = self._loader_batches(set(wanted), labels)
         for k, inputs in stream:
             if digest is not None:
                 update_digest(digest, inputs)
@@ -112,10 +118,10 @@ class Minibatches:
     def rows(self, k: int) -> slice:
         return slice(k * self.m, min((k + 1) * self.m, self.n))
 
-    def _loader_batches(self, wanted: set[int]) -> Iterator[tuple[int, Any]]:
+    def _loader_batches(self, wanted: set[int], labels: list | None = None) -> Iterator[tuple[int, Any]]:
         """Minibatches of a loader in its order: every one is loaded, those wanted are given."""
         seen = 0
-        for k, inputs in enumerate(rebatch(loader_inputs(self.loader), self.m)):
+        for k, inputs in enumerate(rebatch(loader_inputs(self.loader, labels), self.m)):
             if k >= self.n_chunks:
                 break
             want = self.rows(k).stop - self.rows(k).start
@@ -227,13 +233,129 @@ def loader_length(loader) -> int:
         raise DataError("the DataLoader has no length (an IterableDataset?): give one over a map-style Dataset") from None
 
 
+# --------------------------------------------------------------------------- one data per model
+
+
+@dataclass
+class PairedMinibatches:
+    """Several feeds read side by side, sample i of each paired with sample i of the others (by
+    position): one model's data each (the same samples under another transform, resolution or
+    tokenizer), as torch-cka's and pytorch-cka's second DataLoader. ``feeds`` are named by whose data
+    they are; minibatch k of every feed is loaded together."""
+
+    feeds: dict[str, Minibatches]
+
+    @property
+    def first(self) -> Minibatches:
+        return next(iter(self.feeds.values()))
+
+    @property
+    def m(self) -> int:
+        return self.first.m
+
+    @property
+    def n_chunks(self) -> int:
+        return self.first.n_chunks
+
+    @property
+    def notes(self) -> list[str]:
+        return [note for feed in self.feeds.values() for note in feed.notes]
+
+    @property
+    def given(self) -> str:
+        if len(self.feeds) == 1:
+            return self.first.given
+        return "; ".join(f"{who}: {feed.given}" for who, feed in self.feeds.items())
+
+    def batches(self, verify: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(k, {feed's name: its inputs}) of every minibatch; DataError at the first position where two
+        feeds carry different labels or ids."""
+        logs = [[] for _ in self.feeds]
+        streams = [feed.batches(verify=verify, labels=log) for feed, log in zip(self.feeds.values(), logs)]
+        for rows in zip(*streams):
+            k = rows[0][0]
+            self._check_labels([pop_label_rows(log, self.m) for log in logs], k * self.m)
+            yield k, {who: inputs for who, (_, inputs) in zip(self.feeds, rows)}
+        for stream in streams[1:]:  # their end-of-pass checks (a changed stream)
+            for _ in stream:
+                pass
+
+    def _check_labels(self, labels: list, start: int) -> None:
+        named = [(who, feed, rows) for (who, feed), rows in zip(self.feeds.items(), labels) if rows is not None]
+        for (who_a, feed_a, a), (who_b, feed_b, b) in zip(named, named[1:]):
+            for column in sorted(set(a) & set(b)):
+                i = first_difference(a[column], b[column])
+                if i is not None:
+                    raise DataError(
+                        f"the data of {who_a} ({feed_a.given}) and of {who_b} ({feed_b.given}) differ at sample "
+                        f"{start + i}: {column} {_row(a[column][i])} and {_row(b[column][i])}; give both the same "
+                        f"samples in the same order")
+
+
+def paired(feeds: dict[str, Minibatches], drop_ragged: bool = True) -> PairedMinibatches:
+    """The feeds read side by side, checked to hold as many samples in minibatches of the same m; with
+    ``drop_ragged`` a last minibatch shorter than m is dropped from each, with a note."""
+    (who_a, a), *rest = feeds.items()
+    for who_b, b in rest:
+        if b.n != a.n:
+            raise DataError(f"the data of {who_a} ({a.given}) holds {a.n} samples and the data of {who_b} "
+                            f"({b.given}) {b.n}: give both the same samples")
+        if b.m != a.m:
+            raise DataError(f"the data of {who_a} ({a.given}) comes in minibatches of {a.m} and the data of "
+                            f"{who_b} ({b.given}) of {b.m}: give a minibatch size (batch_size)")
+    if drop_ragged:
+        for feed in feeds.values():
+            feed.sample_ids, feed.limit, dropped = _drop_ragged(feed.given, feed.sample_ids, feed.m, feed.limit)
+            feed.notes.extend(dropped)
+    return PairedMinibatches(dict(feeds))
+
+
+def pop_label_rows(log: list, n: int) -> dict[str, np.ndarray] | None:
+    """The first n rows of the labels a loader logged (``batch_labels`` per batch), taken off the log;
+    None when it carries none."""
+    if not log or log[0] is None:
+        log.clear()
+        return None
+    joined = {column: np.concatenate([entry[column] for entry in log]) for column in log[0]}
+    log[:] = [{column: rows[n:] for column, rows in joined.items()}]
+    return {column: rows[:n] for column, rows in joined.items()}
+
+
+def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
+    """The first row at which two (rows, ...) arrays differ (rows of another width differ everywhere)."""
+    if a.shape[1:] != b.shape[1:]:
+        return 0
+    rows = min(len(a), len(b))
+    differ = np.flatnonzero((a[:rows] != b[:rows]).any(axis=1))
+    return int(differ[0]) if len(differ) else (None if len(a) == len(b) else rows)
+
+
+def _row(values: np.ndarray):
+    return values[0].item() if values.size == 1 else values.tolist()
+
+
 # --------------------------------------------------------------------------- batches
 
 
-def loader_inputs(loader) -> Iterator[Any]:
-    """The model inputs of every batch of a loader: the first element of tuples, the tensor columns of dicts."""
+def loader_inputs(loader, labels: list | None = None) -> Iterator[Any]:
+    """The model inputs of every batch of a loader: the first element of tuples, the tensor columns of dicts;
+    ``labels``: a list to which each batch's ``batch_labels`` are appended as it is read."""
     for batch in loader:
+        if labels is not None:
+            labels.append(batch_labels(batch))
         yield batch_inputs(batch)
+
+
+def batch_labels(batch) -> dict[str, np.ndarray] | None:
+    """The labels or ids a batch carries, by column (rows first): a tuple's second element (``label``), a
+    dict's LABEL_COLUMNS; None when it carries none."""
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and isinstance(batch[1], (torch.Tensor, np.ndarray)):
+        columns = {"label": batch[1]}
+    elif isinstance(batch, dict):
+        columns = {k: batch[k] for k in LABEL_COLUMNS if isinstance(batch.get(k), (torch.Tensor, np.ndarray))}
+    else:
+        return None
+    return {k: np.asarray(torch.as_tensor(v).detach().cpu()).reshape(len(v), -1) for k, v in columns.items()} or None
 
 
 def batch_inputs(batch) -> Any:

@@ -25,7 +25,7 @@ from ckapipe.codecs import DEFAULT_COMPRESSION, compressors
 from ckapipe.devices import resolve_device
 from ckapipe.errors import ActivationError, CkapipeError, DataError, LayerError
 from ckapipe.extract.datasets import load_dataset
-from ckapipe.extract.layers import default_selection, observe, parse_selection, prepare
+from ckapipe.extract.layers import default_selection, observe, parse_selection, prepare, selected_rows
 from ckapipe.extract.minibatches import Minibatches, minibatches, rows_of, sample_order  # noqa: F401 - sample_order: API
 from ckapipe.extract.models import LoadedModel, load_model, weights_hash
 from ckapipe.extract.writer import ChunkWriter, compute_grams, device_grams, write_grams
@@ -144,8 +144,9 @@ def run_spec(loaded: LoadedModel, feed: Minibatches, layers: tuple[store.LayerSp
 
 
 def list_layers(model: str | nn.Module, dataset: str | None = None, *, cache: str | os.PathLike = "cache",
-                random_init: bool = False, with_types: bool = False) -> list[tuple]:
+                random_init: bool = False, with_types: bool = False, layers: Sequence[str] | None = None) -> list[tuple]:
     """(name, per-sample output shape) of every module call, in forward order; with_types adds the module type.
+    ``layers``: only the calls these selection items choose (``"*"``: every leaf module).
 
     Inputs come from ``dataset`` (first samples); without one, digits for zoo
     networks, token ids for hf models, and 3 × 224 × 224 images otherwise.
@@ -158,6 +159,8 @@ def list_layers(model: str | nn.Module, dataset: str | None = None, *, cache: st
     else:
         rows = runs_on(lambda: observe(loaded.module, inputs), loaded.spec, "example inputs (3 x 224 x 224 images)",
                        "pass --dataset to take example inputs from a dataset it takes")
+    if layers:
+        rows = selected_rows(loaded.module, rows, layers)
     return rows if with_types else [(name, shape) for name, _, shape in rows]
 
 

@@ -90,8 +90,9 @@ def named_specs(specs) -> dict[str, str] | list[str]:
 
 @click.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--dataset", "-d", default="digits", show_default=True,
-              help="digits, NAME:ROOT, imagefolder:DIR, hf:DIR, FILE.npy, STORE.zarr, package.module:callable.")
+@click.option("--dataset", "-d", "datasets", multiple=True, default=["digits"], show_default=True,
+              help="digits, NAME:ROOT, imagefolder:DIR, hf:DIR, FILE.npy, STORE.zarr, package.module:callable; "
+                   "once for every model, or once per model in order (the same samples, paired by position).")
 @click.option("--layers", "-l", "layer_items", multiple=True,
               help="PATTERN[@SELECT][:REDUCTION] for every model, repeatable or comma-separated; default: top-level children.")
 @click.option("--batch-size", "-b", default=256, show_default=True, type=int, help="Minibatch size m (>= 4).")
@@ -110,13 +111,14 @@ def named_specs(specs) -> dict[str, str] | list[str]:
 @click.option("--format", "formats", default="png,pdf", show_default=True, help="Figure formats, comma-separated.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing results directory.")
 @quiet_option
-def compare(models, dataset, layer_items, batch_size, out, cache, keep_activations, order_seed, limit, reduction, device,
+def compare(models, datasets, layer_items, batch_size, out, cache, keep_activations, order_seed, limit, reduction, device,
             precision, random_init, workers, formats, overwrite, quiet):
     """Minibatch CKA of every pair of MODELS on one dataset, in one pass: the summary, and the results
     and heatmaps in --out. Each model is a spec, or NAME=SPEC.
 
     \b
       ckapipe compare zoo:cnn3?seed=0 zoo:cnn3?seed=1 --out results/seeds
+      ckapipe compare zoo:cnn3?seed=0 zoo:cnn2?seed=0 -d a.npy -d b.npy --out results/views
       ckapipe compare r18=torchvision:resnet18 r34=torchvision:resnet34 --random-init \\
           --dataset 'cifar10:/data/cifar?split=test' --layers 'layer*.?' --out results/depth
     """
@@ -130,7 +132,7 @@ def compare(models, dataset, layer_items, batch_size, out, cache, keep_activatio
     chosen = named_specs(models)
     arguments = (chosen,) if isinstance(chosen, dict) else tuple(chosen)
     results = run_compare(
-        *arguments, data=dataset, layers=list(layer_items) or None, batch_size=batch_size, cache=cache,
+        *arguments, data=datasets[0] if len(datasets) == 1 else list(datasets), layers=list(layer_items) or None, batch_size=batch_size, cache=cache,
         keep_activations=keep_activations, order_seed=order_seed, limit=limit, reduction=reduction, device=device,
         precision=precision, out=out, overwrite=overwrite, random_init=random_init, workers=workers, progress=not quiet,
     )

@@ -39,13 +39,16 @@ from ckapipe.blas import single_threaded_blas
 from ckapipe.devices import resolve_device
 from ckapipe.errors import ActivationError, CkapipeError, DataError, StoreError
 from ckapipe.extract.layers import Recorder
-from ckapipe.extract.minibatches import Minibatches, minibatches
+from ckapipe.extract.minibatches import PairedMinibatches, minibatches, paired
 from ckapipe.extract.models import LoadedModel
 from ckapipe.extract.runner import PROBE_BATCH, probe_layers, resolve_model, run_spec, to_device
 from ckapipe.extract.writer import ChunkWriter
 from ckapipe.kernels import PRODUCTS, hsic1_matrix, minibatch_grams, to_host, ucentered_from_centred, ucentered_gram
 from ckapipe.locks import writer_lock
 from ckapipe.progress import Progress
+
+
+ALL = "every model"  # the name of data that every model reads
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Member:
     source: RunSource | None = None  # a complete cached run: read, the model is not run
     writer: ChunkWriter | None = field(default=None, repr=False)  # filling its run as the pass goes
     keep_activations: bool = False
+    feed: str = ALL  # the name of the data it reads in the compare's PairedMinibatches
 
     @property
     def layers(self) -> list[str]:
@@ -98,16 +102,21 @@ def compare(
     dict's keys, else by spec or class name. ``data``: a DataLoader (its batches are the minibatches
     unless ``batch_size`` is given), a map-style Dataset, a tensor or array of inputs, or a dataset
     spec (see ckapipe.extract.minibatches); a last minibatch shorter than m is dropped, with a note.
-    ``layers``: a selection for every model (``"layer*.?"``, see ckapipe.extract.layers) or one per
-    name (a dict); default each model's top-level children.
+    One data per model (``compare(a, b, loader_a, loader_b)``, ``data=[...]`` in the models' order or
+    ``data={name: ...}``): the same samples in another form, paired by position, checked to be as many
+    and to carry the same labels or ids (extract.minibatches.paired).
+    ``layers``: a selection for every model (``"layer*.?"``; ``"*"`` every leaf module; see
+    ckapipe.extract.layers) or one per name (a dict); default each model's top-level children.
 
     ``cache``: also leave a grams-only run per model in this cache (``keep_activations``: a full run),
     and reuse complete runs found there instead of running their models. Data given as an object is
-    identified by ``data_name`` or else by the sha256 of its minibatches (one extra pass that loads
-    them, made only with a cache). ``precision="float32"`` multiplies the centred features in float32
+    identified by ``data_name`` (one per data) or else by the sha256 of its minibatches (one extra pass
+    that loads them, made only with a cache). ``precision="float32"`` multiplies the centred features in float32
     (faster on CPUs, about 1e-9 off in CKA; never cached). ``out``: write the results store there.
     """
     named_models, named, data = split_arguments(models_and_data, data)
+    data = per_model(data, named_models)
+    data_names = names_of_data(data_name, data)
     if precision not in PRODUCTS:
         raise CkapipeError(f"precision {precision!r} is not one of {', '.join(PRODUCTS)}")
     if cache is not None and precision != "float64":
@@ -118,14 +127,14 @@ def compare(
         check_out(out, overwrite)
     if cache is not None:
         store.ensure_cache(cache)
-    feed = minibatches(data, batch_size, order_seed=order_seed, limit=limit, name=data_name, drop_ragged=True,
-                       workers=workers)
+    feed = paired({who: minibatches(one, batch_size, order_seed=order_seed, limit=limit, name=data_names[who],
+                                    workers=workers) for who, one in data.items()})
     selections = layer_selections(layers, list(named_models))
     torch_device = torch.device(resolve_device(device, "torch"))
-    probe_inputs = to_device(feed.probe(PROBE_BATCH), torch_device)
+    probes = {who: to_device(one.probe(PROBE_BATCH), torch_device) for who, one in feed.feeds.items()}
     members = [
-        member(label, named, model, selections.get(label), reduction, probe_inputs, torch_device, cache, random_init)
-        for label, model in named_models.items()
+        member(label, named, model, selections.get(label), reduction, probes[who], torch_device, cache, random_init, who)
+        for (label, model), who in zip(named_models.items(), feed_of(data, named_models))
     ]
     if progress:
         for note in feed.notes:
@@ -151,12 +160,21 @@ def compare(
 
 def split_arguments(args: tuple, data) -> tuple[dict[str, Any], bool, Any]:
     """(models by name, whether the user named them, data) from ``(model, ..., data)``,
-    ``({name: model}, data)`` or ``data=``."""
+    ``(model, ..., data_a, data_b, ...)``, ``({name: model}, data...)`` or ``data=``.
+
+    Trailing arguments that cannot be models (a DataLoader, a Dataset, a tensor, an array) are the
+    data; several of them are one per model, in the models' order. Else the last argument is the data.
+    """
     args = list(args)
     if data is None:
-        if len(args) < 2:
-            raise CkapipeError("compare needs models and data: compare(model_a, model_b, data) or compare({name: model}, data)")
-        data = args.pop()
+        trailing = trailing_data(args)
+        if len(args) - len(trailing) < 1 or len(args) < 2:
+            raise CkapipeError("compare needs models and data: compare(model_a, model_b, data), "
+                               "compare(model_a, model_b, data_a, data_b) or compare({name: model}, data)")
+        if len(trailing) > 1:
+            data, args = trailing, args[:-len(trailing)]
+        else:
+            data = args.pop()
     named = len(args) == 1 and isinstance(args[0], Mapping)
     if named:
         models = dict(args[0])
@@ -171,6 +189,44 @@ def split_arguments(args: tuple, data) -> tuple[dict[str, Any], bool, Any]:
         if not isinstance(model, (str, nn.Module)):
             raise CkapipeError(f"model {name!r} is a {type(model).__name__}: give an nn.Module or a model spec")
     return models, named, data
+
+
+def trailing_data(args: list) -> list:
+    """The arguments at the end that cannot be models or a dict of them: data objects."""
+    trailing = []
+    for arg in reversed(args):
+        if isinstance(arg, (str, nn.Module, Mapping)):
+            break
+        trailing.insert(0, arg)
+    return trailing
+
+
+def per_model(data, models: Mapping[str, Any]) -> dict[str, Any]:
+    """{model name: its data} from data for every model, a list (one per model, in order) or a dict by
+    model name; one data for every model is {ALL: data}."""
+    if isinstance(data, Mapping):
+        if set(data) != set(models):
+            raise CkapipeError(f"data is given for {', '.join(map(str, data))}: give it for every model and no "
+                               f"other ({', '.join(models)})")
+        return {name: data[name] for name in models}
+    if isinstance(data, list):  # not a tuple: an (inputs, labels) pair is one data
+        if len(data) != len(models):
+            raise CkapipeError(f"compare got {len(models)} models and {len(data)} data: give one data for every "
+                               f"model, or one per model in the models' order")
+        return dict(zip(models, data))
+    return {ALL: data}
+
+
+def names_of_data(data_name, data: dict[str, Any]) -> dict[str, str | None]:
+    """The name of each data (``data_name``: one for one data, a list or dict of them for one per model)."""
+    if data_name is None or (ALL in data) == isinstance(data_name, str):
+        return {who: None for who in data} if data_name is None else per_model(data_name, data)
+    raise CkapipeError("give data_name as one name for one data, or one name per model for one data per model")
+
+
+def feed_of(data: dict[str, Any], models: Mapping[str, Any]) -> list[str]:
+    """The name of the data each model reads (its own, or the one for all)."""
+    return [name if name in data else ALL for name in models]
 
 
 def model_names(models: list) -> dict[str, Any]:
@@ -201,7 +257,7 @@ def layer_selections(layers, names: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- models and runs
 
 
-def member(label, named, model, layers, reduction, probe_inputs, device, cache, random_init) -> Member:
+def member(label, named, model, layers, reduction, probe_inputs, device, cache, random_init, feed=ALL) -> Member:
     """A model ready to hand its features to the kernels: loaded, on the device, its layers checked and probed."""
     loaded = resolve_model(model, cache if cache is not None else store.default_cache(), random_init,
                            hash_weights=cache is not None)
@@ -210,13 +266,14 @@ def member(label, named, model, layers, reduction, probe_inputs, device, cache, 
         recorder, infos = probe_layers(module, layers, reduction, probe_inputs)
     except CkapipeError as err:
         raise type(err)(f"model {label}: {err}") from None
-    return Member(label, named, loaded, recorder, infos)
+    return Member(label, named, loaded, recorder, infos, feed=feed)
 
 
-def attach_runs(members: list[Member], feed: Minibatches, cache, keep_activations: bool, locks) -> None:
+def attach_runs(members: list[Member], feeds: PairedMinibatches, cache, keep_activations: bool, locks) -> None:
     """Each model's run in the cache: a complete one to read instead of running the model, or a new
     one (grams-only, or full with ``keep_activations``) that the pass fills, under a writer lock."""
     for m in members:
+        feed = feeds.feeds[m.feed]
         layer_specs = tuple(m.recorder.specs[name] for name in m.layers)
         full = run_spec(m.loaded, feed, layer_specs, name=m.label if m.named else None)
         cached = reusable_run(cache, [full, dataclasses.replace(full, grams_only=True)], feed.m)
@@ -232,7 +289,7 @@ def attach_runs(members: list[Member], feed: Minibatches, cache, keep_activation
             m.run.set_meta(status=store.IN_PROGRESS, error=None)
         m.keep_activations = keep_activations
     reused = [m for m in members if m.source is not None]
-    for m, source in zip(reused, create_gram_caches([m.source for m in reused], feed.m)):
+    for m, source in zip(reused, create_gram_caches([m.source for m in reused], feeds.m)):
         m.source = source
 
 
@@ -256,7 +313,7 @@ def reusable_run(cache, specs: list[store.RunSpec], m: int):
 # --------------------------------------------------------------------------- the pass
 
 
-def one_pass(members: list[Member], feed: Minibatches, device, precision: str, progress: bool) -> np.ndarray:
+def one_pass(members: list[Member], feed: PairedMinibatches, device, precision: str, progress: bool) -> np.ndarray:
     """(n_minibatches, L, L) HSIC_1 of every pair of layers of every model, minibatch by minibatch."""
     running = [m for m in members if m.runs_model]
     n, size = feed.n_chunks, sum(len(m.layers) for m in members)
@@ -276,7 +333,7 @@ def one_pass(members: list[Member], feed: Minibatches, device, precision: str, p
                 hooks.enter_context(m.recorder.hooked())
             for k, inputs in batches:
                 inputs = to_device(inputs, device) if running else None
-                parts = [member_triangles(m, k, inputs, feed.m, xp, grams) for m in members]
+                parts = [member_triangles(m, k, inputs and inputs[m.feed], feed.m, xp, grams) for m in members]
                 hsic[k] = to_host(hsic1_matrix(xp.concatenate(parts)))
                 if not np.isfinite(hsic[k]).all():
                     raise ActivationError(not_finite(members, parts, k))
@@ -372,5 +429,10 @@ def not_finite(members: list[Member], parts, k: int) -> str:
 
 def entry(m: Member) -> RunEntry:
     if m.run is None:
-        return RunEntry(m.label, m.label, "", tuple(m.layers))
-    return RunEntry(m.run.name, m.label, m.run.key, tuple(m.layers), str(m.run.path))
+        return RunEntry(m.label, m.label, "", tuple(m.layers), modules=modules_of(m))
+    return RunEntry(m.run.name, m.label, m.run.key, tuple(m.layers), str(m.run.path), modules_of(m))
+
+
+def modules_of(m: Member) -> tuple[str, ...]:
+    """Each recorded layer's module type, from the probe."""
+    return tuple(m.infos[name].module for name in m.layers)

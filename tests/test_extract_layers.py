@@ -7,6 +7,7 @@ import torch
 
 from ckapipe.extract.layers import LayerError, glob_match, parse_selection, prepare, reduce
 from ckapipe.extract.runner import list_layers
+from tests.cli_calls import ckapipe_cli
 from tests.spec_factories import BlockNet, Structured
 
 
@@ -157,3 +158,53 @@ class _Spare(torch.nn.Module):
 def test_a_layer_never_called_in_the_forward_pass_is_named():
     with pytest.raises(LayerError, match=r"layer 'spare' is never called in the forward pass: choose another layer"):
         prepare(_Spare(), parse_selection(["spare"]), torch.zeros(4, 2), 4)
+
+
+def test_a_star_alone_selects_every_leaf_module_in_forward_order(blocknet):
+    x = torch.rand(4, 1, 8, 8)
+    _, infos = _record(blocknet, ["*"], x)
+    assert list(infos) == ["stem", "block.conv1", "block.bn1", "block.relu#0", "block.conv2", "block.bn2",
+                           "block.relu#1", "head.0", "head.1"]  # the relu called twice: once per call
+
+
+def test_globs_match_part_by_part_and_double_star_takes_containers_too(blocknet):
+    x = torch.rand(4, 1, 8, 8)
+    assert list(_record(blocknet, ["block.*"], x)[1]) == ["block.conv1", "block.bn1", "block.relu#0", "block.conv2",
+                                                         "block.bn2", "block.relu#1"]
+    assert list(_record(blocknet, ["b*"], x)[1]) == ["block"]
+    assert list(_record(blocknet, ["**.bn?"], x)[1]) == ["block.bn1", "block.bn2"]
+
+
+def test_layers_command_shows_what_a_pattern_selects(capsys, tmp_path):
+    code, out, err = ckapipe_cli(capsys, "layers", "zoo:mlp2", "*", "--cache", tmp_path)
+    assert (code, err) == (0, "")
+    assert [line.split()[:2] for line in out.splitlines()] == [
+        ["block1.0", "Flatten"], ["block1.1", "Linear"], ["block1.2", "ReLU"],
+        ["block2.0", "Linear"], ["block2.1", "ReLU"], ["head", "Linear"]]
+    code, out, _ = ckapipe_cli(capsys, "layers", "zoo:mlp2", "block*", "head", "--cache", tmp_path)
+    assert [line.split()[:3] for line in out.splitlines()] == [["block1", "Sequential", "64"],
+                                                             ["block2", "Sequential", "64"], ["head", "Linear", "10"]]
+
+
+def test_layers_command_with_a_pattern_that_selects_nothing_is_one_line_and_status_2(capsys, tmp_path):
+    code, out, err = ckapipe_cli(capsys, "layers", "zoo:mlp2", "blok*", "--cache", tmp_path)
+    assert (code, out) == (2, "")
+    assert err == "ckapipe: error: no layer 'blok*' in the model; did you mean: block2, block1, block2.1? (list them with: ckapipe layers MODEL)\n"
+
+
+def test_each_layer_records_its_module_type_from_the_run_to_the_results(tmp_path):
+    from ckapipe import analyze, compare, store
+    from ckapipe.analyze.results import load_results
+    from ckapipe.extract.runner import extract_run
+
+    run = store.open_run(extract_run("zoo:mlp2?seed=0", "digits", "*", cache=tmp_path, batch_size=16, limit=64,
+                                     name="mlp", progress=False))
+    assert list(zip(run.layer_names, run.layer_modules)) == [
+        ("block1.0", "Flatten"), ("block1.1", "Linear"), ("block1.2", "ReLU"), ("block2.0", "Linear"),
+        ("block2.1", "ReLU"), ("head", "Linear")]
+    res = analyze.analyze(tmp_path, ["mlp"], out=tmp_path / "res", progress=False)
+    for ds in (res.to_xarray(), load_results(tmp_path / "res").to_xarray()):
+        assert list(ds.module_a.values) == run.layer_modules and list(ds.module_b.values) == run.layer_modules
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.ReLU())
+    pair = compare({"a": net, "b": net}, torch.rand(32, 1, 8, 8), layers="*", batch_size=16, progress=False).to_xarray()
+    assert list(pair.module_a.sel(run_a="b").values) == ["Flatten", "Linear", "ReLU"]
