@@ -174,13 +174,17 @@ def trajectory_figures(view: TrajectoryView) -> dict:
 
 def step_figure(view: TrajectoryView, tables: dict, what: str, title: str, ylim):
     """``tables`` (series -> ((steps, L) values, (low, high) or None)) as a panel per layer against the step."""
-    panels = {layer: {series: (view.steps[series], values[:, j], *(interval[0][:, j], interval[1][:, j])
-                               if interval is not None else (None, None))
+    panels = {layer: {series: (view.steps[series], values[:, j], *_band(interval, j))
                       for series, (values, interval) in tables.items()}
               for j, layer in enumerate(view.layers)}
     steps = sorted({s for series in view.steps.values() for s in series})
     log = steps[0] > 0 and steps[-1] >= 10 * steps[0]
     return trend_figure(panels, xlabel="step", ylabel=what, ylim=ylim, log=log, xticks=steps, title=title)
+
+
+def _band(interval, j: int) -> tuple:
+    """Column j of an interval (low, high) of (steps, L) arrays, or (None, None) without one."""
+    return (None, None) if interval is None else (interval[0][:, j], interval[1][:, j])
 
 
 def _num(value: float) -> str:
