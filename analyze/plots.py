@@ -35,6 +35,7 @@ MAX_ANNOTATED = 20  # values written in the cells of matrices up to 20 x 20 (ann
 NAME_WIDTH = 18  # a dotted layer name longer than this keeps its last parts: "…layer4.1.conv2"
 WIDE = 0.1  # an interval wider than this is marked (heatmap_figure's ``wide``)
 FORMATS = ("png", "pdf")
+CORNER_TIED, CORNER_WIDE = (-0.32, -0.32), (0.32, 0.32)  # the interval marks' places in a cell
 MARK = "#00e5ff"  # the marks' colour: cyan reads on every part of magma and viridis
 
 
@@ -207,14 +208,11 @@ def outline_best(ax, best) -> None:
 
 
 def corner_marks(ax, cells: np.ndarray, corner: tuple[float, float], marker: str, label: str):
-    """A small marker in one corner of each (row, column) cell: the offsets are the cells' centres."""
-    from matplotlib.markers import MarkerStyle
-    from matplotlib.transforms import Affine2D
-
+    """A small marker in one corner of each (row, column) cell, ``corner`` its offset from the cell's
+    centre in cells (e.g. (-0.35, -0.35): lower left), clear of the value written at the centre."""
     dx, dy = corner
-    style = MarkerStyle(marker, transform=Affine2D().scale(0.6).translate(dx, dy))
-    return ax.scatter(cells[:, 1], cells[:, 0], marker=style, s=30, color=MARK, edgecolors="black", linewidths=0.3,
-                      label=label)
+    return ax.scatter(cells[:, 1] + dx, cells[:, 0] + dy, marker=marker, s=14, color=MARK, edgecolors="black",
+                      linewidths=0.3, label=label)
 
 
 def marks_legend(ax, handles) -> None:
@@ -270,11 +268,11 @@ def mark_intervals(ax, results: Results, a, b, wide: float = WIDE) -> None:
     handles = [Line2D([], [], marker="s", ls="", markerfacecolor="none", markeredgecolor=MARK, label="best of the row")]
     ties = np.argwhere(tied)
     if len(ties):
-        handles.append(corner_marks(ax, ties, (-0.3, -0.3), "o", "interval overlaps the best's"))
+        handles.append(corner_marks(ax, ties, CORNER_TIED, "o", "interval overlaps the best's"))
     with np.errstate(invalid="ignore"):
         spread = np.argwhere(np.asarray(high) - np.asarray(low) > wide)
     if len(spread):
-        handles.append(corner_marks(ax, spread, (0.3, 0.3), "v", f"interval wider than {wide:g}"))
+        handles.append(corner_marks(ax, spread, CORNER_WIDE, "v", f"interval wider than {wide:g}"))
     marks_legend(ax, handles)
 
 

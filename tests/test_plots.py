@@ -121,8 +121,8 @@ def test_intervals_tied_with_the_best_and_wide_ones_are_marked_in_cell_corners(s
     wide = [(i, j) for i in range(3) for j in range(4) if high[i, j] - low[i, j] > 0.02]
     ax = heatmap_figure(results, "a", "b", wide=0.02).axes[0]
     marks = {c.get_label(): [tuple(p) for p in c.get_offsets().tolist()] for c in ax.collections}
-    assert marks.get("interval overlaps the best's", []) == [(j, i) for i, j in tied]
-    assert marks["interval wider than 0.02"] == [(j, i) for i, j in wide] and wide
+    assert marks.get("interval overlaps the best's", []) == [(j - 0.32, i - 0.32) for i, j in tied]  # lower left
+    assert marks["interval wider than 0.02"] == [(j + 0.32, i + 0.32) for i, j in wide] and wide  # upper right
     assert [t.get_text() for t in ax.get_legend().get_texts()][-1] == "interval wider than 0.02"
 
 
