@@ -294,3 +294,7 @@ def test_cli_plot_takes_formats_and_a_colour_scale(small, tmp_path, capsys):
     assert code == 2 and err.strip().splitlines() == [
         "ckapipe: error: unknown colour map 'nope': choose a matplotlib colour map (magma, viridis, RdBu_r, ...)"]
     assert not (tmp_path / "g").exists()
+    code, out, err = ckapipe_cli(capsys, "plot", results.path, "--out", tmp_path / "g", "--vmin", "low")
+    assert code == 2 and err.strip().splitlines() == [
+        "ckapipe: error: Invalid value for '--vmin': 'low' is neither a number nor 'data' (see ckapipe plot --help)"]
+    assert not (tmp_path / "g").exists()
