@@ -231,7 +231,10 @@ def heatmap_figure(results: Results, a, b=None, measure=None, *, ax=None, interv
     ``widths``: a second panel of the interval widths. ``style``: ``heatmap``'s options."""
     b = a if b is None else b
     matrix = results.cka_matrix(a, b, measure)
-    if ax is None:
+    if ax is not None and widths:
+        raise CkapipeError("widths=True draws a second panel beside the heatmap: pass no ax")
+    own = ax is None  # a figure of its own gets a title; axes given belong to the caller's figure
+    if own:
         width, height = heatmap_size(matrix.shape)
         fig = new_figure(width * (2 if widths else 1), height)
         ax, *rest = fig.subplots(1, 2 if widths else 1, squeeze=False)[0]
@@ -243,9 +246,10 @@ def heatmap_figure(results: Results, a, b=None, measure=None, *, ax=None, interv
         mark_intervals(ax, results, a, b, wide)
     if widths:
         width_panel(rest[0], results, a, b, style.get("cmap", "magma"))
-    ax.figure.suptitle(f"{run_label(results, a)} vs {run_label(results, b)}: "
-                       f"{measure_label(measure or results.measures[0])}, m={results.m}, "
-                       f"{len(results.minibatches)} minibatches", fontsize=9)
+    if own:
+        ax.figure.suptitle(f"{run_label(results, a)} vs {run_label(results, b)}: "
+                           f"{measure_label(measure or results.measures[0])}, m={results.m}, "
+                           f"{len(results.minibatches)} minibatches", fontsize=9)
     return finish(ax.figure, save)
 
 

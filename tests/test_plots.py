@@ -67,6 +67,9 @@ def test_the_heatmap_shows_the_cka_matrix_on_a_0_1_scale_in_the_axes_given(small
     assert [t.get_text() for t in ax.get_yticklabels()] == ["l0", "l1", "l2"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["l0", "l1", "l2", "l3"]
     assert ax.get_ylim()[0] < ax.get_ylim()[1]  # the first layer at the bottom
+    assert fig.get_suptitle() == ""  # the caller's figure keeps its own title
+    with pytest.raises(CkapipeError, match="widths=True draws a second panel beside the heatmap: pass no ax"):
+        heatmap_figure(results, "a", "b", ax=ax, widths=True)
 
 
 def test_the_colour_scale_can_follow_the_data_and_take_a_colour_map(small):
