@@ -168,6 +168,9 @@ def test_results_plot_returns_a_figure_and_writes_nothing_unless_asked(small, tm
     np.testing.assert_allclose(fig.axes[0].get_images()[0].get_array(), reference(features, "a", "b"), rtol=1e-9)
     assert results.plot("b", "a", save="out/ba.svg") is not None
     assert os.listdir(tmp_path) == ["out"] and os.listdir(tmp_path / "out") == ["ba.svg"]
+    mine = Figure()
+    ax = mine.add_subplot()
+    assert results.plot("a", "a", ax=ax) is mine and ax.get_images()[0].get_array().shape == (3, 3)
 
 
 def test_plot_results_never_writes_into_the_working_directory_unasked(six, tmp_path, monkeypatch):
@@ -219,6 +222,7 @@ def test_the_grid_shows_each_unordered_pair_of_runs_once(six):
     assert [t.replace("\n", "") for t in titled] == [name.replace(" ", "") for name in SIX]
     labelled = [ax for ax in panels if any(t.get_text() for t in ax.get_yticklabels())]
     assert len(labelled) == 6  # layer names on the diagonal panels only
+    assert len([ax for ax in six.plot().axes if ax.get_images()]) == 21  # Results.plot() of more than two runs
 
 
 def test_a_grid_of_chosen_pairs_shares_one_colour_scale_and_one_colour_bar(small):
