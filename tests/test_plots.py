@@ -152,9 +152,11 @@ def test_ticks_stay_readable_from_5_to_200_layers():
     assert len(ax.get_xticks()) == 40 and all(t.get_fontsize() >= 6 for t in ax.get_xticklabels())
 
 
-def test_long_dotted_names_keep_their_last_parts_and_module_types_join_bare_indices():
+def test_long_dotted_names_keep_their_last_parts_and_module_types_join_bare_indices(small):
     idx, labels = layer_ticks(["encoder.layers.11.mlp.fc1", "layer4.1.conv2", "0", "1"], types={"1": "Linear"})
     assert labels == ["…layers.11.mlp.fc1", "layer4.1.conv2", "0", "1 Linear"]
+    ax = small[2].plot("a", types={"l1": "Linear"}).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["l0", "l1 Linear", "l2"]
 
 
 # --------------------------------------------------------------------------- nothing written unless asked
