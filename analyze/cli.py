@@ -61,18 +61,35 @@ def analyze(cache, runs, out, pair_by_position, batch_size, device, scheduler, s
         click.echo(f"\nresults: {out} (cka.json, cka.csv, summary.txt); draw them with: ckapipe plot {out}")
 
 
+def scale_end(ctx, param, value):
+    """``--vmin``/``--vmax``: a number, or ``data`` (the matrix's own range)."""
+    if value is None or value == "data":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a number nor 'data'") from None
+
+
 @click.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False))
 @click.option("--pair", nargs=2, default=None, metavar="A B", help="Runs of the per-minibatch view (default: first two).")
 @click.option("--layers", nargs=2, default=None, metavar="LA LB", help="Layer pair of the per-minibatch view.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the figures (default: RESULTS/plots).")
 @click.option("--format", "formats", default="png,pdf", show_default=True, help="Figure formats, comma-separated (png, pdf, svg, ...).")
+@click.option("--vmin", default=None, callback=scale_end, metavar="X|data",
+              help="Low end of the heatmaps' colour scale (default 0; data: the smallest value).")
+@click.option("--vmax", default=None, callback=scale_end, metavar="X|data",
+              help="High end of the heatmaps' colour scale (default 1; data: the largest value).")
+@click.option("--cmap", default=None, help="Matplotlib colour map of the heatmaps (default: magma).")
 @quiet_option
-def plot(results, pair, layers, out_dir, formats, quiet):
-    """Heatmaps of a results directory, and per-minibatch CKA of one layer pair."""
+def plot(results, pair, layers, out_dir, formats, vmin, vmax, cmap, quiet):
+    """Heatmaps of a results directory (one run: its layer x layer self-similarity), and per-minibatch
+    CKA of one layer pair."""
     from ckapipe.analyze import plot_results
 
-    paths = plot_results(results, out_dir, pair=pair, layers=layers, formats=formats)
+    style = {key: value for key, value in (("vmin", vmin), ("vmax", vmax), ("cmap", cmap)) if value is not None}
+    paths = plot_results(results, out_dir, pair=pair, layers=layers, formats=formats, **style)
     if not quiet:
         for path in paths:
             click.echo(str(path))

@@ -416,11 +416,17 @@ class Results:
             }, columns=columns))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
-    def plot(self, out_dir=None, **options) -> list[Path]:
-        """Write the heatmaps and the per-minibatch view (see ckapipe.analyze.plots.plot_results); the paths written."""
-        from ckapipe.analyze.plots import plot_results
+    def plot(self, a=None, b=None, measure=None, *, ax=None, save=None, **style):
+        """The heatmap of runs a and b (default: the first two, or the one run with itself: its layer x layer
+        self-similarity); with no run named and more than two runs, the grid of every pair. Returns the
+        Figure (a notebook shows it); writes nothing unless ``save=PATH``. ``style``: see
+        ``ckapipe.analyze.plots.heatmap_figure`` (vmin, vmax, cmap, annotate, widths, ...)."""
+        from ckapipe.analyze import plots  # plots imports this module
 
-        return plot_results(self, out_dir, **options)
+        if a is None and b is None and len(self.runs) > 2 and measure is None and ax is None:
+            return plots.grid_figure(self, save=save, **style)
+        a, b = (a, b) if a is not None else plots.default_pair(self)
+        return plots.heatmap_figure(self, a, b, measure, ax=ax, save=save, **style)
 
     def summary(self) -> str:
         """Best-matching layer per layer, for every pair of different runs (or within the one run)."""

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ckapipe.analyze.measures import MEAN, parse_measure
-from ckapipe.analyze.plots import measure_label, safe, save, _figure
+from ckapipe.analyze.plots import measure_label, safe, save, trend_figure
 from ckapipe.analyze.results import Results
 from ckapipe.errors import CkapipeError
 
@@ -149,60 +149,46 @@ def _full_rankme(results: Results, run: str, progress: bool) -> np.ndarray:
 
 
 def plot_trajectory(view: TrajectoryView, out_dir) -> list[Path]:
-    """One figure per measure (and RankMe): a panel per layer, the value against the step, a line per
-    series with its interval shaded. PNG and PDF; returns the paths."""
+    """Write ``trajectory_figures`` into ``out_dir`` as PNG and PDF; returns the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    return [path for stem, fig in trajectory_figures(view).items() for path in save(fig, out / stem)]
+
+
+def trajectory_figures(view: TrajectoryView) -> dict:
+    """File stem -> Figure: per measure (and RankMe) a panel per layer, the value against the step,
+    a line per series with its interval as a band (``plots.trend_figure``)."""
+    figures = {}
+    against = ", ".join(sorted(set(view.reference.values())))
     for measure in view.measures:
-        tables = {series: (view.values[(measure, series)], view.intervals.get((measure, series)))
-                  for series in view.steps}
-        against = ", ".join(sorted(set(view.reference.values())))
         label = measure_label(measure)
-        written += save(_panels(view, tables, label, f"{label} of each checkpoint against {against}", (0, 1.02)),
-                        out / f"trajectory_{safe(measure)}")
+        tables = {s: (view.values[(measure, s)], view.intervals.get((measure, s))) for s in view.steps}
+        figures[f"trajectory_{safe(measure)}"] = step_figure(view, tables, label,
+                                                             f"{label} of each checkpoint against {against}", (0, 1.02))
     if view.rankme:
-        tables = {series: (view.rankme[series], view.rankme_intervals.get(series)) for series in view.rankme}
         label = f"RankMe ({view.rankme_kind})"
-        written += save(_panels(view, tables, label, f"{label} of each checkpoint's layers", None),
-                        out / "trajectory_rankme")
-    return written
+        tables = {s: (view.rankme[s], view.rankme_intervals.get(s)) for s in view.rankme}
+        figures["trajectory_rankme"] = step_figure(view, tables, label, f"{label} of each checkpoint's layers", None)
+    return figures
 
 
-def _panels(view: TrajectoryView, tables: dict, what: str, title: str, ylim):
-    n = len(view.layers)
-    cols = min(4, n)
-    rows = -(-n // cols)
-    fig = _figure(figsize=(3.2 * cols + 0.5, 2.6 * rows + 0.8))
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    all_steps = [s for steps in view.steps.values() for s in steps]
-    log = min(all_steps) > 0 and max(all_steps) >= 10 * min(all_steps)
-    for j, layer in enumerate(view.layers):
-        ax = axes[j]
-        for series, (values, interval) in tables.items():
-            steps = view.steps[series]
-            line, = ax.plot(steps, values[:, j], marker="o", ms=3, label=series)
-            if interval is not None and np.isfinite(interval[0][:, j]).any():
-                ax.fill_between(steps, interval[0][:, j], interval[1][:, j], color=line.get_color(), alpha=0.2, lw=0)
-        ax.set_title(layer, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        if log:
-            ax.set_xscale("log")
-            ax.minorticks_off()
-        ax.set_xticks(sorted(set(all_steps)), [str(step) for step in sorted(set(all_steps))])
-        if ylim is not None:
-            ax.set_ylim(*ylim)
-        ax.tick_params(labelsize=7)
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    axes[0].set_ylabel(what, fontsize=8)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    return fig
+def step_figure(view: TrajectoryView, tables: dict, what: str, title: str, ylim):
+    """``tables`` (series -> ((steps, L) values, (low, high) or None)) as a panel per layer against the step."""
+    panels = {layer: {series: (view.steps[series], values[:, j], *_band(interval, j))
+                      for series, (values, interval) in tables.items()}
+              for j, layer in enumerate(view.layers)}
+    steps = sorted({s for series in view.steps.values() for s in series})
+    log = steps[0] > 0 and steps[-1] >= 10 * steps[0]
+    return trend_figure(panels, xlabel="step", ylabel=what, ylim=ylim, log=log, xticks=steps, title=title)
+
+
+def _band(interval, j: int) -> tuple:
+    """Column j of an interval (low, high) of (steps, L) arrays, or (None, None) without one."""
+    return (None, None) if interval is None else (interval[0][:, j], interval[1][:, j])
 
 
 def _num(value: float) -> str:
     return "" if not np.isfinite(value) else repr(float(value))
 
 
-__all__ = ["TrajectoryView", "trajectory_view", "plot_trajectory"]
+__all__ = ["TrajectoryView", "trajectory_view", "trajectory_figures", "plot_trajectory"]

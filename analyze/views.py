@@ -171,58 +171,26 @@ def depth_label(depth: dict[str, str]) -> str:
     return layers[0] if len(layers) == 1 else "/".join(layers)
 
 
-def ensemble_layers_figure(results: Results, view: EnsembleView):
+def ensemble_layers_figure(results: Results, view: EnsembleView, fig=None):
     """A panel per depth: the member x member CKA matrix, one colour scale for every panel."""
     depths = ensemble_depths(results, view)
-    matrices = [member_matrix(results, view, depth) for depth in depths]
-    finite = np.concatenate([m[np.isfinite(m)] for m in matrices] + [np.array([1.0])])
-    vmin = min(0.9, math.floor(finite.min() * 10) / 10)
-    n, cols = len(view.members), min(4, len(depths))
-    rows = -(-len(depths) // cols)
-    fig = _figure((2.0 + 0.45 * n) * cols + 1, (1.6 + 0.45 * n) * rows + 0.6)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    image = None
-    for ax, depth, matrix, i in zip(axes.flat, depths, matrices, range(len(depths))):
-        image = ax.imshow(matrix, cmap="magma", vmin=vmin, vmax=1, interpolation="nearest")
-        image.set_gid(f"depth-{i + 1}")
-        ax.set_xticks(range(n), view.members, rotation=90, fontsize=7)
-        ax.set_yticks(range(n), view.members, fontsize=7)
-        ax.set_title(f"{i + 1}: {depth_label(depth)}", fontsize=8)
-        if n <= 8:
-            for (r, c), value in np.ndenumerate(matrix):
-                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                        color="black" if value > vmin + 0.6 * (1 - vmin) else "white")
-    for ax in list(axes.flat)[len(depths):]:
-        ax.set_axis_off()
-    fig.colorbar(image, ax=axes, label="minibatch CKA", fraction=0.03)
-    fig.suptitle(f"ensemble of {n}: CKA of every pair of members at each depth, m={results.m}, "
+    members = list(view.members)
+    fig = plots.matrix_panels([member_matrix(results, view, depth) for depth in depths], [members] * len(depths),
+                              [members] * len(depths), [f"{i + 1}: {depth_label(d)}" for i, d in enumerate(depths)],
+                              fig=fig, gids=[f"depth-{i + 1}" for i in range(len(depths))])
+    fig.suptitle(f"ensemble of {len(members)}: CKA of every pair of members at each depth, m={results.m}, "
                  f"{len(results.minibatches)} minibatches", fontsize=9)
     return fig
 
 
-def ensemble_diversity_figure(results: Results, view: EnsembleView):
+def ensemble_diversity_figure(results: Results, view: EnsembleView, ax=None):
     """Mean CKA between different members against depth, with its standard deviation and range."""
     rows = ensemble_rows(results, view)
-    depths = ensemble_depths(results, view)
-    x = np.arange(1, len(rows) + 1)
-    stat = {key: np.array([row[key] for row in rows]) for key in ("mean", "sd", "min", "max")}
-    fig = _figure(max(4.5, 0.6 * len(rows) + 2.5), 3.6)
-    ax = fig.add_subplot()
-    ax.fill_between(x, stat["min"], stat["max"], color="tab:purple", alpha=0.15, label="range over pairs")
-    for key in ("min", "max"):
-        ax.plot(x, stat[key], color="tab:purple", lw=0.8, ls=":", gid=key)
-    bars = ax.errorbar(x, stat["mean"], yerr=stat["sd"], color="tab:purple", marker="o", capsize=3,
-                       label="mean ± sd over pairs")
-    bars.lines[0].set_gid("mean")
-    bars.lines[2][0].set_gid("sd")
-    ax.set_xticks(x, [depth_label(d) for d in depths], rotation=45 if len(rows) > 6 else 0, fontsize=8)
-    ax.set_xlabel("depth (matched layers)" if view.layers else "depth (layers matched by relative depth)")
-    ax.set_ylabel("CKA between different members")
-    ax.set_ylim(min(0.0, float(np.nanmin(stat["min"])) if np.isfinite(stat["min"]).any() else 0.0), 1.02)
-    ax.legend(fontsize=8, loc="lower left")
-    ax.set_title(f"ensemble of {len(view.members)} members ({rows[0]['pairs']} pairs): how alike, layer by layer",
-                 fontsize=9)
-    return fig
+    stats = {key: np.array([row[key] for row in rows]) for key in ("mean", "sd", "min", "max")}
+    return plots.diversity_figure(
+        [depth_label(d) for d in ensemble_depths(results, view)], stats, ax=ax,
+        xlabel="depth (matched layers)" if view.layers else "depth (layers matched by relative depth)",
+        title=f"ensemble of {len(view.members)} members ({rows[0]['pairs']} pairs): how alike, layer by layer")
 
 
 def ensemble_figures(results: Results, view: EnsembleView) -> dict:
@@ -234,21 +202,16 @@ def ensemble_figures(results: Results, view: EnsembleView) -> dict:
 # --------------------------------------------------------------------------- teacher and students
 
 
-def teacher_figure(results: Results, view: TeacherView):
-    """One panel per student: teacher layers (y) x student layers (x), one colour scale (0 to 1)."""
-    n = len(view.students)
-    teacher_layers = len(results.layer_names(view.run(view.teacher)))
-    widths = [len(results.layer_names(view.run(s))) for s in view.students]
-    fig = _figure(min(3 + sum(2 + 0.25 * w for w in widths), 30), min(3.5 + 0.25 * teacher_layers, 20))
-    axes = fig.subplots(1, n, squeeze=False, width_ratios=[max(w, 2) for w in widths])[0]
-    image = None
-    for ax, student in zip(axes, view.students):
-        image = plots.heatmap(ax, results, view.run(view.teacher), view.run(student), colorbar=False)
-        image.set_gid(f"student-{student}")
-        ax.set_ylabel(f"{teacher_name(view)} layers")
-        ax.set_xlabel(f"{student} layers")
+def teacher_figure(results: Results, view: TeacherView, fig=None):
+    """One panel per student: teacher layers (y) x student layers (x), one colour scale (0 to 1), one colour bar."""
+    teacher = view.run(view.teacher)
+    students = [view.run(s) for s in view.students]
+    fig = plots.grid_figure(results, [(teacher, s) for s in students], fig=fig)
+    for ax, student in zip(fig.axes, view.students):
+        ax.get_images()[0].set_gid(f"student-{student}")
+        ax.set_ylabel(f"{teacher_name(view)} layers", fontsize=8)
+        ax.set_xlabel(f"{student} layers", fontsize=8)
         ax.set_title(student, fontsize=9)
-    fig.colorbar(image, ax=axes, label="minibatch CKA", fraction=0.03)
     fig.suptitle(f"{teacher_name(view)} against each student, m={results.m}, {len(results.minibatches)} minibatches",
                  fontsize=9)
     return fig
@@ -306,7 +269,7 @@ def plot_view(results_or_path, view=None, out_dir=None) -> list[Path]:
         if view is None:
             raise CkapipeError(f"{results.path} has no {VIEW_FILE}: pass the view to draw")
     check_view(view, lambda label: results.layer_names(view.run(label)))
-    out = Path(out_dir) if out_dir is not None else (Path(results.path) / "plots" if results.path else Path("plots"))
+    out = plots.plots_dir(results, out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(view, EnsembleView):
         figures = ensemble_figures(results, view)
@@ -330,12 +293,6 @@ def rows_to_csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows({k: repr(v) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
     return buf.getvalue()
-
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
 
 
 __all__ = ["EnsembleView", "TeacherView", "plot_view", "read_view", "write_view", "check_view",

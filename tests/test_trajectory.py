@@ -111,6 +111,30 @@ def test_trajectory_values_equal_cka_and_rankme_of_the_stored_features(ran):
                 assert abs(table[(series, step, layer, "rankme_minibatch")] - expected) < 1e-6 * expected
 
 
+def test_the_step_plots_draw_the_table_with_its_intervals_as_bands_and_write_nothing(ran, tmp_path, monkeypatch):
+    from ckapipe.analyze.trajectory import trajectory_figures, trajectory_view
+
+    root, study, results = ran
+    rows = list(csv.DictReader((study.results / "training" / "trajectory.csv").open()))
+    series = {name: [(step, f"training-{name}-step{step}") for step in STEPS] for name in ("kd", "ce")}
+    monkeypatch.chdir(tmp_path)
+    figures = trajectory_figures(trajectory_view(results, series, "teacher"))
+    assert sorted(figures) == ["trajectory_linear", "trajectory_mutual_knn_10", "trajectory_rankme"]
+    assert list(tmp_path.iterdir()) == []
+    fig = figures["trajectory_mutual_knn_10"]
+    for ax in [ax for ax in fig.axes if ax.get_visible()]:
+        layer = ax.get_title()
+        bands = [c for c in ax.collections if str(c.get_gid()).startswith("band")]
+        assert len(bands) == len(ax.get_lines()) == 2  # kd and ce, each with its band
+        for line, band in zip(ax.get_lines(), bands):
+            mine = [r for r in rows if (r["series"], r["layer"], r["measure"]) == (line.get_label(), layer, "mutual_knn:10")]
+            assert list(line.get_xdata()) == [int(r["step"]) for r in mine] == STEPS
+            np.testing.assert_allclose(line.get_ydata(), [float(r["value"]) for r in mine], rtol=1e-12)
+            ys = band.get_paths()[0].vertices[:, 1]
+            for value in [float(r["low"]) for r in mine] + [float(r["high"]) for r in mine]:
+                assert np.isclose(ys, value, rtol=1e-12).any()
+
+
 def _rankme(x):
     s = np.linalg.svd(x, compute_uv=False)
     p = s[s > 0] / s.sum()
