@@ -142,14 +142,16 @@ def heatmap(matrix, rows: Sequence[str], cols: Sequence[str], *, ax=None, vmin=0
 
     ``vmin``/``vmax``: the colour scale (default 0 to 1, CKA's range; ``"data"``: the finite values'
     range); ``annotate``: values in the cells (default: up to 20 x 20), font sized to the cell;
-    ``best``: (R,) column of each row's best match (-1: none), outlined; ``types``: layer -> module type."""
+    ``best``: (R,) column of each row's best match (-1: none), outlined; ``types``: layer -> module type,
+    or a pair (rows' types, columns' types)."""
     matrix = np.asarray(matrix, dtype=float)
     ax = ax if ax is not None else new_figure(*heatmap_size(matrix.shape)).add_subplot()
     lo, hi = color_limits(matrix, vmin, vmax)
     image = ax.imshow(matrix, origin="lower", cmap=cmap, vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
     image.set_gid(gid)
-    ticks(ax, "y", rows, types)
-    ticks(ax, "x", cols, types)
+    row_types, col_types = types if isinstance(types, tuple) else (types, types)
+    ticks(ax, "y", rows, row_types)
+    ticks(ax, "x", cols, col_types)
     ax.set_ylabel(row_label)
     ax.set_xlabel(col_label)
     if annotate if annotate is not None else max(matrix.shape) <= MAX_ANNOTATED:
@@ -239,6 +241,7 @@ def heatmap_figure(results: Results, a, b=None, measure=None, *, ax=None, interv
         fig = new_figure(width * (2 if widths else 1), height)
         ax, *rest = fig.subplots(1, 2 if widths else 1, squeeze=False)[0]
     marks = bool(intervals and measure is None and results.resampling.ci)  # the intervals are the first measure's
+    style.setdefault("types", (index_types(results, a), index_types(results, b)))
     heatmap(matrix, results.layer_names(a), results.layer_names(b), ax=ax, row_label=f"{run_label(results, a)} layers",
             col_label=f"{run_label(results, b)} layers", label=measure_label(measure or results.measures[0]),
             best=best_columns(results, a, b, measure) if not marks else None, **style)
@@ -304,6 +307,13 @@ def layer_ticks(names: Sequence[str], types=None, max_ticks: int = MAX_TICKS) ->
     step = max(1, math.ceil(len(names) / max_ticks))
     idx = list(range(0, len(names), step))
     return idx, [layer_label(names[i], (types or {}).get(names[i])) for i in idx]
+
+
+def index_types(results: Results, run) -> dict[str, str]:
+    """The recorded module type of each layer of a run whose name is a bare index (``1`` of an
+    nn.Sequential -> ``Linear``): a reader cannot tell a Linear from a ReLU by its index alone."""
+    entry = results.runs[results.run_index(run)]
+    return {name: kind for name, kind in zip(entry.layers, entry.modules) if kind and name.split(".")[-1].isdigit()}
 
 
 def layer_label(name: str, kind: str | None = None) -> str:

@@ -307,3 +307,20 @@ def test_cli_plot_takes_formats_and_a_colour_scale(small, tmp_path, capsys):
     assert code == 2 and err.strip().splitlines() == [
         "ckapipe: error: Invalid value for '--vmin': 'low' is neither a number nor 'data' (see ckapipe plot --help)"]
     assert not (tmp_path / "g").exists()
+
+
+def test_an_nn_sequentials_bare_indices_show_their_recorded_module_types():
+    """compare of two nn.Sequentials: the ticks say ``1 Linear``, ``2 ReLU`` (recorded at extraction), and
+    the heatmap's matrix is still the a x b CKA."""
+    import torch
+
+    from ckapipe import compare
+
+    torch.manual_seed(0)
+    net_a = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    net_b = torch.nn.Sequential(torch.nn.Linear(8, 5), torch.nn.Tanh())
+    res = compare({"a": net_a, "b": net_b}, torch.randn(64, 8), batch_size=16, layers="*", progress=False)
+    ax = res.plot("a", "b").axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0 Linear", "1 ReLU", "2 Linear"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0 Linear", "1 Tanh"]
+    np.testing.assert_array_equal(ax.images[0].get_array(), np.asarray(res.cka_matrix("a", "b")))
