@@ -10,6 +10,7 @@ order seed, through background writers.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +28,7 @@ from ckapipe.errors import ActivationError, CkapipeError, DataError, LayerError
 from ckapipe.extract.datasets import load_dataset
 from ckapipe.extract.layers import default_selection, observe, parse_selection, prepare
 from ckapipe.extract.minibatches import Minibatches, minibatches, rows_of, sample_order  # noqa: F401 - sample_order: API
-from ckapipe.extract.models import LoadedModel, load_model, weights_hash
+from ckapipe.extract.models import LoadedModel, code_hash, load_model, weights_hash
 from ckapipe.extract.writer import ChunkWriter, compute_grams, device_grams, write_grams
 from ckapipe.kernels import check_minibatch_size
 from ckapipe.locks import writer_lock
@@ -94,6 +95,7 @@ def extract_run(
                               loaded.spec, f"the inputs of {feed.given}", "check that the model and dataset fit")
     spec = run_spec(loaded, feed, tuple(recorder.specs[n] for n in infos), dtype=dtype, grams_only=grams_only, name=name)
     run = store.create_run(cache, spec, feed.sample_ids, infos, compressors=codecs, checksums=checksums)
+    warn_unproven_reuse(loaded, run)
     want_grams = grams or grams_only
     span = store.share_range(*share, run.n_chunks) if share else chunk_range(chunks, run.n_chunks)
     try:
@@ -137,7 +139,7 @@ def run_spec(loaded: LoadedModel, feed: Minibatches, layers: tuple[store.LayerSp
              grams_only: bool = False, name: str | None = None) -> store.RunSpec:
     """The run of one model over the data: everything its key holds (the data's identity may take a pass)."""
     return store.RunSpec(
-        model=loaded.spec, weights_hash=loaded.weights_hash, dataset=feed.identity(), transform=feed.transform,
+        model=loaded.spec, weights_hash=loaded.weights_hash, code_hash=loaded.code_hash, dataset=feed.identity(), transform=feed.transform,
         order_seed=feed.order_seed, batch_size=feed.m, layers=layers, dtype=dtype, limit=feed.limit,
         grams_only=grams_only, name=name,
     )
@@ -268,9 +270,19 @@ def resolve_model(model: str | nn.Module, cache, random_init: bool = False, hash
     weights hash (an nn.Module's only when ``hash_weights``: a pass over its weights that only run keys need)."""
     if isinstance(model, nn.Module):
         cls = type(model)
-        digest = weights_hash(model) if hash_weights else ""
-        return LoadedModel(model.eval(), f"module:{cls.__module__}.{cls.__qualname__}", digest)
+        model.eval()
+        if not hash_weights:
+            return LoadedModel(model, f"module:{cls.__module__}.{cls.__qualname__}", "")
+        return LoadedModel(model, f"module:{cls.__module__}.{cls.__qualname__}", weights_hash(model), *code_hash(model))
     return load_model(model, cache=cache, random_init=random_init)
+
+
+def warn_unproven_reuse(loaded: LoadedModel, run: store.Run) -> None:
+    """A warning when stored minibatches of ``run`` are reused for a model whose code the key could not see."""
+    if loaded.unhashed and run.done().any():
+        warnings.warn(f"run {run.name} is reused, but the cache key cannot see the code of "
+                      f"{', '.join(loaded.unhashed)} (no Python source): if that code changed, delete the run",
+                      stacklevel=3)
 
 
 def _example_inputs(spec: str) -> Any:

@@ -41,7 +41,7 @@ from ckapipe.errors import ActivationError, CkapipeError, DataError, StoreError
 from ckapipe.extract.layers import Recorder
 from ckapipe.extract.minibatches import Minibatches, minibatches
 from ckapipe.extract.models import LoadedModel
-from ckapipe.extract.runner import PROBE_BATCH, probe_layers, resolve_model, run_spec, to_device
+from ckapipe.extract.runner import PROBE_BATCH, probe_layers, resolve_model, run_spec, to_device, warn_unproven_reuse
 from ckapipe.extract.writer import ChunkWriter
 from ckapipe.kernels import PRODUCTS, hsic1_matrix, minibatch_grams, to_host, ucentered_from_centred, ucentered_gram
 from ckapipe.locks import writer_lock
@@ -222,9 +222,11 @@ def attach_runs(members: list[Member], feed: Minibatches, cache, keep_activation
         cached = reusable_run(cache, [full, dataclasses.replace(full, grams_only=True)], feed.m)
         if cached is not None:
             m.run, m.source = cached
+            warn_unproven_reuse(m.loaded, m.run)
             continue
         spec = full if keep_activations else dataclasses.replace(full, grams_only=True)
         m.run = store.create_run(cache, spec, feed.sample_ids, m.infos)
+        warn_unproven_reuse(m.loaded, m.run)
         locks.enter_context(writer_lock(m.run.path, range(m.run.n_chunks)))
         if "data" not in m.run.meta:
             m.run.set_meta(data=feed.provenance())
