@@ -181,7 +181,9 @@ def _checkpoint(path: Path, params: dict, cache) -> nn.Module:
     if not arch:
         raise SpecError(f"checkpoint {path} holds weights, not a model: name its architecture with {path}?arch=SPEC")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a bare pickle's protocol before refusing it: one line only
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise SpecError(
             f"checkpoint {path} holds Python objects besides tensors, which ckapipe does not unpickle "

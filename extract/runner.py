@@ -24,7 +24,7 @@ from ckapipe.atomic import describe_os_error
 from ckapipe.blas import single_threaded_blas
 from ckapipe.codecs import DEFAULT_COMPRESSION, compressors
 from ckapipe.devices import resolve_device
-from ckapipe.errors import ActivationError, CkapipeError, DataError, LayerError
+from ckapipe.errors import ActivationError, CkapipeError, DataError, LayerError, SpecError
 from ckapipe.extract.datasets import load_dataset
 from ckapipe.extract.layers import default_selection, observe, parse_selection, prepare
 from ckapipe.extract.minibatches import Minibatches, minibatches, rows_of, sample_order  # noqa: F401 - sample_order: API
@@ -90,8 +90,11 @@ def extract_run(
     loaded = resolve_model(model, cache, random_init)
     feed = minibatches(dataset, batch_size, order_seed=order_seed, limit=limit, name=data_name, workers=workers)
     device = torch.device(resolve_device(device, "torch"))
+    check_model(loaded.module, loaded.spec)
+    probe = feed.probe(PROBE_BATCH)
+    check_inputs(probe, feed.given)
     module = loaded.module.to(device)
-    recorder, infos = runs_on(lambda: probe_layers(module, layers, reduction, to_device(feed.probe(PROBE_BATCH), device)),
+    recorder, infos = runs_on(lambda: probe_layers(module, layers, reduction, to_device(probe, device)),
                               loaded.spec, f"the inputs of {feed.given}", "check that the model and dataset fit")
     spec = run_spec(loaded, feed, tuple(recorder.specs[n] for n in infos), dtype=dtype, grams_only=grams_only, name=name)
     run = store.create_run(cache, spec, feed.sample_ids, infos, compressors=codecs, checksums=checksums)
@@ -166,6 +169,35 @@ def list_layers(model: str | nn.Module, dataset: str | None = None, *, cache: st
 # --------------------------------------------------------------------------- steps
 
 
+HALF = (torch.float16, torch.bfloat16)  # too coarse for the Grams' sums; CPUs run few of their operators
+
+
+def check_model(module: nn.Module, model: str) -> None:
+    """A one-line SpecError for weights no forward can use as ckapipe runs it: on the meta device
+    (never loaded) or in float16/bfloat16 (ckapipe computes in float32 and up)."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_meta:
+            raise SpecError(f"model {model} has weights on the meta device ({name}: never loaded): load them "
+                            f"(module.to_empty(device='cpu'), then load_state_dict) before passing it")
+        if tensor.dtype in HALF:
+            raise SpecError(f"model {model} has {str(tensor.dtype).removeprefix('torch.')} weights ({name}): ckapipe "
+                            f"runs models in float32; pass model.float() (the activations are stored as --dtype says)")
+
+
+def check_inputs(inputs: Any, given: str) -> None:
+    """A one-line DataError for inputs no forward can use: on the meta device (no data) or in float16/bfloat16."""
+    tensors = inputs.items() if isinstance(inputs, dict) else [("", inputs)]
+    for key, tensor in tensors:
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        where = f"the {given}" + (f" (input {key!r})" if key else "")
+        if tensor.is_meta:
+            raise DataError(f"{where} is on the meta device and holds no data: give tensors with their values")
+        if tensor.dtype in HALF:
+            raise DataError(f"{where} holds {str(tensor.dtype).removeprefix('torch.')} inputs: ckapipe runs models "
+                            f"in float32; give the inputs as float32 (inputs.float())")
+
+
 def check_order_seed(order_seed: int | None) -> int | None:
     """The order seed (None: the data's own order), or a one-line error: NumPy seeds are non-negative integers."""
     if order_seed is None:
@@ -181,7 +213,7 @@ def runs_on(forward, model: str, inputs: str, remedy: str):
         return forward()
     except CkapipeError:
         raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as err:
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise LayerError(f"model {model} cannot run on {inputs} ({type(err).__name__}: {first}): {remedy}") from None
 

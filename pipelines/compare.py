@@ -41,7 +41,9 @@ from ckapipe.errors import ActivationError, CkapipeError, DataError, StoreError
 from ckapipe.extract.layers import Recorder
 from ckapipe.extract.minibatches import Minibatches, minibatches
 from ckapipe.extract.models import LoadedModel
-from ckapipe.extract.runner import PROBE_BATCH, probe_layers, resolve_model, run_spec, to_device, warn_unproven_reuse
+from ckapipe.extract.runner import (
+    PROBE_BATCH, check_inputs, check_model, probe_layers, resolve_model, run_spec, runs_on, to_device, warn_unproven_reuse,
+)
 from ckapipe.extract.writer import ChunkWriter
 from ckapipe.kernels import PRODUCTS, hsic1_matrix, minibatch_grams, to_host, ucentered_from_centred, ucentered_gram
 from ckapipe.locks import writer_lock
@@ -122,9 +124,12 @@ def compare(
                        workers=workers)
     selections = layer_selections(layers, list(named_models))
     torch_device = torch.device(resolve_device(device, "torch"))
-    probe_inputs = to_device(feed.probe(PROBE_BATCH), torch_device)
+    probe = feed.probe(PROBE_BATCH)
+    check_inputs(probe, feed.given)
+    probe_inputs = to_device(probe, torch_device)
     members = [
-        member(label, named, model, selections.get(label), reduction, probe_inputs, torch_device, cache, random_init)
+        member(label, named, model, selections.get(label), reduction, probe_inputs, torch_device, cache, random_init,
+               feed.given)
         for label, model in named_models.items()
     ]
     if progress:
@@ -132,6 +137,7 @@ def compare(
             print(f"ckapipe: note: {note}", file=sys.stderr)
     with contextlib.ExitStack() as locks:
         if cache is not None:
+            check_distinct_runs(members, feed)
             attach_runs(members, feed, cache, keep_activations, locks)
         hsic = one_pass(members, feed, torch_device, precision, progress)
     results = Results(
@@ -141,6 +147,7 @@ def compare(
         list(feed.notes),
     )
     results.cka_all  # warns once about constant layers (CKA undefined, NaN)
+    results.cka_bounds  # the bootstrap intervals, as analyze: warns once when too few minibatches enter
     if out is not None:
         write_results(results, out, overwrite=overwrite)
     return results
@@ -201,16 +208,33 @@ def layer_selections(layers, names: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- models and runs
 
 
-def member(label, named, model, layers, reduction, probe_inputs, device, cache, random_init) -> Member:
+def member(label, named, model, layers, reduction, probe_inputs, device, cache, random_init, given) -> Member:
     """A model ready to hand its features to the kernels: loaded, on the device, its layers checked and probed."""
     loaded = resolve_model(model, cache if cache is not None else store.default_cache(), random_init,
                            hash_weights=cache is not None)
+    check_model(loaded.module, label)
     module = loaded.module.to(device)
-    try:
-        recorder, infos = probe_layers(module, layers, reduction, probe_inputs)
-    except CkapipeError as err:
-        raise type(err)(f"model {label}: {err}") from None
+
+    def probe():
+        try:
+            return probe_layers(module, layers, reduction, probe_inputs)
+        except CkapipeError as err:
+            raise type(err)(f"model {label}: {err}") from None
+
+    recorder, infos = runs_on(probe, label, f"the inputs of the {given}", "check that the model and the data fit")
     return Member(label, named, loaded, recorder, infos)
+
+
+def check_distinct_runs(members: list[Member], feed: Minibatches) -> None:
+    """With a cache each name is one run: two names of one model (the same object, spec, or weights and code)
+    would write one store twice; a one-line error names them."""
+    seen: dict[str, str] = {}
+    for m in members:
+        key = run_spec(m.loaded, feed, tuple(m.recorder.specs[name] for name in m.layers)).key
+        if key in seen:
+            raise CkapipeError(f"models {seen[key]!r} and {m.label!r} are the same model (same weights, code and "
+                               f"layers): with a cache each name is one run; compare it once")
+        seen[key] = m.label
 
 
 def attach_runs(members: list[Member], feed: Minibatches, cache, keep_activations: bool, locks) -> None:
