@@ -302,10 +302,12 @@ def resolve_model(model: str | nn.Module, cache, random_init: bool = False, hash
     weights hash (an nn.Module's only when ``hash_weights``: a pass over its weights that only run keys need)."""
     if isinstance(model, nn.Module):
         cls = type(model)
+        spec = f"module:{cls.__module__}.{cls.__qualname__}"
+        check_model(model, spec)  # before its weights are hashed: meta tensors have no bytes
         model.eval()
         if not hash_weights:
-            return LoadedModel(model, f"module:{cls.__module__}.{cls.__qualname__}", "")
-        return LoadedModel(model, f"module:{cls.__module__}.{cls.__qualname__}", weights_hash(model), *code_hash(model))
+            return LoadedModel(model, spec, "")
+        return LoadedModel(model, spec, weights_hash(model), *code_hash(model))
     return load_model(model, cache=cache, random_init=random_init)
 
 

@@ -210,6 +210,8 @@ def layer_selections(layers, names: list[str]) -> dict[str, Any]:
 
 def member(label, named, model, layers, reduction, probe_inputs, device, cache, random_init, given) -> Member:
     """A model ready to hand its features to the kernels: loaded, on the device, its layers checked and probed."""
+    if isinstance(model, nn.Module):
+        check_model(model, label)  # named as the user named it, before resolve_model checks it by its class
     loaded = resolve_model(model, cache if cache is not None else store.default_cache(), random_init,
                            hash_weights=cache is not None)
     check_model(loaded.module, label)
