@@ -249,13 +249,16 @@ def weights_hash(module: nn.Module) -> str:
     digest = hashlib.sha256()
     state = module.state_dict()
     for name in sorted(state):
-        tensor = state[name]
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if isinstance(state[name], torch.Tensor):
+            update_tensor(digest, name, state[name])
     return digest.hexdigest()
+
+
+def update_tensor(digest, name: str, tensor: torch.Tensor) -> None:
+    """One tensor into a sha256: its name, dtype, shape and bytes (none for a meta tensor, which has none)."""
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{tensor.device.type == 'meta'}|".encode())
+    if tensor.numel() and not tensor.is_meta:
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 PLAIN = (bool, int, float, str, bytes, type(None))
@@ -266,13 +269,16 @@ def code_hash(module: nn.Module) -> tuple[str, tuple[str, ...]]:
 
     Per submodule, in tree order: its name, class (module and qualname), ``extra_repr()``, the
     names, shapes and dtypes of its own parameters and buffers, its plain attributes (numbers,
-    strings, and their tuples), and the source of its class's ``forward`` (inspect.getsource; a
+    strings, and their tuples), tensors kept as attributes (with their bytes), and the source of its class's ``forward`` (inspect.getsource; a
     TorchScript module's compiled code). A ``forward`` without Python source (a C extension, code
     typed into a REPL) is named in the second element: the key cannot prove a reuse safe.
     """
     digest, unhashed, sources = hashlib.sha256(), [], {}
     for name, sub in module.named_modules(remove_duplicate=False):
         digest.update(submodule_facts(name, sub).encode())
+        for attr, value in sorted(vars(sub).items()):
+            if isinstance(value, torch.Tensor) and not attr.startswith("_"):  # not a buffer, yet forward may read it
+                update_tensor(digest, f"{name}.{attr}", value)
         code = forward_code(sub, sources)
         if code is None:
             unhashed.append(f"{qualname(type(sub))}.forward")

@@ -94,6 +94,7 @@ def extract_run(
     probe = feed.probe(PROBE_BATCH)
     check_inputs(probe, feed.given)
     module = loaded.module.to(device)
+    check_devices(module, device, loaded.spec)
     recorder, infos = runs_on(lambda: probe_layers(module, layers, reduction, to_device(probe, device)),
                               loaded.spec, f"the inputs of {feed.given}", "check that the model and dataset fit")
     spec = run_spec(loaded, feed, tuple(recorder.specs[n] for n in infos), dtype=dtype, grams_only=grams_only, name=name)
@@ -182,6 +183,27 @@ def check_model(module: nn.Module, model: str) -> None:
         if tensor.dtype in HALF:
             raise SpecError(f"model {model} has {str(tensor.dtype).removeprefix('torch.')} weights ({name}): ckapipe "
                             f"runs models in float32; pass model.float() (the activations are stored as --dtype says)")
+
+
+def check_devices(module: nn.Module, device: torch.device, model: str) -> None:
+    """A one-line SpecError for a tensor kept as a plain attribute of a submodule (not a parameter or
+    buffer) on another device than the model's: ``module.to(device)`` does not move it."""
+    for path, sub in module.named_modules():
+        for attr, value in vars(sub).items():
+            if isinstance(value, torch.Tensor) and not attr.startswith("_") and not same_device(value.device, device):
+                where = f"{path}.{attr}" if path else attr
+                raise SpecError(f"model {model} keeps tensor {where} on {value.device}, not on the model's device "
+                                f"{device} (module.to does not move plain attributes): register it as a buffer "
+                                f"(self.register_buffer({attr!r}, tensor))")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device when 0 is the current one."""
+    return a.type == b.type and device_index(a) == device_index(b)
+
+
+def device_index(device: torch.device) -> int | None:
+    return torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
 
 
 def check_inputs(inputs: Any, given: str) -> None:

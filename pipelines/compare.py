@@ -42,7 +42,8 @@ from ckapipe.extract.layers import Recorder
 from ckapipe.extract.minibatches import Minibatches, minibatches
 from ckapipe.extract.models import LoadedModel
 from ckapipe.extract.runner import (
-    PROBE_BATCH, check_inputs, check_model, probe_layers, resolve_model, run_spec, runs_on, to_device, warn_unproven_reuse,
+    PROBE_BATCH, check_devices, check_inputs, check_model, probe_layers, resolve_model, run_spec, runs_on, to_device,
+    warn_unproven_reuse,
 )
 from ckapipe.extract.writer import ChunkWriter
 from ckapipe.kernels import PRODUCTS, hsic1_matrix, minibatch_grams, to_host, ucentered_from_centred, ucentered_gram
@@ -216,6 +217,7 @@ def member(label, named, model, layers, reduction, probe_inputs, device, cache, 
                            hash_weights=cache is not None)
     check_model(loaded.module, label)
     module = loaded.module.to(device)
+    check_devices(module, device, label)
 
     def probe():
         try:

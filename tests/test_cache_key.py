@@ -86,6 +86,10 @@ def test_a_changed_setting_or_forward_is_a_new_run(x, tmp_path):
     paths = {extract(model, x, tmp_path)}
     model.scale = 2.0  # a plain attribute forward reads
     paths.add(extract(model, x, tmp_path))
+    model.scale = torch.tensor(1.0)  # a tensor attribute, not a buffer: its value counts
+    paths.add(extract(model, x, tmp_path))
+    model.scale = torch.tensor(3.0)
+    paths.add(extract(model, x, tmp_path))
     model.scale = 1.0
     model.act = nn.LeakyReLU(0.2)
     paths.add(extract(model, x, tmp_path))
@@ -100,8 +104,8 @@ def test_a_changed_setting_or_forward_is_a_new_run(x, tmp_path):
     twin = other()
     twin.load_state_dict(model.state_dict())
     paths.add(extract(twin.eval(), x, tmp_path))  # same name, same weights, another forward
-    assert len(paths) == 5
-    assert len(store.list_runs(tmp_path)) == 5
+    assert len(paths) == 7
+    assert len(store.list_runs(tmp_path)) == 7
 
 
 def test_a_forward_without_python_source_warns_when_a_run_is_reused(x, tmp_path):

@@ -187,6 +187,47 @@ def test_meta_device_models_and_inputs_are_refused(tmp_path):
     assert store.list_runs(tmp_path) == []
 
 
+class Shifted(Net):
+    """A tensor kept as a plain attribute, not a buffer: ``module.to(device)`` leaves it where it is."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.shift = torch.ones(4, device=device)
+
+    def forward(self, x):
+        return super().forward(x) + self.shift
+
+
+def test_a_tensor_on_another_device_than_the_model_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model, (b,) = Shifted("meta").eval(), nets(1)
+    message = ("keeps tensor shift on meta, not on the model's device cpu (module.to does not move plain attributes): "
+               "register it as a buffer (self.register_buffer('shift', tensor))")
+    with pytest.raises(SpecError) as err:
+        compare({"a": model, "b": b}, inputs(), layers=LAYERS, batch_size=M, device="cpu", progress=False)
+    assert str(err.value) == f"model a {message}"
+    with pytest.raises(SpecError) as err:
+        extract_run(model, inputs(), LAYERS, cache=tmp_path, batch_size=M, device="cpu", progress=False)
+    assert str(err.value) == f"model module:{__name__}.Shifted {message}"
+    assert store.list_runs(tmp_path) == []
+
+
+@pytest.mark.gpu
+def test_a_cuda_tensor_attribute_of_a_model_run_on_the_cpu_is_refused_and_cuda_inputs_are_moved():
+    torch.manual_seed(0)
+    model, (a, b) = Shifted("cuda").eval(), nets(0, 1)
+    with pytest.raises(SpecError) as err:
+        compare({"a": model, "b": b}, inputs(), layers=LAYERS, batch_size=M, device="cpu", progress=False)
+    assert str(err.value) == ("model a keeps tensor shift on cuda:0, not on the model's device cpu (module.to does "
+                              "not move plain attributes): register it as a buffer "
+                              "(self.register_buffer('shift', tensor))")
+    x = inputs()
+    on_gpu = compare({"a": a, "b": b}, x.cuda(), layers=LAYERS, batch_size=M, order_seed=None, device="cpu",
+                     progress=False)
+    exact = minibatch_cka_matrix_reference(features(a, x), features(b, x), M)
+    assert np.abs(on_gpu.cka("a", "b") - exact).max() < 1e-6
+
+
 def test_one_model_under_two_names_with_a_cache_is_refused_before_anything_is_written(tmp_path):
     a, = nets(0)
     with pytest.raises(CkapipeError) as err:
