@@ -426,7 +426,7 @@ class Results:
         what = "minibatch CKA" if first == DEFAULT else first
         n = len(self.minibatches)
         lines = [f"{what}, m={self.m}, {minibatch_count(n)}, pairing by {self.pairing}",
-                 self.resampling.describe(len(self.minibatches))]
+                 self.resampling.describe(n)]
         others = self.measures[1:]
         if others or self.rankme is not None:
             lines.append("columns: layer, best layer, " + ", ".join([first, *others] + ["RankMe"] * (self.rankme is not None)))

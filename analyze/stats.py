@@ -274,8 +274,10 @@ class Difference:
     b: str = ""
 
     def __str__(self) -> str:
-        return (f"CKA({self.a}) - CKA({self.b}) = {self.cka_a:.3f} - {self.cka_b:.3f} = {self.estimate:+.3f} "
-                f"[{self.low:+.3f}, {self.high:+.3f}], {self.other_side:.3g} of resamples on the other side of 0")
+        head = f"CKA({self.a}) - CKA({self.b}) = {self.cka_a:.3f} - {self.cka_b:.3f} = {self.estimate:+.3f}"
+        if self.n_minibatches < MIN_INTERVAL:
+            return f"{head} [no interval: {minibatch_count(self.n_minibatches)}]"
+        return f"{head} [{self.low:+.3f}, {self.high:+.3f}], {self.other_side:.3g} of resamples on the other side of 0"
 
 
 def paired_differences(hsic: np.ndarray, entries_a, entries_b, resampling: Resampling = Resampling()) -> list[Difference]:

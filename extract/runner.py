@@ -143,8 +143,8 @@ def run_spec(loaded: LoadedModel, feed: Minibatches, layers: tuple[store.LayerSp
              grams_only: bool = False, name: str | None = None) -> store.RunSpec:
     """The run of one model over the data: everything its key holds (the data's identity may take a pass)."""
     return store.RunSpec(
-        model=loaded.spec, weights_hash=loaded.weights_hash, code_hash=loaded.code_hash, dataset=feed.identity(), transform=feed.transform,
-        order_seed=feed.order_seed, batch_size=feed.m, layers=layers, dtype=dtype, limit=feed.limit,
+        model=loaded.spec, weights_hash=loaded.weights_hash, code_hash=loaded.code_hash, dataset=feed.identity(),
+        transform=feed.transform, order_seed=feed.order_seed, batch_size=feed.m, layers=layers, dtype=dtype, limit=feed.limit,
         grams_only=grams_only, name=name,
     )
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+import ckapipe.analyze as analyze
 from ckapipe import compare, store
 from ckapipe.errors import ActivationError, CkapipeError, DataError, LayerError, SpecError
 from ckapipe.extract.runner import extract_run
@@ -74,6 +75,13 @@ def caught(call) -> list[str]:
     return [str(w.message) for w in seen]
 
 
+def caught_value(call):
+    """call()'s value, its warnings (the one-minibatch warning, said again by diff) kept out of the test's output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return call()
+
+
 # --------------------------------------------------------------------------- too little data
 
 
@@ -94,6 +102,10 @@ def test_compare_on_one_minibatch_warns_once_and_reports_no_interval():
     assert lines[3:] == ["a -> best layer of b"] + [
         f"  {la:<4}  {LAYERS[j]:<4}  {exact[i, j]:.3f} [no interval: 1 minibatch]" for i, (la, j) in
         enumerate(zip(LAYERS, best))]
+    (difference,) = caught_value(lambda: analyze.diff(res, ("a:act", "b:act"), ("a:act", "b:head")))
+    assert np.isnan(difference.low) and np.isnan(difference.high)
+    assert str(difference) == (f"CKA(a:act ~ b:act) - CKA(a:act ~ b:head) = {exact[0, 0]:.3f} - {exact[0, 1]:.3f} = "
+                               f"{exact[0, 0] - exact[0, 1]:+.3f} [no interval: 1 minibatch]")
 
 
 def test_the_compare_command_on_one_minibatch_warns_in_one_line(tmp_path):
