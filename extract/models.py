@@ -301,8 +301,8 @@ def forward_code(sub: nn.Module, sources: dict) -> str | None:
     if isinstance(sub, torch.jit.ScriptModule):
         try:
             return sub.code
-        except (AttributeError, RuntimeError):
-            return None
+        except (AttributeError, RuntimeError):  # a compiled container without forward: no code to run
+            return ""
     cls = type(sub)
     if cls not in sources:
         try:
