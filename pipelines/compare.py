@@ -42,8 +42,8 @@ from ckapipe.extract.layers import Recorder
 from ckapipe.extract.minibatches import Minibatches, minibatches
 from ckapipe.extract.models import LoadedModel
 from ckapipe.extract.runner import (
-    PROBE_BATCH, check_devices, check_inputs, check_model, probe_layers, resolve_model, run_spec, runs_on, to_device,
-    warn_unproven_reuse,
+    PROBE_BATCH, check_devices, check_inputs, check_model, check_order_seed, probe_layers, resolve_model, run_spec,
+    runs_on, to_device, warn_unproven_reuse,
 )
 from ckapipe.extract.writer import ChunkWriter
 from ckapipe.kernels import PRODUCTS, hsic1_matrix, minibatch_grams, to_host, ucentered_from_centred, ucentered_gram
@@ -111,6 +111,7 @@ def compare(
     (faster on CPUs, about 1e-9 off in CKA; never cached). ``out``: write the results store there.
     """
     named_models, named, data = split_arguments(models_and_data, data)
+    check_order_seed(order_seed)
     if precision not in PRODUCTS:
         raise CkapipeError(f"precision {precision!r} is not one of {', '.join(PRODUCTS)}")
     if cache is not None and precision != "float64":

@@ -265,6 +265,24 @@ def test_a_nan_in_a_minibatch_with_a_cache_fails_the_run_and_marks_nothing_done(
     assert code == 0, out
 
 
+@pytest.mark.parametrize("option, message", [
+    (dict(order_seed=-1), "--order-seed -1 is not a non-negative integer"),
+    (dict(batch_size=16.0), "batch_size=16.0 is not an integer"),
+    (dict(limit=32.5), "limit=32.5 is not an integer"),
+    (dict(workers=-1), "workers=-1 is negative: give 0 (load in this process) or more"),
+])
+def test_options_of_the_python_api_the_cli_types_are_checked_too(option, message, tmp_path):
+    a, b = nets(0, 1)
+    settings = {"batch_size": M, **option}
+    with pytest.raises(CkapipeError) as err:
+        compare({"a": a, "b": b}, inputs(), layers=LAYERS, progress=False, **settings)
+    assert str(err.value) == message
+    with pytest.raises(CkapipeError) as err:
+        extract_run(a, inputs(), LAYERS, cache=tmp_path, progress=False, **settings)
+    assert str(err.value) == message
+    assert store.list_runs(tmp_path) == []
+
+
 # --------------------------------------------------------------------------- the command line
 
 
