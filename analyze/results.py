@@ -51,7 +51,7 @@ import numpy as np
 import zarr
 
 from ckapipe.analyze.measures import DEFAULT, SUMS, measure_values, minibatch_values, parse_measure
-from ckapipe.analyze.stats import Resampling, bootstrap_bounds
+from ckapipe.analyze.stats import MIN_INTERVAL, Resampling, bootstrap_bounds, minibatch_count
 from ckapipe.atomic import atomic_path
 from ckapipe.errors import CkapipeError, suggest
 from ckapipe.store import library_versions, now
@@ -434,8 +434,9 @@ class Results:
         pairs = [(a, b) for a, b in self.pairs() if a != b] or [(names[0], names[0])]
         first = self.measures[0]
         what = "minibatch CKA" if first == DEFAULT else first
-        lines = [f"{what}, m={self.m}, {len(self.minibatches)} minibatches, pairing by {self.pairing}",
-                 self.resampling.describe(len(self.minibatches))]
+        n = len(self.minibatches)
+        lines = [f"{what}, m={self.m}, {minibatch_count(n)}, pairing by {self.pairing}",
+                 self.resampling.describe(n)]
         others = self.measures[1:]
         if others or self.rankme is not None:
             lines.append("columns: layer, best layer, " + ", ".join([first, *others] + ["RankMe"] * (self.rankme is not None)))
@@ -451,7 +452,8 @@ class Results:
             lines += ["", title]
             for i, (la, lb, value) in enumerate(matches):
                 j = self.layer_index(b, lb) if lb != "-" else None
-                number = (format_interval(value, low[i, j], high[i, j], p[i, j], self.resampling.permutations)
+                number = (format_interval(value, low[i, j], high[i, j], p[i, j], self.resampling.permutations,
+                                          n if self.resampling.ci is not None else None)
                           if j is not None else f"{value:.4f}")
                 cells = [f"{values[i, j]:.4f}" if j is not None else "-" for values in extra]
                 cells += [f"{ranks[i]:.1f}"] if ranks is not None else []
@@ -550,9 +552,14 @@ def recorded_inputs(path: str | os.PathLike) -> dict | None:
 UNCERTAINTY_COLUMNS = ("cka_low", "cka_high", "p_value")
 
 
-def format_interval(value: float, low: float, high: float, p: float = float("nan"), permutations: int = 0) -> str:
-    """``0.842 [0.831, 0.853]``, and ``p = 0.004`` when tested (``p <= 0.001``: at the resolution 1/(R+1))."""
-    text = f"{value:.3f}" if np.isnan(low) else f"{value:.3f} [{low:.3f}, {high:.3f}]"
+def format_interval(value: float, low: float, high: float, p: float = float("nan"), permutations: int = 0,
+                    minibatches: int | None = None) -> str:
+    """``0.842 [0.831, 0.853]``, and ``p = 0.004`` when tested (``p <= 0.001``: at the resolution 1/(R+1));
+    ``0.914 [no interval: 1 minibatch]`` when too few ``minibatches`` give none."""
+    if np.isnan(low) and minibatches is not None and minibatches < MIN_INTERVAL:
+        text = f"{value:.3f} [no interval: {minibatch_count(minibatches)}]"
+    else:
+        text = f"{value:.3f}" if np.isnan(low) else f"{value:.3f} [{low:.3f}, {high:.3f}]"
     if np.isfinite(p):
         floor = 1 / (permutations + 1) if permutations else 0.0
         text += f"  p <= {floor:.2g}" if p <= floor else f"  p = {p:.2g}"

@@ -39,6 +39,7 @@ from ckapipe.kernels import minibatch_size
 
 METHODS = ("bca", "percentile")
 MIN_MINIBATCHES = 10  # fewer: the bootstrap has too few units to mimic their distribution
+MIN_INTERVAL = 2  # fewer: every resample is the estimate, a zero-width interval that says nothing
 BLOCK_BYTES = 4 * 2**20  # bootstrap values held at a time: a block stays in cache through its passes
 PERMUTED_BYTES = 16 * 2**20  # permuted triangles gathered at a time
 NORMAL = NormalDist()
@@ -81,7 +82,9 @@ class Resampling:
     def describe(self, n_minibatches: int) -> str:
         """One line: what the intervals and p-values are."""
         parts = []
-        if self.ci is not None:
+        if self.ci is not None and n_minibatches < MIN_INTERVAL:
+            parts.append(f"no bootstrap intervals: {minibatch_count(n_minibatches)} (an interval needs {MIN_INTERVAL})")
+        elif self.ci is not None:
             parts.append(f"{self.ci * 100:g} % bootstrap intervals ({self.method}, {self.bootstrap} resamples "
                          f"of {n_minibatches} minibatches, seed {self.seed})")
         if self.permutations:
@@ -195,8 +198,16 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 # --------------------------------------------------------------------------- bootstrap of every entry
 
 
+def minibatch_count(n: int) -> str:
+    """``1 minibatch``, ``3 minibatches``."""
+    return f"{n} minibatch" if n == 1 else f"{n} minibatches"
+
+
 def few_minibatches_warning(n: int) -> None:
-    if n < MIN_MINIBATCHES:
+    if n < MIN_INTERVAL:
+        warnings.warn(f"only {minibatch_count(n)} of data: no bootstrap interval (an interval needs {MIN_INTERVAL}, a "
+                      f"reliable one {MIN_MINIBATCHES}); use more samples or a smaller --batch-size", stacklevel=3)
+    elif n < MIN_MINIBATCHES:
         warnings.warn(f"only {n} minibatches enter the bootstrap (fewer than {MIN_MINIBATCHES}): its intervals "
                       f"are unreliable; use more samples or a smaller --batch-size", stacklevel=3)
 
@@ -210,7 +221,8 @@ def bootstrap_weights(n: int, resampling: Resampling) -> tuple[np.ndarray, slice
 
 
 def bootstrap_bounds(hsic: np.ndarray, resampling: Resampling = Resampling(), threads: int | None = None) -> np.ndarray:
-    """(2, L, L): the bootstrap interval [low, high] of every CKA entry (NaN when ``ci`` is None).
+    """(2, L, L): the bootstrap interval [low, high] of every CKA entry (NaN when ``ci`` is None, and
+    with fewer than 2 minibatches: one minibatch has no interval).
 
     Entries are done in blocks of the upper triangle (CKA is symmetric), each one
     GEMM of the resampling counts with the block's HSIC, the blocks on ``threads``
@@ -223,6 +235,8 @@ def bootstrap_bounds(hsic: np.ndarray, resampling: Resampling = Resampling(), th
     if resampling.ci is None or n == 0:
         return bounds
     few_minibatches_warning(n)
+    if n < MIN_INTERVAL:  # one minibatch: no interval, never the zero-width [x, x]
+        return bounds
     weights, jackknife = bootstrap_weights(n, resampling)
     rows, cols = np.triu_indices(L)
     threads = threads or os.cpu_count() or 1
@@ -260,8 +274,10 @@ class Difference:
     b: str = ""
 
     def __str__(self) -> str:
-        return (f"CKA({self.a}) - CKA({self.b}) = {self.cka_a:.3f} - {self.cka_b:.3f} = {self.estimate:+.3f} "
-                f"[{self.low:+.3f}, {self.high:+.3f}], {self.other_side:.3g} of resamples on the other side of 0")
+        head = f"CKA({self.a}) - CKA({self.b}) = {self.cka_a:.3f} - {self.cka_b:.3f} = {self.estimate:+.3f}"
+        if self.n_minibatches < MIN_INTERVAL:
+            return f"{head} [no interval: {minibatch_count(self.n_minibatches)}]"
+        return f"{head} [{self.low:+.3f}, {self.high:+.3f}], {self.other_side:.3g} of resamples on the other side of 0"
 
 
 def paired_differences(hsic: np.ndarray, entries_a, entries_b, resampling: Resampling = Resampling()) -> list[Difference]:
@@ -280,6 +296,8 @@ def paired_differences(hsic: np.ndarray, entries_a, entries_b, resampling: Resam
     difference = values[:, :P] - values[:, P:]
     estimate, resampled = difference[0], difference[jack.stop:]
     low, high = interval(estimate, resampled, difference[jack] if jack.stop > 1 else None, level, resampling.method)
+    if n < MIN_INTERVAL:
+        low, high = np.full(P, np.nan), np.full(P, np.nan)
     other = np.where(estimate >= 0, (resampled <= 0).mean(axis=0), (resampled >= 0).mean(axis=0))
     return [Difference(float(cka_a[i]), float(cka_b[i]), float(estimate[i]), float(low[i]), float(high[i]),
                        float(other[i]), resampling, n) for i in range(P)]

@@ -25,7 +25,7 @@ plain ``zarr``)::
       .locks/<slug>-<key>/A-B.lock  one file per live writer and chunk range [A, B)
 
 ``key`` is a hash of everything that determines the contents (weights hash,
-dataset, transform, order seed, minibatch size, layers and reductions, dtype),
+code hash, dataset, transform, order seed, minibatch size, layers and reductions, dtype),
 so a changed run gets a new store and a stale cache is never served.
 
 Every chunk (activations and Gram rows) ends with its crc32c and has its tag
@@ -114,6 +114,7 @@ class RunSpec:
     limit: int | None = None
     grams_only: bool = False  # no activation arrays, only the Gram cache
     name: str | None = None  # readable slug chosen by the user; not part of the key
+    code_hash: str = ""  # the model's module tree and forward code (extract.models.code_hash); "" in older stores
 
     def __post_init__(self):
         check_minibatch_size(self.batch_size)
@@ -137,6 +138,8 @@ class RunSpec:
         """Short hash of everything but the readable name."""
         d = self.to_dict()
         d.pop("name")
+        if not d["code_hash"]:
+            d.pop("code_hash")  # a store written before the code hash keeps the key it was written under
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:10]
 

@@ -144,6 +144,7 @@ def minibatches(
     ``drop_ragged`` also drops a last minibatch shorter than m, with a note (minibatch CKA uses full
     minibatches only); ``name`` names data given as an object.
     """
+    check_integers(batch_size=m, limit=limit, workers=workers)
     if isinstance(data, str):
         if name is not None:
             raise CkapipeError(f"a data name goes with data given as an object; the dataset spec {data!r} names itself")
@@ -162,6 +163,16 @@ def minibatches(
     given = f"{kind} {type(data).__name__}" if kind == "dataset" else f"{kind} {'x'.join(map(str, data.shape))} {data.dtype}"
     feed = _indexed(given, in_memory(given, data), None, STREAMED, m, order_seed, limit, drop_ragged, workers)
     return named(feed, name)
+
+
+def check_integers(**options) -> None:
+    """A one-line error for an option given through the Python API that is not an integer (the
+    command line's types see to it there), or a negative number of workers."""
+    for option, value in options.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise CkapipeError(f"{option}={value!r} is not an integer")
+    if options.get("workers", 0) < 0:
+        raise CkapipeError(f"workers={options['workers']} is negative: give 0 (load in this process) or more")
 
 
 def named(feed: Minibatches, name: str | None) -> Minibatches:

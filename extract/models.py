@@ -13,13 +13,16 @@ Spellings (``?key=value`` adds keyword arguments)::
 ``weights=none`` (or ``random_init=True`` from ``--random-init``) builds a
 pretrained-hub architecture with random weights drawn from ``init_seed``
 (default 0), so the run key stays stable. The weights hash (sha256 over every
-state_dict tensor's name, dtype, shape and bytes) goes into the run key: a
-cache keyed by names alone would silently serve stale activations.
+state_dict tensor's name, dtype, shape and bytes) and the code hash (the module
+tree's classes, settings, tensors' shapes and ``forward`` sources; see
+``code_hash``) go into the run key: a cache keyed by names alone would silently
+serve stale activations.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import pickle
 import warnings
@@ -47,6 +50,8 @@ class LoadedModel:
     module: nn.Module
     spec: str
     weights_hash: str
+    code_hash: str = ""
+    unhashed: tuple[str, ...] = ()  # code the code hash could not see (no Python source): a reuse is unproven
 
 
 def load_model(spec: str, *, cache: str | os.PathLike = "cache", random_init: bool = False) -> LoadedModel:
@@ -63,7 +68,7 @@ def load_model(spec: str, *, cache: str | os.PathLike = "cache", random_init: bo
         raise SpecError(f"model {spec!r} gave a {type(module).__name__}, not a torch.nn.Module")
     module.eval()
     recorded = spec if not random_init or "weights=none" in spec else _with_param(spec, "weights", "none")
-    return LoadedModel(module, recorded, weights_hash(module))
+    return LoadedModel(module, recorded, weights_hash(module), *code_hash(module))
 
 
 def _build(head: str, params: dict, cache, random_init: bool = False) -> nn.Module:
@@ -176,7 +181,9 @@ def _checkpoint(path: Path, params: dict, cache) -> nn.Module:
     if not arch:
         raise SpecError(f"checkpoint {path} holds weights, not a model: name its architecture with {path}?arch=SPEC")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a bare pickle's protocol before refusing it: one line only
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise SpecError(
             f"checkpoint {path} holds Python objects besides tensors, which ckapipe does not unpickle "
@@ -242,10 +249,79 @@ def weights_hash(module: nn.Module) -> str:
     digest = hashlib.sha256()
     state = module.state_dict()
     for name in sorted(state):
-        tensor = state[name]
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        if isinstance(state[name], torch.Tensor):
+            update_tensor(digest, name, state[name])
     return digest.hexdigest()
+
+
+def update_tensor(digest, name: str, tensor: torch.Tensor) -> None:
+    """One tensor into a sha256: its name, dtype, shape and bytes (none for a meta tensor, which has none)."""
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{tensor.device.type == 'meta'}|".encode())
+    if tensor.numel() and not tensor.is_meta:
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+PLAIN = (bool, int, float, str, bytes, type(None))
+
+
+def code_hash(module: nn.Module) -> tuple[str, tuple[str, ...]]:
+    """(sha256 of what, besides the weights, decides the activations; what it could not see).
+
+    Per submodule, in tree order: its name, class (module and qualname), ``extra_repr()``, the
+    names, shapes and dtypes of its own parameters and buffers, its plain attributes (numbers,
+    strings, and their tuples), tensors kept as attributes (with their bytes), and the source of its class's ``forward`` (inspect.getsource; a
+    TorchScript module's compiled code). A ``forward`` without Python source (a C extension, code
+    typed into a REPL) is named in the second element: the key cannot prove a reuse safe.
+    """
+    digest, unhashed, sources = hashlib.sha256(), [], {}
+    for name, sub in module.named_modules(remove_duplicate=False):
+        digest.update(submodule_facts(name, sub).encode())
+        for attr, value in sorted(vars(sub).items()):
+            if isinstance(value, torch.Tensor) and not attr.startswith("_"):  # not a buffer, yet forward may read it
+                update_tensor(digest, f"{name}.{attr}", value)
+        code = forward_code(sub, sources)
+        if code is None:
+            unhashed.append(f"{qualname(type(sub))}.forward")
+        digest.update((code or "").encode())
+    return digest.hexdigest(), tuple(dict.fromkeys(unhashed))
+
+
+def submodule_facts(name: str, sub: nn.Module) -> str:
+    """One submodule's name, class, settings, own tensors' names, shapes and dtypes, and plain attributes."""
+    tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in
+               [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)] if t is not None]
+    plain = sorted((k, repr(v)) for k, v in vars(sub).items() if not k.startswith("_") and is_plain(v))
+    kind = getattr(sub, "original_name", "") if isinstance(sub, torch.jit.ScriptModule) else qualname(type(sub))
+    return f"{name}|{kind}|{_extra_repr(sub)}|{tensors}|{plain}\n"
+
+
+def forward_code(sub: nn.Module, sources: dict) -> str | None:
+    """The source of ``type(sub).forward`` (cached per class in ``sources``), a TorchScript module's code,
+    or None when there is none to read."""
+    if isinstance(sub, torch.jit.ScriptModule):
+        try:
+            return sub.code
+        except (AttributeError, RuntimeError):  # a compiled container without forward: no code to run
+            return ""
+    cls = type(sub)
+    if cls not in sources:
+        try:
+            sources[cls] = inspect.getsource(cls.forward)
+        except (OSError, TypeError):  # no source file: a C extension, a REPL, a frozen app
+            sources[cls] = None
+    return sources[cls]
+
+
+def is_plain(value) -> bool:
+    return isinstance(value, PLAIN) or (isinstance(value, tuple) and all(isinstance(v, PLAIN) for v in value))
+
+
+def qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _extra_repr(sub: nn.Module) -> str:
+    try:
+        return sub.extra_repr()
+    except Exception:  # noqa: BLE001 - a user's extra_repr may fail; the rest of the facts still count
+        return "?"

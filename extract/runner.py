@@ -10,6 +10,7 @@ order seed, through background writers.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,11 +24,11 @@ from ckapipe.atomic import describe_os_error
 from ckapipe.blas import single_threaded_blas
 from ckapipe.codecs import DEFAULT_COMPRESSION, compressors
 from ckapipe.devices import resolve_device
-from ckapipe.errors import ActivationError, CkapipeError, DataError, LayerError
+from ckapipe.errors import ActivationError, CkapipeError, DataError, LayerError, SpecError
 from ckapipe.extract.datasets import load_dataset
 from ckapipe.extract.layers import default_selection, observe, parse_selection, prepare, selected_rows
 from ckapipe.extract.minibatches import Minibatches, minibatches, rows_of, sample_order  # noqa: F401 - sample_order: API
-from ckapipe.extract.models import LoadedModel, load_model, weights_hash
+from ckapipe.extract.models import LoadedModel, code_hash, load_model, weights_hash
 from ckapipe.extract.writer import ChunkWriter, compute_grams, device_grams, write_grams
 from ckapipe.kernels import check_minibatch_size
 from ckapipe.locks import writer_lock
@@ -89,11 +90,16 @@ def extract_run(
     loaded = resolve_model(model, cache, random_init)
     feed = minibatches(dataset, batch_size, order_seed=order_seed, limit=limit, name=data_name, workers=workers)
     device = torch.device(resolve_device(device, "torch"))
+    check_model(loaded.module, loaded.spec)
+    probe = feed.probe(PROBE_BATCH)
+    check_inputs(probe, feed.given)
     module = loaded.module.to(device)
-    recorder, infos = runs_on(lambda: probe_layers(module, layers, reduction, to_device(feed.probe(PROBE_BATCH), device)),
+    check_devices(module, device, loaded.spec)
+    recorder, infos = runs_on(lambda: probe_layers(module, layers, reduction, to_device(probe, device)),
                               loaded.spec, f"the inputs of {feed.given}", "check that the model and dataset fit")
     spec = run_spec(loaded, feed, tuple(recorder.specs[n] for n in infos), dtype=dtype, grams_only=grams_only, name=name)
     run = store.create_run(cache, spec, feed.sample_ids, infos, compressors=codecs, checksums=checksums)
+    warn_unproven_reuse(loaded, run)
     want_grams = grams or grams_only
     span = store.share_range(*share, run.n_chunks) if share else chunk_range(chunks, run.n_chunks)
     try:
@@ -137,8 +143,8 @@ def run_spec(loaded: LoadedModel, feed: Minibatches, layers: tuple[store.LayerSp
              grams_only: bool = False, name: str | None = None) -> store.RunSpec:
     """The run of one model over the data: everything its key holds (the data's identity may take a pass)."""
     return store.RunSpec(
-        model=loaded.spec, weights_hash=loaded.weights_hash, dataset=feed.identity(), transform=feed.transform,
-        order_seed=feed.order_seed, batch_size=feed.m, layers=layers, dtype=dtype, limit=feed.limit,
+        model=loaded.spec, weights_hash=loaded.weights_hash, code_hash=loaded.code_hash, dataset=feed.identity(),
+        transform=feed.transform, order_seed=feed.order_seed, batch_size=feed.m, layers=layers, dtype=dtype, limit=feed.limit,
         grams_only=grams_only, name=name,
     )
 
@@ -167,6 +173,56 @@ def list_layers(model: str | nn.Module, dataset: str | None = None, *, cache: st
 # --------------------------------------------------------------------------- steps
 
 
+HALF = (torch.float16, torch.bfloat16)  # too coarse for the Grams' sums; CPUs run few of their operators
+
+
+def check_model(module: nn.Module, model: str) -> None:
+    """A one-line SpecError for weights no forward can use as ckapipe runs it: on the meta device
+    (never loaded) or in float16/bfloat16 (ckapipe computes in float32 and up)."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_meta:
+            raise SpecError(f"model {model} has weights on the meta device ({name}: never loaded): load them "
+                            f"(module.to_empty(device='cpu'), then load_state_dict) before passing it")
+        if tensor.dtype in HALF:
+            raise SpecError(f"model {model} has {str(tensor.dtype).removeprefix('torch.')} weights ({name}): ckapipe "
+                            f"runs models in float32; pass model.float() (the activations are stored as --dtype says)")
+
+
+def check_devices(module: nn.Module, device: torch.device, model: str) -> None:
+    """A one-line SpecError for a tensor kept as a plain attribute of a submodule (not a parameter or
+    buffer) on another device than the model's: ``module.to(device)`` does not move it."""
+    for path, sub in module.named_modules():
+        for attr, value in vars(sub).items():
+            if isinstance(value, torch.Tensor) and not attr.startswith("_") and not same_device(value.device, device):
+                where = f"{path}.{attr}" if path else attr
+                raise SpecError(f"model {model} keeps tensor {where} on {value.device}, not on the model's device "
+                                f"{device} (module.to does not move plain attributes): register it as a buffer "
+                                f"(self.register_buffer({attr!r}, tensor))")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device when 0 is the current one."""
+    return a.type == b.type and device_index(a) == device_index(b)
+
+
+def device_index(device: torch.device) -> int | None:
+    return torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
+
+
+def check_inputs(inputs: Any, given: str) -> None:
+    """A one-line DataError for inputs no forward can use: on the meta device (no data) or in float16/bfloat16."""
+    tensors = inputs.items() if isinstance(inputs, dict) else [("", inputs)]
+    for key, tensor in tensors:
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        where = f"the {given}" + (f" (input {key!r})" if key else "")
+        if tensor.is_meta:
+            raise DataError(f"{where} is on the meta device and holds no data: give tensors with their values")
+        if tensor.dtype in HALF:
+            raise DataError(f"{where} holds {str(tensor.dtype).removeprefix('torch.')} inputs: ckapipe runs models "
+                            f"in float32; give the inputs as float32 (inputs.float())")
+
+
 def check_order_seed(order_seed: int | None) -> int | None:
     """The order seed (None: the data's own order), or a one-line error: NumPy seeds are non-negative integers."""
     if order_seed is None:
@@ -182,7 +238,7 @@ def runs_on(forward, model: str, inputs: str, remedy: str):
         return forward()
     except CkapipeError:
         raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as err:
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise LayerError(f"model {model} cannot run on {inputs} ({type(err).__name__}: {first}): {remedy}") from None
 
@@ -271,9 +327,21 @@ def resolve_model(model: str | nn.Module, cache, random_init: bool = False, hash
     weights hash (an nn.Module's only when ``hash_weights``: a pass over its weights that only run keys need)."""
     if isinstance(model, nn.Module):
         cls = type(model)
-        digest = weights_hash(model) if hash_weights else ""
-        return LoadedModel(model.eval(), f"module:{cls.__module__}.{cls.__qualname__}", digest)
+        spec = f"module:{cls.__module__}.{cls.__qualname__}"
+        check_model(model, spec)  # before its weights are hashed: meta tensors have no bytes
+        model.eval()
+        if not hash_weights:
+            return LoadedModel(model, spec, "")
+        return LoadedModel(model, spec, weights_hash(model), *code_hash(model))
     return load_model(model, cache=cache, random_init=random_init)
+
+
+def warn_unproven_reuse(loaded: LoadedModel, run: store.Run) -> None:
+    """A warning when stored minibatches of ``run`` are reused for a model whose code the key could not see."""
+    if loaded.unhashed and run.done().any():
+        warnings.warn(f"run {run.name} is reused, but the cache key cannot see the code of "
+                      f"{', '.join(loaded.unhashed)} (no Python source): if that code changed, delete the run",
+                      stacklevel=3)
 
 
 def _example_inputs(spec: str) -> Any:

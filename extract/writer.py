@@ -138,7 +138,11 @@ class ChunkWriter:
             chunk.ready.synchronize()
         arrays = {name: check_values(t.numpy(), self.dtype, name, chunk.k) for name, t in chunk.features.items()}
         if self.gram_cache is not None and chunk.k < self.n_gram_chunks:
-            write_grams(self.gram_cache, chunk.k, chunk.grams or compute_grams(arrays))
+            grams = chunk.grams or compute_grams(arrays)
+            for name, parts in grams.items():  # a grams-only run has no features: NaN shows in its Grams
+                for part in parts:
+                    check_values(part, "float64", name, chunk.k)
+            write_grams(self.gram_cache, chunk.k, grams)
         self.run.write_chunk(chunk.k, arrays)
         if self.progress is not None:
             rows = next(iter(arrays.values())).shape[0] if arrays else 0

@@ -85,6 +85,10 @@ def named_specs(specs) -> dict[str, str] | list[str]:
         return list(specs)
     if not all(parsed):
         raise click.UsageError("name every model or none: NAME=SPEC for each, or SPEC alone")
+    names = [match.group(1) for match in parsed]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise click.UsageError(f"model name {', '.join(twice)} is given twice: give every model its own NAME=")
     return {match.group(1): match.group(2) for match in parsed}
 
 

@@ -39,9 +39,12 @@ from ckapipe.blas import single_threaded_blas
 from ckapipe.devices import resolve_device
 from ckapipe.errors import ActivationError, CkapipeError, DataError, StoreError
 from ckapipe.extract.layers import Recorder
-from ckapipe.extract.minibatches import PairedMinibatches, minibatches, paired
+from ckapipe.extract.minibatches import Minibatches, PairedMinibatches, minibatches, paired
 from ckapipe.extract.models import LoadedModel
-from ckapipe.extract.runner import PROBE_BATCH, probe_layers, resolve_model, run_spec, to_device
+from ckapipe.extract.runner import (
+    PROBE_BATCH, check_devices, check_inputs, check_model, check_order_seed, probe_layers, resolve_model, run_spec,
+    runs_on, to_device, warn_unproven_reuse,
+)
 from ckapipe.extract.writer import ChunkWriter
 from ckapipe.kernels import PRODUCTS, hsic1_matrix, minibatch_grams, to_host, ucentered_from_centred, ucentered_gram
 from ckapipe.locks import writer_lock
@@ -115,6 +118,7 @@ def compare(
     (faster on CPUs, about 1e-9 off in CKA; never cached). ``out``: write the results store there.
     """
     named_models, named, data = split_arguments(models_and_data, data)
+    check_order_seed(order_seed)
     data = per_model(data, named_models)
     data_names = names_of_data(data_name, data)
     if precision not in PRODUCTS:
@@ -131,9 +135,10 @@ def compare(
                                     workers=workers) for who, one in data.items()})
     selections = layer_selections(layers, list(named_models))
     torch_device = torch.device(resolve_device(device, "torch"))
-    probes = {who: to_device(one.probe(PROBE_BATCH), torch_device) for who, one in feed.feeds.items()}
+    probes = {who: checked_probe(one, torch_device) for who, one in feed.feeds.items()}
     members = [
-        member(label, named, model, selections.get(label), reduction, probes[who], torch_device, cache, random_init, who)
+        member(label, named, model, selections.get(label), reduction, probes[who], torch_device, cache, random_init,
+               feed.feeds[who].given, who)
         for (label, model), who in zip(named_models.items(), feed_of(data, named_models))
     ]
     if progress:
@@ -141,6 +146,7 @@ def compare(
             print(f"ckapipe: note: {note}", file=sys.stderr)
     with contextlib.ExitStack() as locks:
         if cache is not None:
+            check_distinct_runs(members, feed)
             attach_runs(members, feed, cache, keep_activations, locks)
         hsic = one_pass(members, feed, torch_device, precision, progress)
     results = Results(
@@ -150,6 +156,7 @@ def compare(
         list(feed.notes),
     )
     results.cka_all  # warns once about constant layers (CKA undefined, NaN)
+    results.cka_bounds  # the bootstrap intervals, as analyze: warns once when too few minibatches enter
     if out is not None:
         write_results(results, out, overwrite=overwrite)
     return results
@@ -257,16 +264,44 @@ def layer_selections(layers, names: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- models and runs
 
 
-def member(label, named, model, layers, reduction, probe_inputs, device, cache, random_init, feed=ALL) -> Member:
+def member(label, named, model, layers, reduction, probe_inputs, device, cache, random_init, given,
+           feed=ALL) -> Member:
     """A model ready to hand its features to the kernels: loaded, on the device, its layers checked and probed."""
+    if isinstance(model, nn.Module):
+        check_model(model, label)  # named as the user named it, before resolve_model checks it by its class
     loaded = resolve_model(model, cache if cache is not None else store.default_cache(), random_init,
                            hash_weights=cache is not None)
+    check_model(loaded.module, label)
     module = loaded.module.to(device)
-    try:
-        recorder, infos = probe_layers(module, layers, reduction, probe_inputs)
-    except CkapipeError as err:
-        raise type(err)(f"model {label}: {err}") from None
+    check_devices(module, device, label)
+
+    def probe():
+        try:
+            return probe_layers(module, layers, reduction, probe_inputs)
+        except CkapipeError as err:
+            raise type(err)(f"model {label}: {err}") from None
+
+    recorder, infos = runs_on(probe, label, f"the inputs of the {given}", "check that the model and the data fit")
     return Member(label, named, loaded, recorder, infos, feed=feed)
+
+
+def checked_probe(feed: Minibatches, device):
+    """The first inputs of a feed, checked (dtype, device) and on the device: what each model is probed with."""
+    probe = feed.probe(PROBE_BATCH)
+    check_inputs(probe, feed.given)
+    return to_device(probe, device)
+
+
+def check_distinct_runs(members: list[Member], feeds: PairedMinibatches) -> None:
+    """With a cache each name is one run: two names of one model (the same object, spec, or weights and code)
+    would write one store twice; a one-line error names them."""
+    seen: dict[str, str] = {}
+    for m in members:
+        key = run_spec(m.loaded, feeds.feeds[m.feed], tuple(m.recorder.specs[name] for name in m.layers)).key
+        if key in seen:
+            raise CkapipeError(f"models {seen[key]!r} and {m.label!r} are the same model (same weights, code and "
+                               f"layers): with a cache each name is one run; compare it once")
+        seen[key] = m.label
 
 
 def attach_runs(members: list[Member], feeds: PairedMinibatches, cache, keep_activations: bool, locks) -> None:
@@ -279,9 +314,11 @@ def attach_runs(members: list[Member], feeds: PairedMinibatches, cache, keep_act
         cached = reusable_run(cache, [full, dataclasses.replace(full, grams_only=True)], feed.m)
         if cached is not None:
             m.run, m.source = cached
+            warn_unproven_reuse(m.loaded, m.run)
             continue
         spec = full if keep_activations else dataclasses.replace(full, grams_only=True)
         m.run = store.create_run(cache, spec, feed.sample_ids, m.infos)
+        warn_unproven_reuse(m.loaded, m.run)
         locks.enter_context(writer_lock(m.run.path, range(m.run.n_chunks)))
         if "data" not in m.run.meta:
             m.run.set_meta(data=feed.provenance())
