@@ -19,7 +19,7 @@ import numpy as np
 
 IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. "
             "Please use `.get()` to construct a NumPy array explicitly.")
-__version__ = "0.0-standin"
+__version__ = "14.0.0"  # a CuPy version (xarray and dask parse it); the stand-in says what it is in __doc__
 
 
 @dataclass
@@ -170,6 +170,8 @@ class FakeArray:
         self._a[_unwrap(index)] = _unwrap(value)
 
     def __getattr__(self, name):
+        if name.startswith("__"):  # no __array_interface__, __array_struct__: NumPy must not see the data
+            raise AttributeError(name)
         attr = getattr(self._a, name)
         if not callable(attr):
             return _wrap(attr)
@@ -204,6 +206,7 @@ for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul"
         setattr(FakeArray, f"__r{_name}__", _binary(f"__r{_name}__"))
         setattr(FakeArray, f"__i{_name}__", _inplace(f"__i{_name}__"))
 FakeArray.__hash__ = None
+ndarray = FakeArray  # isinstance(x, cupy.ndarray), as xarray and dask ask
 
 
 # --------------------------------------------------------------------------- the module's functions
