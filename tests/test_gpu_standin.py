@@ -100,3 +100,27 @@ def test_fused_compare_on_the_standin_moves_features_in_and_one_hsic_block_out(f
     with torch.no_grad():
         feats = [[f(x).numpy().astype(np.float64) for f in (net[:1], net[:2], net)] for net in (a, b)]
     np.testing.assert_allclose(on_standin.cka("a", "b"), minibatch_cka_matrix_reference(*feats, M), rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_report_prints_one_row_per_cuda_path_through_the_standin():
+    """scripts/gpu_check.sh's table, run here with CKAPIPE_GPU_STANDIN=1: every path, each ok."""
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"CKAPIPE_GPU_STANDIN": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tests.gpu_report"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "max |diff|" not in line]
+    assert [r[1].strip() for r in rows] == [
+        "kernels: ucentered_gram + hsic1_matrix", "analysis: analyze --device cuda (HSIC)",
+        "measures: every measure and RankMe", "bootstrap: CKA intervals", "extraction: Grams on the device",
+        "compare: fused, Grams on the device"]
+    assert [r[-1].strip() for r in rows] == ["ok"] * 6
+
+
+def test_gpu_report_marks_a_row_that_differs_or_fails():
+    from tests.gpu_report import row
+
+    assert row("x", lambda: np.array([3.0]), lambda: np.array([2.0]), 0.1)["status"] == "FAIL (> 0.1 x 2)"
+    assert row("x", lambda: 1 / 0, lambda: np.zeros(1), 0.1)["status"] == "ERROR ZeroDivisionError: division by zero"
