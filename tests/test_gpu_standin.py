@@ -124,3 +124,22 @@ def test_gpu_report_marks_a_row_that_differs_or_fails():
 
     assert row("x", lambda: np.array([3.0]), lambda: np.array([2.0]), 0.1)["status"] == "FAIL (> 0.1 x 2)"
     assert row("x", lambda: 1 / 0, lambda: np.zeros(1), 0.1)["status"] == "ERROR ZeroDivisionError: division by zero"
+
+
+def test_compare_filling_a_run_cache_on_the_standin_moves_one_gram_row_per_layer_out(fake_cupy, monkeypatch, tmp_path):
+    """With ``cache``, compare also writes each model's run with its Gram cache: per minibatch and
+    layer one Gram row (m(m+1)/2 numbers) and its mean products (m + 1) come back, besides the HSIC block."""
+    import ckapipe.pipelines.compare as fused
+
+    kernels.strict_in_diagonal_triangle.cache_clear()  # its index array (m(m-1)/2 numbers) crosses once per process
+    x = torch.randn(96, 10, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(fused, "device_arrays", lambda device: fake_cupy)
+    on_standin = compare({"a": mlp(0)}, x, layers=["0", "1", "2"], batch_size=M, order_seed=None, progress=False,
+                         cache=tmp_path / "cache")
+    n_mb = len(x) // M
+    assert sizes(fake_cupy.transfers, "to_device") == sorted([M * d for d in (20, 20, 5) for _ in range(n_mb)]
+                                                             + [M * (M - 1) // 2])
+    assert sizes(fake_cupy.transfers, "to_host") == sorted([M * (M + 1) // 2, M + 1] * 3 * n_mb + [9] * n_mb)
+    monkeypatch.undo()
+    on_cpu = compare({"a": mlp(0)}, x, layers=["0", "1", "2"], batch_size=M, order_seed=None, progress=False)
+    np.testing.assert_allclose(on_standin.hsic, on_cpu.hsic, rtol=1e-12, atol=1e-12)
