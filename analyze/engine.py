@@ -35,7 +35,7 @@ from ckapipe.analyze.pairing import Pairing, analysis_batch_size, plan_pairing
 from ckapipe.analyze.stats import Resampling
 from ckapipe.analyze.uncertainty import add_permutation_test
 from ckapipe.analyze.results import Results, RunEntry, check_out, recorded_inputs, write_results
-from ckapipe.devices import resolve_device
+from ckapipe.devices import array_namespace, resolve_device
 from ckapipe.errors import CkapipeError, StoreError
 from ckapipe.progress import Progress
 from ckapipe.store import Run, find_runs, open_run
@@ -350,15 +350,6 @@ def _unseen_stores(stores) -> tuple[str, list[str]]:
 
 def _bar(total, progress):
     return Progress(total, "analyze", "tasks", enabled=progress and total > 1)
-
-
-def array_namespace(device: str):
-    """numpy for "cpu", cupy for "cuda"."""
-    if device.startswith("cuda"):
-        import cupy
-
-        return cupy
-    return np
 
 
 # --------------------------------------------------------------------------- the API

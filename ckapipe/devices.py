@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from ckapipe.errors import CkapipeError
 
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -35,11 +37,34 @@ def gpu_available(library: str = "torch") -> bool:
     """True when ``library`` (torch or cupy) sees a CUDA GPU; never raises."""
     try:
         if library == "torch":
-            import torch
+            import torch  # optional here: the analysis alone needs no torch
 
             return bool(torch.cuda.is_available())
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001 - not installed, no driver, no device
+        cupy = cupy_module()
+        return cupy is not None and cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - no driver, no device
         return False
+
+
+def cupy_module():
+    """The ``cupy`` module, or None when it is not installed.
+
+    The one place ckapipe obtains CuPy (the analysis, ``compare``, the extraction's device Grams,
+    ``gpu_available``): ``import cupy`` takes ``sys.modules["cupy"]`` first, so a test that puts
+    tests/fake_cupy.py there runs every CuPy path on the CPU (docs/testing.md).
+    """
+    try:
+        import cupy  # optional: pip install 'ckapipe[gpu]'
+    except ImportError:
+        return None
+    return cupy
+
+
+def array_namespace(device: str):
+    """numpy for "cpu", cupy for "cuda[:i]" (a device that ``resolve_device(..., "cupy")`` accepted)."""
+    if not str(device).startswith("cuda"):
+        return np
+    cupy = cupy_module()
+    if cupy is None:
+        raise CkapipeError(f"--device {device} needs CuPy (pip install 'ckapipe[gpu]'): use --device cpu")
+    return cupy

@@ -208,12 +208,12 @@ def gram_parts(x, product="float64", block=FEATURE_BLOCK):
     step = d if xp is not np else max(1, block)
     c = xp.zeros((m, m), dtype=xp.float64)
     a = xp.zeros(m, dtype=xp.float64)
-    s = 0.0
+    s = xp.zeros((), dtype=xp.float64)  # on the device: a float() here would wait for the GPU per layer
     for start in range(0, d, step):
         centred, mean = centered_and_mean(x[:, start:start + step])
         c += gram_linear(centred, product)
         a += centred @ mean
-        s += float(mean @ mean)
+        s += mean @ mean
     return c, a, s
 
 
@@ -260,7 +260,7 @@ def minibatch_grams(x, product="float64"):
     """
     xp = array_module(x)
     c, a, s = gram_parts(x, product)
-    return upper_triangle(c, diagonal=True), xp.concatenate([a, xp.asarray([s], dtype=xp.float64)])
+    return upper_triangle(c, diagonal=True), xp.concatenate([a, s.reshape(1)])
 
 
 def square_from_triangle(t, diagonal: bool = False):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ckapipe.devices import cupy_module
 from ckapipe.errors import ActivationError, StoreError
 from ckapipe.progress import Progress
 from ckapipe.store import Run
@@ -191,9 +192,8 @@ def device_grams(features: dict[str, torch.Tensor], dtype: str = "float32") -> d
     (cast to ``dtype`` first, as the writer casts them); None when that is not possible."""
     if not features or next(iter(features.values())).device.type != "cuda":
         return None
-    try:
-        import cupy
-    except ImportError:
+    cupy = cupy_module()
+    if cupy is None:
         return None
     stored = {name: t.to(getattr(torch, dtype)) for name, t in features.items()}
     return compute_grams({name: cupy.from_dlpack(t) for name, t in stored.items()})

@@ -36,7 +36,7 @@ from ckapipe import store
 from ckapipe.analyze.grams import RunSource, create_gram_caches, plan_source, run_triangles
 from ckapipe.analyze.results import Results, RunEntry, check_out, write_results
 from ckapipe.blas import single_threaded_blas
-from ckapipe.devices import resolve_device
+from ckapipe.devices import cupy_module, resolve_device
 from ckapipe.errors import ActivationError, CkapipeError, DataError, StoreError
 from ckapipe.extract.layers import Recorder
 from ckapipe.extract.minibatches import Minibatches, PairedMinibatches, minibatches, paired
@@ -418,7 +418,7 @@ def member_triangles(m: Member, k: int, inputs, batch: int, xp, grams):
     if not m.runs_model:
         return run_triangles(m.source, [k], batch, xp)[0]
     features = m.recorder.forward(inputs)
-    arrays = feature_arrays(features)
+    arrays = feature_arrays(features, xp)
     layers = [arrays[name] for name in m.layers]
     del arrays
     if m.writer is None:
@@ -430,29 +430,18 @@ def member_triangles(m: Member, k: int, inputs, batch: int, xp, grams):
     return ucentered_from_centred(centred)
 
 
-def feature_arrays(features: dict[str, torch.Tensor]) -> dict:
-    """Each layer's features as an array the kernels take, where they are: CuPy through DLPack for a CUDA
-    tensor (no copy), a NumPy view of a CPU tensor (a copy to the host when CuPy is missing)."""
-    first = next(iter(features.values()), None)
-    if first is None or first.device.type != "cuda":
-        return {name: t.numpy() for name, t in features.items()}
-    cupy = cuda_array_module()
-    if cupy is None:
-        return {name: t.cpu().numpy() for name, t in features.items()}
-    return {name: cupy.from_dlpack(t) for name, t in features.items()}
+def feature_arrays(features: dict[str, torch.Tensor], xp=np) -> dict:
+    """Each layer's features as an array of ``xp``, the kernels' array module (``device_arrays``):
+    CuPy's through DLPack (no copy from a CUDA tensor), else a NumPy view of a CPU tensor (a copy
+    to the host for a CUDA tensor)."""
+    if xp is not np:
+        return {name: xp.from_dlpack(t) for name, t in features.items()}
+    return {name: t.numpy() if t.device.type == "cpu" else t.cpu().numpy() for name, t in features.items()}
 
 
 def device_arrays(device: torch.device):
     """The array module of the Gram triangles: CuPy for a CUDA device when it is installed, else NumPy."""
-    return (cuda_array_module() or np) if device.type == "cuda" else np
-
-
-def cuda_array_module():
-    try:
-        import cupy
-    except ImportError:
-        return None
-    return cupy
+    return (cupy_module() or np) if device.type == "cuda" else np
 
 
 def not_finite(members: list[Member], parts, k: int) -> str:

@@ -29,6 +29,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from ckapipe.devices import gpu_available
 from ckapipe.errors import PipelineError
 
 
@@ -102,14 +103,10 @@ def dashboard_note(cluster, http: dict) -> str:
 def local_cuda_cluster():
     """dask-cuda's LocalCUDACluster when it is installed and a GPU is visible, else None."""
     try:
-        from dask_cuda import LocalCUDACluster
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return None
-    except Exception:  # noqa: BLE001 - no dask-cuda, no CuPy or no driver: CPU workers
+        from dask_cuda import LocalCUDACluster  # optional: the cluster extra
+    except Exception:  # noqa: BLE001 - no dask-cuda (or a broken one): CPU workers
         return None
-    return LocalCUDACluster
+    return LocalCUDACluster if gpu_available("cupy") else None
 
 
 @contextmanager

@@ -5,15 +5,15 @@
 #   make device-wheels                 # where pip works: .whl/ gets zarr, dask, ... for CPython 3.12
 #   bash scripts/gpu_check.sh [OUTDIR]   # on the GPU machine, in the repository root, with .whl/ copied
 #
-# installs the wheels into a private directory, prints the GPU, runs every test
-# marked gpu, each a CUDA path against its CPU twin: the CuPy kernels against
-# NumPy (test_kernels.py), the analysis with --device cuda (test_analyze_engine.py),
-# the extraction on CUDA with pinned copies and Grams filled on the device, and
-# the fused compare (test_cuda.py); CKAPIPE_REQUIRE_GPU makes a missing GPU or
-# CuPy fail them instead of skipping. Then the bench with --device cuda. BENCH_ARGS is passed to the
-# bench (default: the reduced sizes, pieces G, M and W1-W4; "--full" for issue 5's
-# sizes, "--only W1" for one piece). Everything lands in OUTDIR (default
-# $OUT, else gpu-results/).
+# installs the wheels into a private directory, prints the GPU, runs every test marked gpu
+# (CKAPIPE_REQUIRE_GPU: a missing GPU or CuPy fails them instead of skipping; the log goes to
+# OUTDIR/pytest-gpu.log, its summary line here), then prints ONE table of every CUDA path against
+# its CPU twin, max |difference| and time (tests/gpu_report.py: kernels, analysis --device cuda,
+# measures, bootstrap, extraction's device Grams, fused compare; CI prints the same table through
+# the CuPy stand-in, tests/fake_cupy.py), then the GPU rows of the bench. BENCH_ARGS is passed to the
+# bench (default: the reduced sizes of pieces G, M, W1, F1 and F3: ckapipe against the other CKA tools
+# on the same workloads; "--full" for issue 5's sizes, "--only W1" for one piece). Everything lands in
+# OUTDIR (default $OUT, else gpu-results/). The exit status is 1 when a test or a row failed.
 set -euo pipefail
 out=${1:-${OUT:-gpu-results}}
 mkdir -p "$out"
@@ -26,5 +26,9 @@ printf 'import ckapipe\nckapipe.__path__.append(%s)\n' "'$PWD'" > "$site/sitecus
 export PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, cupy; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "| cupy", cupy.__version__)' | tee -a "$out/gpu.txt"
-CKAPIPE_REQUIRE_GPU=1 python3 -m pytest -q -p no:cacheprovider -m gpu -rs 2>&1 | tee "$out/pytest-gpu.log"
-python3 -m bench --device cuda --out "$out" ${BENCH_ARGS:---only G,M,W1,W2,W3,W4} 2>&1 | tee "$out/bench.log"
+status=0
+CKAPIPE_REQUIRE_GPU=1 python3 -m pytest -q -p no:cacheprovider -m gpu -rs > "$out/pytest-gpu.log" 2>&1 || status=1
+echo "pytest -m gpu: $(tail -n 1 "$out/pytest-gpu.log") (log: $out/pytest-gpu.log)"
+python3 -m tests.gpu_report 2>&1 | tee "$out/gpu-table.md" || status=1
+python3 -m bench --device cuda --out "$out" ${BENCH_ARGS:---only G,M,W1,F1,F3} 2>&1 | tee "$out/bench.log" || status=1
+exit $status

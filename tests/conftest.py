@@ -3,6 +3,7 @@
 Fixtures
     cache           an empty cache directory, ``tmp_path / "cache"``
     two_runs        two runs written from NumPy into ``cache`` (100 samples, m = 16); their layers
+    fake_cupy       tests/fake_cupy.py installed as ``cupy``: the CUDA paths on the CPU, transfers counted
     reads           a Counter of (run slug, layer, chunk) reads through ``Run.read_chunk``
     zoo_cache       (session) a cache whose models/ holds the trained ``zoo:mlp2?seed=0``
     default_study   (session) pipelines/default.yaml extracted and analyzed ONCE per pytest run
@@ -27,6 +28,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -137,6 +139,18 @@ def two_runs(cache):
     make_run(cache, "net-a", a, 16)
     make_run(cache, "net-b", b, 16)
     return a, b
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch):
+    """tests/fake_cupy.py installed as ``cupy`` (its transfer counts at zero): every CuPy path runs
+    on the CPU, on arrays that refuse implicit conversion to NumPy; gone after the test."""
+    from tests import fake_cupy as standin
+
+    monkeypatch.setitem(sys.modules, "cupy", standin)
+    standin.transfers.reset()
+    yield standin
+    standin.transfers.reset()
 
 
 @pytest.fixture
