@@ -1,0 +1,156 @@
+"""Results directories: every chunk checksummed and tagged, damage named in one line by every reader;
+results that differ in what their numbers mean refuse to combine; an unwritable --out refused first."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+import ckapipe.analyze as analyze
+import ckapipe.analyze.results as results_module
+from ckapipe.errors import CkapipeError, StoreError
+from tests.cli_calls import ckapipe_cli
+from tests.numpy_runs import make_run, random_layers
+from tests.reference import minibatch_cka_reference
+
+PAIR_A, PAIR_B = ("small:l0", "big:stage0"), ("small:l1", "big:stage1")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Runs small, big and other (96 samples, m = 16) and two sealed results directories of (small, big)."""
+    base = tmp_path_factory.mktemp("results-integrity")
+    cache = base / "cache"
+    rng = np.random.default_rng(0)
+    a = random_layers(rng, 96, [10, 20, 5])
+    make_run(cache, "small", a, 16)
+    make_run(cache, "big", {f"stage{i}": x @ rng.standard_normal((x.shape[1], 8)) for i, x in enumerate(a.values())}, 16)
+    make_run(cache, "other", {"o0": rng.standard_normal((96, 7))}, 16)
+    with pytest.warns(UserWarning):  # 6 minibatches: too few for a reliable bootstrap
+        analyze.analyze(cache, ["small", "big"], out=base / "results", progress=False)
+        analyze.analyze(cache, ["small", "big"], out=base / "again", progress=False, seed=1)
+    return {"cache": cache, "results": base / "results", "again": base / "again", "layers": a}
+
+
+@pytest.fixture
+def copy(built, tmp_path):
+    """A fresh copy of the sealed results directory, to damage."""
+    out = tmp_path / "results"
+    shutil.copytree(built["results"], out)
+    return out
+
+
+def flip(path, offset=6):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def edit_m(out):
+    meta = json.loads((out / "zarr.json").read_text())
+    for attrs in (meta["attributes"], meta["consolidated_metadata"].get("attributes") or meta["attributes"]):
+        attrs["ckapipe_results"]["inputs"]["m"] = 32
+    (out / "zarr.json").write_text(json.dumps(meta))
+
+
+CHUNK = "hsic/c/2/0/0"
+DAMAGE = {  # name: (what it does to the results directory `out`, the words that name it after "is damaged: ")
+    "flipped byte": (lambda out, built: flip(out / CHUNK),
+                     "array 'hsic', chunk 2.0.0: its bytes do not match their checksum (flipped, overwritten or truncated)"),
+    "truncated chunk": (lambda out, built: truncate(out / CHUNK),
+                        "array 'hsic', chunk 2.0.0: its file is not the one written there"),
+    "deleted chunk": (lambda out, built: (out / CHUNK).unlink(),
+                      "array 'hsic', chunk 2.0.0: its file is missing or truncated"),
+    "deleted array folder": (lambda out, built: shutil.rmtree(out / "hsic"),
+                             "array 'hsic': it is missing (its folder {out}/hsic was deleted)"),
+    "chunk from another results dir": (lambda out, built: shutil.copy(built["again"] / "cka_low/c/0/0", out / "cka_low/c/0/0"),
+                                       "array 'cka_low', chunk 0.0: its file is not the one written there"),
+    "chunk moved within": (lambda out, built: shutil.copy(out / "hsic/c/1/0/0", out / CHUNK),
+                           "array 'hsic', chunk 2.0.0: its file is not the one written there"),
+    "flipped interval": (lambda out, built: flip(out / "cka_low/c/0/0"),
+                         "array 'cka_low', chunk 0.0: its bytes do not match their checksum"),
+    "edited attributes": (lambda out, built: edit_m(out),
+                          "the attributes in {out}/zarr.json were edited after writing"),
+}
+
+
+def expected_line(out, words: str) -> str:
+    return f"ckapipe: error: results directory {out} is damaged: {words.format(out=out)}"
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_every_damage_is_one_line_from_load_results_and_to_dataframe(built, copy, damage):
+    harm, words = DAMAGE[damage]
+    harm(copy, built)
+    with pytest.raises(StoreError) as err:
+        analyze.load_results(copy).to_dataframe()
+    assert str(err.value).startswith(expected_line(copy, words).removeprefix("ckapipe: error: "))
+    assert str(err.value).endswith(f"`ckapipe verify {copy}` names every bad chunk, and analysing again with "
+                                   f"--out {copy} --overwrite rewrites it")
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("command", ["plot", "diff", "summary"])
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_every_damage_is_one_line_and_exit_2_from_plot_diff_and_verify(built, copy, damage, command, capsys):
+    harm, words = DAMAGE[damage]
+    harm(copy, built)
+    args = {"plot": ["plot", copy, "--format", "png"],
+            "diff": ["diff", copy, "--a", *PAIR_A, "--b", *PAIR_B],
+            "summary": ["verify", copy]}[command]
+    code, out, err = ckapipe_cli(capsys, *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    if command == "summary":  # verify: the report on stdout, the verdict on stderr
+        assert out.splitlines()[0].startswith(f"{copy}: ") and " bad (results, " in out.splitlines()[0]
+        assert any(line.startswith(f"  {words.format(out=copy)}") for line in out.splitlines()), out
+        assert lines == [f"ckapipe: error: {len(out.splitlines()) - 2} bad chunk(s) in 1 of 1 results directory: "
+                         "analyse again as printed above"]
+    else:
+        assert len(lines) == 1 and lines[0].startswith(expected_line(copy, words)), err
+        assert not (copy / "plots").exists()
+
+
+def test_an_intact_results_directory_verifies_and_reads_the_right_numbers(built, capsys):
+    out = built["results"]
+    code, stdout, err = ckapipe_cli(capsys, "verify", out)
+    arrays = zarr.open_group(out, mode="r").attrs["ckapipe_results"]["checksums"]
+    chunks = sum(len(tags) for tags in arrays.values())
+    assert (code, err) == (0, "")
+    assert stdout == f"{out}: ok (results, {chunks} chunks read, checksums and tags verified)\n"
+    frame = analyze.load_results(out).to_dataframe()
+    row = frame[(frame.layer_a == "l1") & (frame.layer_b == "stage2")].iloc[0]
+    assert row["cka"] == pytest.approx(reference_minibatch_cka(built, "l1", "stage2"), abs=1e-12)
+
+
+def reference_minibatch_cka(built, layer_a: str, layer_b: str) -> float:
+    """Minibatch CKA from the stored activations, by tests/reference.py's float64 formula."""
+    from ckapipe.store import find_runs
+
+    small, big = (find_runs(built["cache"], [name])[0] for name in ("small", "big"))
+    x, y = small.layer(layer_a)[:].astype(np.float64), big.layer(layer_b)[:].astype(np.float64)
+    return minibatch_cka_reference(x, y, 16)
+
+
+def test_verify_decodes_the_arrays_no_reader_uses(copy, capsys):
+    """Labels and per-minibatch CKA are derived (load_results recomputes them): only verify reads them all."""
+    flip(copy / "layer_a/c/0", 3)
+    flip(copy / "minibatch_cka/c/4/0/0")
+    code, out, err = ckapipe_cli(capsys, "verify", copy)
+    assert code == 2 and err == "ckapipe: error: 2 bad chunk(s) in 1 of 1 results directory: analyse again as printed above\n"
+    assert out.splitlines()[1:] == [
+        "  array 'layer_a', chunk 0: its bytes do not match their checksum (flipped, overwritten or truncated)",
+        "  array 'minibatch_cka', chunk 4.0.0: its bytes do not match their checksum (flipped, overwritten or truncated)",
+        "  rewrite it: analyse runs small-" + out.split("small-")[1].split(",")[0] + ", big-"
+        + out.split("big-")[1].split(" ")[0] + f" again with --out {copy} --overwrite",
+    ]
+    np.testing.assert_array_equal(analyze.load_results(copy).hsic, zarr.open_group(copy, mode="r")["hsic"][:])
