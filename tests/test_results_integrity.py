@@ -141,6 +141,10 @@ def reference_minibatch_cka(built, layer_a: str, layer_b: str) -> float:
     return minibatch_cka_reference(x, y, 16)
 
 
+def names(out) -> list[str]:
+    return [run["name"] for run in zarr.open_group(out, mode="r").attrs["ckapipe_results"]["runs"]]
+
+
 def test_verify_decodes_the_arrays_no_reader_uses(copy, capsys):
     """Labels and per-minibatch CKA are derived (load_results recomputes them): only verify reads them all."""
     flip(copy / "layer_a/c/0", 3)
@@ -150,7 +154,134 @@ def test_verify_decodes_the_arrays_no_reader_uses(copy, capsys):
     assert out.splitlines()[1:] == [
         "  array 'layer_a', chunk 0: its bytes do not match their checksum (flipped, overwritten or truncated)",
         "  array 'minibatch_cka', chunk 4.0.0: its bytes do not match their checksum (flipped, overwritten or truncated)",
-        "  rewrite it: analyse runs small-" + out.split("small-")[1].split(",")[0] + ", big-"
-        + out.split("big-")[1].split(" ")[0] + f" again with --out {copy} --overwrite",
+        f"  rewrite it: analyse runs {', '.join(names(copy))} again with "
+        f"--out {copy} --overwrite",
     ]
     np.testing.assert_array_equal(analyze.load_results(copy).hsic, zarr.open_group(copy, mode="r")["hsic"][:])
+
+
+def write_unsealed(results, out, monkeypatch):
+    """A results directory as written before checksums (results version 2: zstd chunks, no tags, no key)."""
+    from zarr.codecs import ZstdCodec
+
+    monkeypatch.setattr(results_module, "RESULTS_CODECS", (ZstdCodec(level=0),))
+    monkeypatch.setattr(results_module, "RESULTS_VERSION", 2)
+    monkeypatch.setattr(results_module, "seal", lambda root, attr: None)
+    results_module.write_results(results, out)
+    monkeypatch.undo()
+
+
+def test_results_without_checksums_still_load_and_verify_says_so(built, tmp_path, monkeypatch, capsys):
+    loaded = analyze.load_results(built["results"])
+    old = tmp_path / "old"
+    write_unsealed(loaded, old, monkeypatch)
+    assert "checksums" not in zarr.open_group(old, mode="r").attrs["ckapipe_results"]
+    np.testing.assert_array_equal(analyze.load_results(old).cka_all, loaded.cka_all)
+    code, out, err = ckapipe_cli(capsys, "verify", old)
+    chunks = sum(len(tags) for tags in zarr.open_group(built["results"], mode="r").attrs["ckapipe_results"]["checksums"].values())
+    assert (code, err) == (0, "")
+    assert out == f"{old}: ok (results, {chunks} chunks read, no checksums (results version 2): decoded)\n"
+
+
+def test_results_without_checksums_name_a_deleted_hsic_chunk_and_a_corrupt_one(built, tmp_path, monkeypatch, capsys):
+    old = tmp_path / "old"
+    write_unsealed(analyze.load_results(built["results"]), old, monkeypatch)
+    (old / "hsic/c/3/0/0").unlink()
+    code, _, err = ckapipe_cli(capsys, "plot", old)
+    assert code == 2 and err.splitlines() == [expected_line(old, "array 'hsic', chunk 3.0.0: it holds NaN or inf (its file is "
+                                                                 "missing, or its bytes were changed)") + "; `ckapipe verify "
+                                              f"{old}` names every bad chunk, and analysing again with --out {old} --overwrite rewrites it"]
+    truncate(old / "hsic/c/1/0/0")
+    code, _, err = ckapipe_cli(capsys, "plot", old)
+    assert code == 2 and err.startswith(expected_line(old, "array 'hsic', chunk 1.0.0: it does not decode ("))
+    assert len(err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- combining results
+
+
+@pytest.fixture(scope="module")
+def with_other(built):
+    """analyze(small, other) under each setting that makes results incomparable: {setting: results directory}."""
+    base = built["results"].parent / "with-other"
+    settings = {"same": {}, "rbf": {"measures": "rbf:0.5"}, "rbf1": {"measures": "rbf:1"}, "m32": {"batch_size": 32}}
+    out = {}
+    with pytest.warns(UserWarning):
+        for name, options in settings.items():
+            out[name] = base / name
+            analyze.analyze(built["cache"], ["small", "other"], out=out[name], progress=False, **options)
+        rbf = base / "rbf-big"
+        analyze.analyze(built["cache"], ["small", "big"], out=rbf, progress=False, measures="rbf:0.5")
+    out["rbf-big"] = rbf
+    return out
+
+
+def diff_across(capsys, first, second):
+    return ckapipe_cli(capsys, "diff", first, second, "--a", *PAIR_A, "--b", "small:l0", "other:o0", "--bootstrap", "200")
+
+
+@pytest.mark.parametrize("first, second, why", [
+    ("results", "rbf", "measure linear against rbf:0.5"),
+    ("rbf-big", "rbf1", "rbf bandwidth 0.5 against 1 (rbf:0.5 against rbf:1)"),
+    ("results", "m32", "minibatch size m=16 against m=32"),
+])
+def test_diff_refuses_results_of_other_measures_bandwidths_and_minibatch_sizes(built, with_other, capsys, first, second, why):
+    where = {"results": built["results"], **with_other}
+    code, out, err = diff_across(capsys, where[first], where[second])
+    assert (code, out) == (2, "")
+    assert err == f"ckapipe: error: cannot combine results {where[first]} with results {where[second]}: {why}\n"
+
+
+def test_diff_refuses_results_without_a_run_in_common(built, with_other, tmp_path):
+    with pytest.warns(UserWarning):
+        analyze.analyze(built["cache"], ["other"], out=tmp_path / "no-small", progress=False)
+    with pytest.raises(CkapipeError) as err:
+        analyze.diff([built["results"], tmp_path / "no-small"], PAIR_A, ("other:o0", "other:o0"))
+    assert str(err.value) == (f"cannot combine results {built['results']} with results {tmp_path / 'no-small'}: no run in "
+                              "common, so nothing says their minibatches hold the same samples: analyse the runs together")
+
+
+def test_diff_across_comparable_results_is_the_reference_difference(built, with_other):
+    from ckapipe.store import find_runs
+
+    with pytest.warns(UserWarning):  # 6 minibatches
+        (row,) = analyze.diff([built["results"], with_other["same"]], PAIR_A, ("small:l0", "other:o0"), bootstrap=200)
+    layer = {name: find_runs(built["cache"], [run])[0].layer(lay)[:].astype(np.float64)
+             for name, (run, lay) in {"a": ("small", "l0"), "b": ("big", "stage0"), "o": ("other", "o0")}.items()}
+    cka_a = minibatch_cka_reference(layer["a"], layer["b"], 16)
+    cka_b = minibatch_cka_reference(layer["a"], layer["o"], 16)
+    assert (row.cka_a, row.cka_b, row.estimate) == pytest.approx((cka_a, cka_b, cka_a - cka_b), abs=1e-12)
+
+
+# --------------------------------------------------------------------------- --out
+
+
+def test_an_out_under_a_file_is_refused_before_any_work(built, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, out, err = ckapipe_cli(capsys, "analyze", "--cache", built["cache"], "small", "big", "--out", tmp_path / "file" / "out")
+    assert (code, out) == (2, "")
+    assert err == f"ckapipe: error: cannot write results to {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} is a file, not a directory\n"
+
+
+def test_an_unwritable_out_is_refused_before_the_analysis_and_its_warnings(built, tmp_path):
+    import os
+
+    from tests.test_extract_run import without_permission_override
+
+    blocked = tmp_path / "blocked"
+    blocked.mkdir(mode=0o500)
+    argv = [sys.executable, "-m", "ckapipe", "analyze", "--cache", str(built["cache"]), "small", "big",
+            "--out", str(blocked / "out")]
+    try:
+        if os.access(blocked, os.W_OK):  # root ignores permissions: ask again without that privilege
+            proc = without_permission_override(argv)
+        else:
+            import subprocess
+
+            proc = subprocess.run(argv, capture_output=True, text=True)
+    finally:
+        blocked.chmod(0o700)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (f"ckapipe: error: cannot write results to {blocked / 'out'}: {blocked} is not writable "
+                           "(permission denied); choose another --out or fix its permissions\n")
+    assert list(blocked.iterdir()) == []
