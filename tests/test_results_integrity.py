@@ -31,6 +31,8 @@ def built(tmp_path_factory):
     make_run(cache, "small", a, 16)
     make_run(cache, "big", {f"stage{i}": x @ rng.standard_normal((x.shape[1], 8)) for i, x in enumerate(a.values())}, 16)
     make_run(cache, "other", {"o0": rng.standard_normal((96, 7))}, 16)
+    make_run(cache, "shuffled", {"p0": rng.standard_normal((96, 7))}, 16, sample_ids=rng.permutation(96))
+    make_run(cache, "partial", {"p0": rng.standard_normal((96, 7))}, 16, chunks=range(4), complete=False)
     with pytest.warns(UserWarning):  # 6 minibatches: too few for a reliable bootstrap
         analyze.analyze(cache, ["small", "big"], out=base / "results", progress=False)
         analyze.analyze(cache, ["small", "big"], out=base / "again", progress=False, seed=1)
@@ -210,22 +212,27 @@ def with_other(built):
         for name, options in settings.items():
             out[name] = base / name
             analyze.analyze(built["cache"], ["small", "other"], out=out[name], progress=False, **options)
-        rbf = base / "rbf-big"
-        analyze.analyze(built["cache"], ["small", "big"], out=rbf, progress=False, measures="rbf:0.5")
-    out["rbf-big"] = rbf
+        for name, runs, options in (("rbf-big", ["small", "big"], {"measures": "rbf:0.5"}),
+                                    ("position", ["small", "shuffled"], {"pair_by_position": True}),
+                                    ("fewer", ["small", "partial"], {"completed_only": True})):
+            out[name] = base / name
+            analyze.analyze(built["cache"], runs, out=out[name], progress=False, **options)
     return out
 
 
 def diff_across(capsys, first, second):
-    return ckapipe_cli(capsys, "diff", first, second, "--a", *PAIR_A, "--b", "small:l0", "other:o0", "--bootstrap", "200")
+    run = {"position": "shuffled:p0", "fewer": "partial:p0"}.get(second.name, "other:o0")
+    return ckapipe_cli(capsys, "diff", first, second, "--a", *PAIR_A, "--b", "small:l0", run, "--bootstrap", "200")
 
 
 @pytest.mark.parametrize("first, second, why", [
     ("results", "rbf", "measure linear against rbf:0.5"),
     ("rbf-big", "rbf1", "rbf bandwidth 0.5 against 1 (rbf:0.5 against rbf:1)"),
     ("results", "m32", "minibatch size m=16 against m=32"),
+    ("results", "position", "minibatches paired by sample_ids against by position"),
+    ("results", "fewer", "other minibatches (6 from 0 against 4 from 0): analyse the runs together"),
 ])
-def test_diff_refuses_results_of_other_measures_bandwidths_and_minibatch_sizes(built, with_other, capsys, first, second, why):
+def test_diff_refuses_results_of_other_measures_bandwidths_minibatch_sizes_pairings_or_minibatches(built, with_other, capsys, first, second, why):
     where = {"results": built["results"], **with_other}
     code, out, err = diff_across(capsys, where[first], where[second])
     assert (code, out) == (2, "")
