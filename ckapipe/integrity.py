@@ -6,8 +6,9 @@ it is sealed once, after writing, with the same two pieces:
 
 - each chunk file ends with its crc32c (``checksummed`` codecs), so a flipped,
   truncated or overwritten byte fails to decode;
-- the group's record ``attrs[ATTR]`` gets ``key``, a digest of the record itself
-  (an edited attribute no longer matches it), and ``checksums``, the tag of every
+- the group's record ``attrs[ATTR]`` gets ``arrays``, the dtype, shape and chunks of
+  every array, then ``key``, a digest of the record itself (an edited attribute or
+  array metadata no longer matches it), and ``checksums``, the tag of every
   chunk of every array, ``chunk_tag(key, array, k, crc)`` with k the chunk's
   position in C order (a chunk copied from another array, place or store, or
   deleted, no longer matches).
@@ -52,6 +53,11 @@ def record_key(record: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def layout(array: zarr.Array) -> str:
+    """What decides how an array's bytes read back: its dtype, shape and chunks (recorded in the key)."""
+    return f"{array.dtype} {list(array.shape)} in chunks {list(array.chunks)}"
+
+
 def chunk_coords(array: zarr.Array) -> list[tuple[int, ...]]:
     """The grid position of every chunk of an array, in C order (the k-th is chunk k)."""
     return list(itertools.product(*(range(n) for n in array.cdata_shape)))
@@ -70,6 +76,7 @@ def seal(root: Path, attr: str) -> None:
     """Record the key of ``attrs[attr]`` and the tag of every chunk of every array in it; consolidate."""
     group = zarr.open_group(root, mode="r+")
     record = dict(group.attrs[attr])
+    record["arrays"] = {name: layout(array) for name, array in sorted(group.arrays())}
     record["key"] = key = record_key(record)
     record["checksums"] = {name: array_tags(key, root, array) for name, array in sorted(group.arrays())}
     group.attrs[attr] = record
@@ -92,6 +99,9 @@ def seal_problems(root: Path, group: zarr.Group, record: dict, decode: bool = Fa
             bad.append(BadArrayChunk(name, (), f"it is missing (its folder {Path(root) / name} was deleted)"))
             continue
         array = group[name]
+        if layout(array) != record["arrays"][name]:
+            bad.append(BadArrayChunk(name, (), f"its metadata was edited ({layout(array)}, written {record['arrays'][name]})"))
+            continue
         found = array_problems(record["key"], root, array, tags, decode)
         checked += len(tags)
         bad += [BadArrayChunk(name, coords, why) for coords, why in found]

@@ -292,3 +292,13 @@ def test_an_unwritable_out_is_refused_before_the_analysis_and_its_warnings(built
     assert proc.stderr == (f"ckapipe: error: cannot write results to {blocked / 'out'}: {blocked} is not writable "
                            "(permission denied); choose another --out or fix its permissions\n")
     assert list(blocked.iterdir()) == []
+
+
+def test_an_array_whose_dtype_was_edited_is_refused(copy, capsys):
+    """The consolidated metadata in zarr.json is what readers use: an hsic retyped there reads other numbers."""
+    meta = json.loads((copy / "zarr.json").read_text())
+    meta["consolidated_metadata"]["metadata"]["hsic"]["data_type"] = "float32"
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    code, _, err = ckapipe_cli(capsys, "plot", copy)
+    assert code == 2 and err.startswith(expected_line(copy, "array 'hsic': its metadata was edited (float32 [6, 6, 6] in "
+                                                            "chunks [1, 6, 6], written float64 [6, 6, 6] in chunks [1, 6, 6])"))
