@@ -73,14 +73,13 @@ def array_tags(key: str, root: Path, array: zarr.Array) -> list[int]:
 
 
 def seal(root: Path, attr: str) -> None:
-    """Record the key of ``attrs[attr]`` and the tag of every chunk of every array in it; consolidate."""
+    """Record in ``attrs[attr]`` the layout of every array, the record's key and the tag of every chunk."""
     group = zarr.open_group(root, mode="r+")
     record = dict(group.attrs[attr])
     record["arrays"] = {name: layout(array) for name, array in sorted(group.arrays())}
     record["key"] = key = record_key(record)
     record["checksums"] = {name: array_tags(key, root, array) for name, array in sorted(group.arrays())}
-    group.attrs[attr] = record
-    zarr.consolidate_metadata(root, zarr_format=3)
+    group.attrs[attr] = record  # rewrites zarr.json, its consolidated metadata kept
 
 
 def sealed(record: dict) -> bool:
