@@ -11,6 +11,8 @@ Results store (a Zarr v3 group written by xarray: ``xarray.open_zarr(OUT)`` open
     OUT/
       zarr.json        attrs["ckapipe_results"]: runs (name, slug, key, path,
                        layers), m, pairing, minibatches used, notes, versions;
+                       the seal (ckapipe.integrity): arrays (dtype, shape, chunks),
+                       key (sha256 of the record), checksums (every chunk's tag);
                        consolidated metadata of the arrays
       hsic             float64 (minibatch, a, b): HSIC_1 of every pair of the L layers
                        of all runs stacked in run order, per minibatch
@@ -31,8 +33,10 @@ Results store (a Zarr v3 group written by xarray: ``xarray.open_zarr(OUT)`` open
                        cka_low, cka_high, p_value (then one column per other measure)
       summary.txt      best-matching layer per layer
 
-Everything but ``hsic``, ``measure_stats``, ``rankme`` and ``minibatch`` is derived from them. Stores of version 1 (an
-array ``minibatches``, labels in attributes) still load.
+Everything but ``hsic``, ``measure_stats``, ``rankme`` and ``minibatch`` is derived from them. Every chunk
+ends with its crc32c and is tagged in the seal (version 3); ``load_results`` refuses a store whose seal does
+not match, naming the array and chunk (docs/guarantees.md). Stores of version 1 (an array ``minibatches``,
+labels in attributes) and 2 (no seal) still load.
 """
 
 from __future__ import annotations
