@@ -302,3 +302,22 @@ def test_an_array_whose_dtype_was_edited_is_refused(copy, capsys):
     code, _, err = ckapipe_cli(capsys, "plot", copy)
     assert code == 2 and err.startswith(expected_line(copy, "array 'hsic': its metadata was edited (float32 [6, 6, 6] in "
                                                             "chunks [1, 6, 6], written float64 [6, 6, 6] in chunks [1, 6, 6])"))
+
+
+def test_compare_and_a_study_refuse_an_out_under_a_file_before_any_work(tmp_path):
+    """compare checks --out before running a model; ``ckapipe run`` checks every comparison's directory
+    before extracting (the cache is not even created)."""
+    torch = pytest.importorskip("torch")
+    from ckapipe import compare
+    from ckapipe.pipelines import run_study
+    from tests.pipeline_helpers import DEFAULT
+
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "out"
+    with pytest.raises(CkapipeError) as err:
+        compare(torch.nn.Linear(3, 2), torch.nn.Linear(3, 2), torch.zeros(8, 3), out=out, progress=False)
+    assert str(err.value) == f"cannot write results to {out}: {tmp_path / 'file'} is a file, not a directory"
+    with pytest.raises(CkapipeError, match=f"^cannot write results to {tmp_path / 'file'}/default/[a-z0-9_-]+: "
+                                           f"{tmp_path / 'file'} is a file, not a directory$"):
+        run_study(DEFAULT, cache=tmp_path / "cache", results=tmp_path / "file", progress=False, say=lambda line: None)
+    assert not (tmp_path / "cache").exists()
