@@ -30,10 +30,11 @@ def verify(cache, runs, repair, quiet):
         click.echo(line)
     broken = [r for r in reports if not r.ok and not r.repaired]
     damaged = [r for r in results if not r.ok]
-    if broken or damaged:
-        raise StoreError(verdict(broken, len(reports), repair) if broken else
-                         f"{sum(len(r.bad) for r in damaged)} bad chunk(s) in {len(damaged)} of {len(results)} "
-                         f"results director{'y' if len(results) == 1 else 'ies'}: analyse again as printed above")
+    verdicts = [verdict(broken, len(reports), repair)] if broken else []
+    verdicts += [f"{sum(len(r.bad) for r in damaged)} bad chunk(s) in {len(damaged)} of {len(results)} results "
+                 f"director{'y' if len(results) == 1 else 'ies'}: analyse again as printed above"] if damaged else []
+    if verdicts:
+        raise StoreError("; ".join(verdicts))
 
 
 def verdict(broken, total: int, repair: bool) -> str:
