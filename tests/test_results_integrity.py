@@ -321,3 +321,10 @@ def test_compare_and_a_study_refuse_an_out_under_a_file_before_any_work(tmp_path
                                            f"{tmp_path / 'file'} is a file, not a directory$"):
         run_study(DEFAULT, cache=tmp_path / "cache", results=tmp_path / "file", progress=False, say=lambda line: None)
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_damaged_results_directory_is_out_of_date_so_a_study_analyses_it_again(built, copy):
+    runs = ["small", "big"]
+    assert analyze.is_up_to_date(copy, built["cache"], runs)
+    (copy / CHUNK).unlink()
+    assert not analyze.is_up_to_date(copy, built["cache"], runs)
