@@ -11,6 +11,8 @@ Results store (a Zarr v3 group written by xarray: ``xarray.open_zarr(OUT)`` open
     OUT/
       zarr.json        attrs["ckapipe_results"]: runs (name, slug, key, path,
                        layers), m, pairing, minibatches used, notes, versions;
+                       the seal (ckapipe.integrity): arrays (dtype, shape, chunks),
+                       key (sha256 of the record), checksums (every chunk's tag);
                        consolidated metadata of the arrays
       hsic             float64 (minibatch, a, b): HSIC_1 of every pair of the L layers
                        of all runs stacked in run order, per minibatch
@@ -31,8 +33,10 @@ Results store (a Zarr v3 group written by xarray: ``xarray.open_zarr(OUT)`` open
                        cka_low, cka_high, p_value (then one column per other measure)
       summary.txt      best-matching layer per layer
 
-Everything but ``hsic``, ``measure_stats``, ``rankme`` and ``minibatch`` is derived from them. Stores of version 1 (an
-array ``minibatches``, labels in attributes) still load.
+Everything but ``hsic``, ``measure_stats``, ``rankme`` and ``minibatch`` is derived from them. Every chunk
+ends with its crc32c and is tagged in the seal (version 3); ``load_results`` refuses a store whose seal does
+not match, naming the array and chunk (docs/guarantees.md). Stores of version 1 (an array ``minibatches``,
+labels in attributes) and 2 (no seal) still load.
 """
 
 from __future__ import annotations
@@ -53,11 +57,14 @@ import zarr
 from ckapipe.analyze.measures import DEFAULT, SUMS, measure_values, minibatch_values, parse_measure
 from ckapipe.analyze.stats import MIN_INTERVAL, Resampling, bootstrap_bounds, minibatch_count
 from ckapipe.atomic import atomic_path
-from ckapipe.errors import CkapipeError, suggest
+from ckapipe.codecs import checksummed, compressors
+from ckapipe.errors import CkapipeError, StoreError, suggest
+from ckapipe.integrity import BadArrayChunk, first_undecodable, seal, seal_problems, sealed
 from ckapipe.store import library_versions, now
 
 ATTRS = "ckapipe_results"
-RESULTS_VERSION = 2  # 2: written by xarray, (run, layer) coordinates, "minibatch" instead of "minibatches"
+RESULTS_VERSION = 3  # 2: written by xarray, (run, layer) coordinates, "minibatch" instead of "minibatches"; 3: sealed
+RESULTS_CODECS = checksummed(compressors("zstd1"))  # every chunk ends with its crc32c (ckapipe.codecs)
 ANALYSIS_LIBRARIES = ("ckapipe", "numpy", "zarr", "dask", "xarray", "cupy-cuda12x")
 COLUMNS = ["run_a", "layer_a", "run_b", "layer_b", "cka", "hsic_ab", "hsic_aa", "hsic_bb"]
 
@@ -468,7 +475,7 @@ class Results:
 
 
 def write_results(results: Results, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the results store, then swap it into place (a half-written store is never visible)."""
+    """Write the results store, seal it, then swap it into place (a half-written store is never visible)."""
     out = Path(out)
     check_out(out, overwrite)
     with atomic_path(out, replace=True) as tmp:
@@ -479,7 +486,7 @@ def write_results(results: Results, out: str | os.PathLike, overwrite: bool = Fa
 
 def _write_store(results: Results, tmp: Path) -> None:
     """The arrays through xarray (dimension names, coordinates, consolidated metadata: ``xarray.open_zarr``
-    opens the directory), then the exports beside them."""
+    opens the directory), every chunk checksummed and then tagged (ckapipe.integrity.seal); the exports beside them."""
     from ckapipe.analyze.labelled import stored
 
     ds = stored(results.to_xarray())
@@ -492,61 +499,145 @@ def _write_store(results: Results, tmp: Path) -> None:
         "created": now(),
         "versions": library_versions(ANALYSIS_LIBRARIES),
     }}
+    encoding = {name: {"compressors": RESULTS_CODECS} for name in ds.variables}
     per_minibatch = (1, *results.hsic.shape[1:])
-    encoding = {name: {"chunks": per_minibatch} for name in ("hsic", "minibatch_cka")}
+    for name in ("hsic", "minibatch_cka"):
+        encoding[name]["chunks"] = per_minibatch
     if "measure_stats" in ds:
-        encoding["measure_stats"] = {"chunks": (1, *per_minibatch)}
+        encoding["measure_stats"]["chunks"] = (1, *per_minibatch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr: consolidated metadata is not (yet) in the Zarr v3 specification
         ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
+        seal(tmp, ATTRS)
         results.to_json(tmp / "cka.json")
         results.to_csv(tmp / "cka.csv")
         (tmp / "summary.txt").write_text(results.summary() + "\n")
 
 
 def check_out(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse, before any work, an ``--out`` that exists (without overwrite), is a file, or cannot be written."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise CkapipeError(f"output directory {out} exists: choose another --out or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise CkapipeError(f"output path {out} is a file, not a results directory")
+    parent = next(p for p in out.absolute().parents if p.exists())  # where out (or its first missing folder) goes
+    if not parent.is_dir():
+        raise CkapipeError(f"cannot write results to {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        why = "the file system is read-only" if os.statvfs(parent).f_flag & os.ST_RDONLY else "permission denied"
+        raise CkapipeError(f"cannot write results to {out}: {parent} is not writable ({why}); "
+                           f"choose another --out or fix its permissions")
 
 
 def load_results(path: str | os.PathLike) -> Results:
-    """Open a results store written by ``analyze(..., out=path)``."""
+    """Open a results store written by ``analyze(..., out=path)``, refusing one that is damaged: an edited
+    attribute, a missing array or chunk, a chunk changed or copied from elsewhere (one line naming it)."""
     path = Path(path)
-    try:
-        group = zarr.open_group(path, mode="r")
-        meta = group.attrs[ATTRS]
-    except Exception:  # noqa: BLE001
-        raise CkapipeError(f"{path} is not a ckapipe results directory (written by ckapipe analyze --out)") from None
+    group, meta = _open_store(path)
+    _check_seal(path, group, meta)
     runs = [RunEntry(r["name"], r["slug"], r["key"], tuple(r["layers"]), r.get("path", ""), tuple(r.get("modules", ())))
             for r in meta["runs"]]
-    minibatches = group["minibatch"] if "minibatch" in group else group["minibatches"]  # version 1: "minibatches"
-    stats = dict(zip((str(name) for name in group["measure"][:]), group["measure_stats"][:])) if "measure_stats" in group else {}
-    rankme = group["rankme"][:] if "rankme" in group else None
-    results = Results(runs, group["hsic"][:], minibatches[:], meta["inputs"], list(meta["notes"]), path,
+    minibatches = _read(path, group, "minibatch" if "minibatch" in group else "minibatches")  # version 1: "minibatches"
+    stats = (dict(zip((str(name) for name in _read(path, group, "measure")), _read(path, group, "measure_stats")))
+             if "measure_stats" in group else {})
+    rankme = _read(path, group, "rankme") if "rankme" in group else None
+    hsic = _read(path, group, "hsic")
+    if not np.isfinite(hsic).all():  # a store without checksums whose hsic chunk was deleted reads as NaN
+        k = int(np.flatnonzero(~np.isfinite(hsic).all(axis=(1, 2)))[0])
+        raise StoreError(damaged(path, f"array 'hsic', chunk {k}.0.0: it holds NaN or inf (its file is missing, "
+                                       f"or its bytes were changed)"))
+    results = Results(runs, hsic, minibatches, meta["inputs"], list(meta["notes"]), path,
                       measure_stats=stats, rankme=rankme)
-    _read_uncertainty(group, meta, results)
+    _read_uncertainty(path, group, meta, results)
     return results
 
 
-def _read_uncertainty(group, meta: dict, results: Results) -> None:
+def _open_store(path: Path) -> tuple[zarr.Group, dict]:
+    try:
+        group = zarr.open_group(path, mode="r")
+        return group, group.attrs[ATTRS]
+    except Exception:  # noqa: BLE001
+        raise CkapipeError(f"{path} is not a ckapipe results directory (written by ckapipe analyze --out)") from None
+
+
+def _check_seal(path: Path, group: zarr.Group, meta: dict) -> None:
+    """The first problem of a sealed store (its tags: four bytes a chunk), as one line; nothing for an older store."""
+    if sealed(meta):
+        _, bad = seal_problems(path, group, meta)
+        if bad:
+            raise StoreError(damaged(path, bad[0].describe()))
+
+
+def _read(path: Path, group: zarr.Group, name: str) -> np.ndarray:
+    """One whole array; a chunk that fails to decode (its checksum, its codec) is one line naming it."""
+    try:
+        return group[name][:]
+    except Exception:  # noqa: BLE001 - codecs and stores raise many types
+        coords, why = first_undecodable(group[name])
+        raise StoreError(damaged(path, BadArrayChunk(name, coords, why).describe())) from None
+
+
+def damaged(path: Path, what: str) -> str:
+    """The one line for a damaged results store: where, what, and what to do."""
+    return (f"results directory {path} is damaged: {what}; `ckapipe verify {path}` names every bad chunk, "
+            f"and analysing again with --out {path} --overwrite rewrites it")
+
+
+def _read_uncertainty(path: Path, group, meta: dict, results: Results) -> None:
     """The stored intervals and p-values (a store written before them gets intervals drawn on first use)."""
     if "resampling" not in meta or "cka_low" not in group:
         return
     results.resampling = Resampling.from_dict(meta["resampling"])
-    results.bounds = np.stack([group["cka_low"][:], group["cka_high"][:]])
-    p = group["p_value"][:]
+    results.bounds = np.stack([_read(path, group, "cka_low"), _read(path, group, "cka_high")])
+    p = _read(path, group, "p_value")
     results.p_value_all = None if np.isnan(p).all() else p
 
 
 def recorded_inputs(path: str | os.PathLike) -> dict | None:
-    """The inputs an existing results store was computed from; None if unreadable."""
+    """The inputs an existing results store was computed from; None if unreadable or damaged (so that a
+    study analyses it again)."""
     try:
-        return zarr.open_group(Path(path), mode="r").attrs[ATTRS]["inputs"]
+        group, meta = _open_store(Path(path))
+        _check_seal(Path(path), group, meta)
+        return meta["inputs"]
     except Exception:  # noqa: BLE001
         return None
+
+
+def incompatibility(a: Results, b: Results) -> str | None:
+    """What keeps two results from being combined (their numbers subtracted, set side by side), or None:
+    the one check of everything that combines results (``diff``, a study's comparisons). Their first
+    measures (kind, kernel, bandwidth or k), minibatch size, pairing, minibatches and samples must agree."""
+    ma, mb = parse_measure(a.measures[0]), parse_measure(b.measures[0])
+    if ma.kind != mb.kind:
+        return f"measure {ma.name} against {mb.name}"
+    if ma.param != mb.param:
+        what = "bandwidth" if ma.kind.startswith("rbf") else "k"
+        return f"{ma.kind} {what} {ma.param:g} against {mb.param:g} ({ma.name} against {mb.name})"
+    if a.m != b.m:
+        return f"minibatch size m={a.m} against m={b.m}"
+    if a.pairing != b.pairing:
+        return f"minibatches paired by {a.pairing} against by {b.pairing}"
+    if not np.array_equal(a.minibatches, b.minibatches):
+        return (f"other minibatches ({len(a.minibatches)} from {int(a.minibatches[0])} against "
+                f"{len(b.minibatches)} from {int(b.minibatches[0])}): analyse the runs together")
+    if not set(a.run_keys) & set(b.run_keys):  # a run's key names its samples and their order
+        return "no run in common, so nothing says their minibatches hold the same samples: analyse the runs together"
+    return None
+
+
+def check_combinable(stores: list[Results]) -> None:
+    """Refuse, in one line naming the difference, results that ``incompatibility`` keeps apart."""
+    first = stores[0]
+    for other in stores[1:]:
+        why = None if other is first else incompatibility(first, other)
+        if why:
+            raise CkapipeError(f"cannot combine {describe_source(first)} with {describe_source(other)}: {why}")
+
+
+def describe_source(results: Results) -> str:
+    return f"results {results.path}" if results.path is not None else f"the results of {', '.join(results.run_names)}"
 
 
 UNCERTAINTY_COLUMNS = ("cka_low", "cka_high", "p_value")

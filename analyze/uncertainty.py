@@ -20,7 +20,7 @@ import numpy as np
 
 from ckapipe.analyze import stats
 from ckapipe.analyze.grams import RunSource, plan_source, run_triangles
-from ckapipe.analyze.results import ATTRS, Results, load_results
+from ckapipe.analyze.results import ATTRS, Results, check_combinable, load_results
 from ckapipe.blas import single_threaded_blas
 from ckapipe.errors import CkapipeError, StoreError, suggest
 from ckapipe.progress import Progress
@@ -114,7 +114,7 @@ def diff(results, a, b, *, ci: float = 0.95, bootstrap: int = 2000, seed: int = 
     stores = results_stores(results)
     pairs = [layer_pair(a)] + [layer_pair(p) for p in (b if _is_list_of_pairs(b) else [b])]
     found = [locate(stores, pair) for pair in pairs]
-    check_same_minibatches([res for res, _ in found], pairs)
+    check_combinable([res for res, _ in found])  # the same measure, m, pairing, minibatches and samples
     hsic = np.zeros((len(found[0][0].minibatches), 2 * len(pairs), 2 * len(pairs)))
     for q, (res, (i, j)) in enumerate(found):  # block-diagonal: pair q's HSIC at rows and columns 2q, 2q+1
         block = res.hsic[:, [i, j]][:, :, [i, j]]
@@ -182,19 +182,3 @@ def locate(stores: Sequence[Results], pair: LayerPair) -> tuple[Results, tuple[i
     missing = next((r for r in (pair.run_a, pair.run_b) if r not in names), pair.run_b)
     raise CkapipeError(f"no results hold both {pair.run_a} and {pair.run_b}{suggest(missing, names)} "
                        f"(runs found: {', '.join(names)})")
-
-
-def check_same_minibatches(found: Sequence[Results], pairs: Sequence[LayerPair]) -> None:
-    """Pairs from different results must have been analysed over the same minibatches of the same samples."""
-    first = found[0]
-    for res, pair in zip(found[1:], pairs[1:]):
-        if res is first:
-            continue
-        same = res.m == first.m and np.array_equal(res.minibatches, first.minibatches)
-        if not same:
-            raise CkapipeError(f"{pair} was analysed over other minibatches (m={res.m}, {len(res.minibatches)}) "
-                               f"than {pairs[0]} (m={first.m}, {len(first.minibatches)}): a paired difference "
-                               f"needs the same ones; analyse the runs together")
-        if not set(res.run_keys) & set(first.run_keys):
-            raise CkapipeError(f"{pair} and {pairs[0]} come from results that share no run, so nothing says their "
-                               f"minibatches hold the same samples: analyse the runs together")

@@ -430,8 +430,7 @@ class Run:
                              f"it was deleted; re-extract the run") from None
 
     def _file_tag(self, key: str, name: str, k: int) -> int:
-        crc = file_crc(chunk_file(self.path, self.layer(name), k))
-        return NO_TAG if crc is None else chunk_tag(key, f"layers/{name}", k, crc)
+        return file_tag(key, f"layers/{name}", k, chunk_file(self.path, self.layer(name), k))
 
     def refresh_status(self) -> str:
         """Set status to complete once every chunk has its marker; return the status."""
@@ -703,8 +702,7 @@ class GramCache:
         return f"{self.label}/{array.basename}"
 
     def _file_tag(self, array: zarr.Array, k: int) -> int:
-        crc = file_crc(chunk_file(self.run_path, array, k))
-        return NO_TAG if crc is None else chunk_tag(self.run_key, self._label(array), k, crc)
+        return file_tag(self.run_key, self._label(array), k, chunk_file(self.run_path, array, k))
 
 
 
@@ -715,12 +713,24 @@ def chunk_file(root: Path, array: zarr.Array, k: int) -> Path:
 
 def tag_problem(run_key: str, root: Path, array: zarr.Array, label: str, k: int, recorded: int) -> str | None:
     """Why the file of chunk k of ``array`` is not the one whose tag was recorded there, or None."""
-    crc = file_crc(chunk_file(root, array, k))
+    return file_problem(run_key, label, k, chunk_file(root, array, k), recorded)
+
+
+def file_tag(key: str, label: str, k: int, path: Path) -> int:
+    """The tag of the chunk file at ``path`` as chunk k of ``label`` (NO_TAG when it has no file)."""
+    crc = file_crc(path)
+    return NO_TAG if crc is None else chunk_tag(key, label, k, crc)
+
+
+def file_problem(key: str, label: str, k: int, path: Path, recorded: int) -> str | None:
+    """Why the chunk file at ``path`` is not the one tagged ``recorded`` as chunk k of ``label``, or None
+    (run stores and sealed results stores alike, ckapipe.integrity)."""
+    crc = file_crc(path)
     if crc is None:
         return "its file is missing or truncated"
     if recorded == NO_TAG:
         return "no checksum was recorded for it"
-    if chunk_tag(run_key, label, k, crc) != recorded:
+    if chunk_tag(key, label, k, crc) != recorded:
         return "its file is not the one written there (changed, or moved from another minibatch, layer or run)"
     return None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ckapipe.errors import StoreError
@@ -14,21 +16,46 @@ from ckapipe.options import cache_option, quiet_option
 @click.option("--repair", is_flag=True, help="Delete bad chunks and their markers, so that rerunning the extraction rewrites them.")
 @quiet_option
 def verify(cache, runs, repair, quiet):
-    """Read every chunk and Gram row of RUNS (default: every run in the cache) and check checksums, markers and stamps."""
-    from ckapipe.verify import verify as verify_runs
+    """Read every chunk and Gram row of RUNS (default: every run in the cache) and check checksums, markers and
+    stamps. A RUNS argument that is a results directory (ckapipe analyze --out) has every chunk checked likewise."""
+    from ckapipe.analyze.results import ATTRS
+    from ckapipe.analyze.uncertainty import is_results_store
+    from ckapipe.verify import verify as verify_runs, verify_results
 
-    reports = verify_runs(cache, list(runs) or None, repair=repair, progress=not quiet)
-    for report in reports:
-        for line in describe(report):
-            click.echo(line)
+    stores = [Path(r) for r in runs if is_results_store(Path(r))]
+    patterns = [r for r in runs if not is_results_store(Path(r))]
+    reports = verify_runs(cache, patterns or None, repair=repair, progress=not quiet) if patterns or not stores else []
+    results = [verify_results(path, ATTRS) for path in stores]
+    for line in [line for r in reports for line in describe(r)] + [line for r in results for line in describe_results(r)]:
+        click.echo(line)
     broken = [r for r in reports if not r.ok and not r.repaired]
-    if broken:
-        chunks = sum(len(r.bad) + len(r.bad_caches) for r in broken if not r.metadata)
-        edited = sum(bool(r.metadata) for r in broken)
-        what = "; ".join(part for part in (f"{chunks} bad chunk(s)" if chunks else "",
-                                          f"{edited} run(s) with inconsistent metadata" if edited else "") if part)
-        todo = "rerun with --repair, then the commands above" if chunks and not repair else "run the commands above"
-        raise StoreError(f"{what} in {len(broken)} of {len(reports)} run(s): {todo}")
+    damaged = [r for r in results if not r.ok]
+    verdicts = [verdict(broken, len(reports), repair)] if broken else []
+    verdicts += [f"{sum(len(r.bad) for r in damaged)} bad chunk(s) in {len(damaged)} of {len(results)} results "
+                 f"director{'y' if len(results) == 1 else 'ies'}: analyse again as printed above"] if damaged else []
+    if verdicts:
+        raise StoreError("; ".join(verdicts))
+
+
+def verdict(broken, total: int, repair: bool) -> str:
+    """The error line for runs with bad chunks or edited metadata."""
+    chunks = sum(len(r.bad) + len(r.bad_caches) for r in broken if not r.metadata)
+    edited = sum(bool(r.metadata) for r in broken)
+    what = "; ".join(part for part in (f"{chunks} bad chunk(s)" if chunks else "",
+                                      f"{edited} run(s) with inconsistent metadata" if edited else "") if part)
+    todo = "rerun with --repair, then the commands above" if chunks and not repair else "run the commands above"
+    return f"{what} in {len(broken)} of {total} run(s): {todo}"
+
+
+def describe_results(report) -> list[str]:
+    """The lines ``ckapipe verify`` prints for one results directory: a verdict, each problem, what rewrites it."""
+    what = ("checksums and tags verified" if report.checksums
+            else f"no checksums (results version {report.record.get('results_version', 1)}): decoded")
+    checked = f"results, {report.checked} chunks read, {what}"
+    if report.ok:
+        return [f"{report.path}: ok ({checked})"]
+    return ([f"{report.path}: {len(report.bad)} bad ({checked})"] + [f"  {bad.describe()}" for bad in report.bad]
+            + [f"  rewrite it: analyse runs {', '.join(report.runs())} again with --out {report.path} --overwrite"])
 
 
 def describe(report) -> list[str]:

@@ -1,4 +1,4 @@
-"""Verify run stores: read every chunk and Gram row, check checksums, tags, markers, stamps and metadata.
+"""Verify run stores and results stores: read every chunk, check checksums, tags, markers, stamps and metadata.
 
 ``verify(cache, runs)`` reads each completed chunk of every layer and each
 completed Gram row of every run named (all of the cache by default) and
@@ -8,6 +8,11 @@ that rerunning that command (``ckapipe extract ... --chunks A:B``) rewrites
 exactly those. Stores of version 2 have no checksums: their chunks are
 decoded and checked to be finite, and the report says "no checksums".
 
+``verify_results(path, attr)`` does the same for a results directory (a group sealed by
+ckapipe.integrity, its record in ``attrs[attr]``): every chunk of every array decoded and
+its tag checked, the record checked against its key. Results written before checksums are
+decoded only, and reported as "no checksums".
+
 Only the floor is needed (no torch): a notebook or a login node can run it.
 """
 
@@ -16,13 +21,16 @@ from __future__ import annotations
 import shlex
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import zarr
 
 from ckapipe.atomic import describe_os_error
 from ckapipe.codecs import compression_name
 from ckapipe.errors import StoreError
+from ckapipe.integrity import BadArrayChunk, chunk_coords, decode_problem, seal_problems, sealed
 from ckapipe.locks import writer_lock
 from ckapipe.progress import Progress
 from ckapipe.store import (
@@ -223,3 +231,45 @@ def _gram_caches(run: Run, report: RunReport) -> list[GramCache]:
         if cache is not None:
             caches.append(cache)
     return caches
+
+
+@dataclass
+class ResultsReport:
+    """What ``verify_results`` found in one results directory."""
+
+    path: Path
+    record: dict
+    checked: int = 0  # chunks read
+    bad: list[BadArrayChunk] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+    @property
+    def checksums(self) -> bool:
+        return sealed(self.record)
+
+    def runs(self) -> list[str]:
+        return [str(run.get("name", "?")) for run in self.record.get("runs", [])]
+
+
+def verify_results(path, attr: str) -> ResultsReport:
+    """Decode every chunk of every array of a results directory and check its tag and the record's key."""
+    path = Path(path)
+    try:
+        group = zarr.open_group(path, mode="r")
+        record = dict(group.attrs[attr])
+    except Exception:  # noqa: BLE001
+        raise StoreError(f"{path} is not a results directory (written by ckapipe analyze --out)") from None
+    report = ResultsReport(path, record)
+    if report.checksums:
+        report.checked, report.bad = seal_problems(path, group, record, decode=True)
+        return report
+    for name, array in sorted(group.arrays()):
+        for coords in chunk_coords(array):
+            why = decode_problem(array, coords)
+            if why:
+                report.bad.append(BadArrayChunk(name, coords, why))
+            report.checked += 1
+    return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from ckapipe.analyze.results import check_out
 from ckapipe.errors import PipelineError
 from ckapipe.pipelines.study import Study, load_study
 
@@ -56,6 +57,9 @@ def run_here(study: Study, stage: str, *, tasks, scheduler, scheduler_file, dask
              progress, say) -> dict:
     from ckapipe.pipelines import local
 
+    if stage in ("analyze", "all"):
+        for comparison in study.comparisons.values():  # an unwritable results directory: said before any work
+            check_out(study.comparison_dir(comparison), overwrite=True)
     if stage in ("extract", "all"):
         local.extract_stage(study, tasks=tasks, progress=progress, say=say)
     if stage in ("analyze", "all"):
