@@ -104,6 +104,37 @@ def test_compare_matches_an_independent_float64_reference_at_a_larger_input_size
     assert np.abs(np.diag(res.cka("a"))[:] - 1).max() < 1e-12
 
 
+
+class InPlace(nn.Module):
+    """Recorded outputs that the rest of the forward changes in place: ``relu_`` on the conv's output, ``+=``
+    on the block's (as torchvision's ResNets do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.block = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = torch.relu_(self.conv(x))
+        z = self.block(y)
+        z += y
+        z.mul_(-2.0)
+        return self.head(z.flatten(1))
+
+
+def test_grams_queued_as_the_hooks_record_see_the_features_before_later_in_place_ops(digits):
+    """The Grams computed on workers while the forward goes on (issue 21) are those of the features the layers
+    returned, not of what a later in-place op made of them: against the float64 reference on copies taken by hand."""
+    x, _ = digits
+    torch.manual_seed(5)
+    a, b = InPlace().eval(), InPlace().eval()
+    layers = ["conv", "block", "head"]
+    res = compare({"a": a, "b": b}, x[:256], layers=layers, batch_size=M, order_seed=None, progress=False)
+    exact = minibatch_cka_matrix_reference(features_of(a, x[:256], layers, M), features_of(b, x[:256], layers, M), M)
+    assert np.abs(res.cka("a", "b") - exact).max() < 1e-10
+    assert np.abs(np.diag(res.cka("a")) - 1).max() < 1e-12
+
 def test_a_dataloader_a_dataset_a_tensor_and_an_array_give_the_same_result(digits):
     x, y = digits
     a, b = nets(0, 1)
