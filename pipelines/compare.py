@@ -303,22 +303,26 @@ def layer_grams(xp, precision: str):
     """The Gram work of a pass (``GramPool``): each layer's ``kernel`` (default: its U-centred Gram triangle;
     ``kernels.minibatch_grams`` for a run's Gram cache) of a list of features, or of features queued as they arrive.
 
-    On the GPU the kernels are queued on the stream one layer after another. On the CPU a layer's Gram is
-    queued on a worker thread as soon as its hook has copied the features, so the products run while the
-    forward goes on to the next layers and models (issue 21: computed after each forward, they added a third
-    to it). Each worker has one BLAS thread: a multi-threaded BLAS call waits for all its threads at every
-    step, and beside torch's own threads those wait for a core.
+    On the GPU the kernels are queued on the stream one layer after another. On the CPU, where cores are
+    left beside torch's intra-op threads, a layer's Gram is queued on one of them as soon as its hook has
+    copied the features, so the products run while the forward goes on. Where torch's threads take every
+    core, the Grams wait for the end of each forward and then take torch's cores: a worker beside the forward
+    deschedules one of torch's threads, and every operator of the forward waits at its barrier for it
+    (docs/benchmarks.md, "compare against the forward passes"). Each worker has one BLAS thread: a
+    multi-threaded BLAS call waits for all its threads at every step.
     """
     if xp is not np:
-        yield GramPool(precision, None)
+        yield GramPool(precision, None, queues=False)
         return
-    with single_threaded_blas(True), ThreadPoolExecutor(gram_threads(), "ckapipe-gram") as pool:
-        yield GramPool(precision, pool)
+    spare = spare_cores()
+    with single_threaded_blas(True), ThreadPoolExecutor(spare or torch.get_num_threads(), "ckapipe-gram") as pool:
+        yield GramPool(precision, pool, queues=spare > 0)
 
 
-def gram_threads() -> int:
-    """Workers beside torch's intra-op threads: as many as torch uses, less the one the forward's thread keeps busy."""
-    return max(1, torch.get_num_threads() - 1)
+def spare_cores() -> int:
+    """Cores this process may use that torch's intra-op threads leave free."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, cores - torch.get_num_threads())
 
 
 @dataclass
@@ -327,6 +331,7 @@ class GramPool:
 
     precision: str
     pool: ThreadPoolExecutor | None
+    queues: bool  # the hooks queue each layer's Gram on the pool as the forward goes on
 
     def __call__(self, arrays: list, kernel=ucentered_gram) -> list:
         """``kernel`` of each array (m × D): the largest first, so that the workers' shares are even."""
@@ -344,7 +349,7 @@ class GramPool:
 def queued_grams(running: list[Member], grams: GramPool):
     """A context in which the hooks of the models whose features go nowhere else queue their Grams as they record."""
     stack = contextlib.ExitStack()
-    if grams.pool is not None:
+    if grams.queues:
         for m in running:
             if m.writer is None:
                 m.recorder.take = grams.queue

@@ -3,6 +3,8 @@ independent float64 computation, every kind of data alike, ragged minibatches, t
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from ckapipe import compare, store
 from ckapipe.errors import ActivationError, CkapipeError, DataError
 from ckapipe.extract.runner import extract_run
 from ckapipe.extract.zoo import digits_tensors
+from ckapipe.pipelines.compare import spare_cores
 from tests.reference import minibatch_cka_matrix_reference
 from tests.spec_factories import BlockNet, LoggedDataset, Poisoned
 
@@ -123,14 +126,25 @@ class InPlace(nn.Module):
         return self.head(z.flatten(1))
 
 
-def test_grams_queued_as_the_hooks_record_see_the_features_before_later_in_place_ops(digits):
-    """The Grams computed on workers while the forward goes on (issue 21) are those of the features the layers
-    returned, not of what a later in-place op made of them: against the float64 reference on copies taken by hand."""
+@pytest.fixture(params=["one torch thread", "every core"])
+def torch_threads(request):
+    """torch on one thread (a core left: the Grams queued beside the forward) or on every core (after it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if request.param == "one torch thread" else len(os.sched_getaffinity(0)))
+    yield spare_cores() > 0
+    torch.set_num_threads(before)
+
+
+def test_grams_see_the_features_before_later_in_place_ops(digits, torch_threads):
+    """The Grams, whether queued on workers while the forward goes on (issue 21) or computed after it, are
+    those of the features the layers returned, not of what a later in-place op made of them: against the
+    float64 reference on copies taken by hand."""
     x, _ = digits
     torch.manual_seed(5)
     a, b = InPlace().eval(), InPlace().eval()
     layers = ["conv", "block", "head"]
     res = compare({"a": a, "b": b}, x[:256], layers=layers, batch_size=M, order_seed=None, progress=False)
+    assert torch_threads == (torch.get_num_threads() == 1 and len(os.sched_getaffinity(0)) > 1)
     exact = minibatch_cka_matrix_reference(features_of(a, x[:256], layers, M), features_of(b, x[:256], layers, M), M)
     assert np.abs(res.cka("a", "b") - exact).max() < 1e-10
     assert np.abs(np.diag(res.cka("a")) - 1).max() < 1e-12
