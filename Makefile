@@ -103,7 +103,7 @@ bench: install-extras
 
 # What a GPU node with CUDA, CuPy, torch and torchvision (Python 3.12) lacks, at
 # the versions .venv-extras tests, as wheels in .whl/ for scripts/gpu_check.sh.
-DEVICE_WHEELS := zarr|numcodecs|donfig|google-crc32c|dask|distributed|partd|locket|tblib|zict|tornado|torch-cka|ckatorch|pytest-timeout
+DEVICE_WHEELS := zarr|numcodecs|donfig|google-crc32c|dask|distributed|partd|locket|tblib|zict|tornado|torch-cka|ckatorch|pytorch-cka|pytest-timeout
 device-wheels: install-extras
 	$(XPY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: -d .whl \
 	  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \

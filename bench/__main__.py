@@ -26,12 +26,13 @@ from bench.common import machine, markdown, print_row, require_torchvision, writ
 from bench.report import write_docs
 
 FULL = {"G": 10240, "M": 10240, "U": 10240, "W1": 10240, "W2": 2560, "W3": 10240, "W4": [2560, 5120, 10240, 20480],
-        "F1": 10240, "F2": 2560, "F3": 10240, "F4": [2560, 5120, 10240, 20480]}
+        "F1": 10240, "F2": 2560, "F3": 10240, "F4": [2560, 5120, 10240, 20480], "F5": 10240}
 REDUCED = {"G": 2560, "M": 2560, "U": 2560, "W1": 5120, "W2": 512, "W3": 2048, "W4": [2560, 5120, 10240, 20480],
-           "F1": 2048, "F2": 256, "F3": 1024, "F4": [1024, 4096]}
-ALL = "C,E,K,A,G,M,U,W1,W2,W3,W4,F1,F2,F3,F4"  # the whole suite: a run of all of it rewrites docs/benchmarks.md
+           "F1": 2048, "F2": 256, "F3": 1024, "F4": [1024, 8192], "F5": 2048}
+ALL = "C,E,K,A,G,M,U,W1,W2,W3,W4,F1,F2,F3,F4,F5"  # the whole suite: a run of all of it rewrites docs/benchmarks.md
 COMPARE_TARGETS = {"cpu": (">= 1.3", ">= 8"), "cuda": (">= 3", ">= 10")}  # compare vs torch-cka, W1 and W3 (issue 10)
 PAIR = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0))
+TWINS = (("resnet18", "resnet18", 0), ("resnet18-seed1", "resnet18", 1))  # pytorch-cka's own example (issue 21)
 SIX = (("resnet18", "resnet18", 0), ("resnet34", "resnet34", 0), ("resnet50", "resnet50", 0),
        ("wide_resnet50_2", "wide_resnet50_2", 0), ("resnet18-seed1", "resnet18", 1), ("resnet18-seed2", "resnet18", 2))
 
@@ -45,7 +46,8 @@ def parse(argv):
                              "A (float32 accuracy against an offset), G (Grams filled at extraction), "
                              "M (each measure from cached Grams against linear CKA), "
                              "U (intervals and p-values against the analysis from cached Grams), W1..W4, "
-                             "F1..F4 (compare end to end: W1 and W3 speed, W1 and W2 accuracy, W4 memory)")
+                             "F1..F5 (compare end to end: W1, W2, W3 and W5 speed against the forward passes, pytorch-cka "
+                             "and torch-cka; W1, W2 and W5 accuracy; W4 memory)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", default="bench-results")
     return parser.parse_args(argv)
@@ -79,9 +81,13 @@ def pieces(sizes: dict, device: str, workdir: Path) -> dict:
         "W4": lambda: scaling(Study("W4", PAIR, 0, 32, device), sizes["W4"], workdir),
         "F1": lambda: (front_rows(Study("W1", PAIR, sizes["F1"], 32, device, end_to_end_target=two))
                        + accuracy_rows(Study("W1", PAIR, sizes["F1"], 32, device), workdir)),
-        "F2": lambda: accuracy_rows(Study("W2", PAIR, sizes["F2"], 224, device), workdir),
-        "F3": lambda: front_rows(Study("W3", SIX, sizes["F3"], 32, device, end_to_end_target=six), torch_cka_rounds=1),
+        "F2": lambda: (front_rows(Study("W2", PAIR, sizes["F2"], 224, device, end_to_end_target=two, rounds=1))
+                       + accuracy_rows(Study("W2", PAIR, sizes["F2"], 224, device), workdir)),
+        "F3": lambda: front_rows(Study("W3", SIX, sizes["F3"], 32, device, end_to_end_target=six), torch_cka_rounds=1,
+                                 target="<= 1.15"),
         "F4": lambda: memory_rows(Study("W4", PAIR, 0, 32, device), sizes["F4"], workdir),
+        "F5": lambda: (front_rows(Study("W5", TWINS, sizes["F5"], 32, device), with_torch_cka=False)
+                       + accuracy_rows(Study("W5", TWINS, sizes["F5"], 32, device), workdir)),
     }
 
 

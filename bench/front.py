@@ -1,18 +1,20 @@
 """Pieces F1-F4 of the suite (issue 10): ``compare``, the front door, end to end.
 
-F1, F3. On the same model objects and the same DataLoader, in one process, interleaved rounds (best
+F1, F3, F5. On the same model objects and the same DataLoader, in one process, interleaved rounds (best
     of each): ``compare`` end to end against the forward passes alone (every batch loaded once and
-    given to every model, as compare does) and against torch-cka 0.21's ``compare`` for every pair
-    of models (W1: two ResNets, one call; W3: six, all pairs in one pass against 15 calls).
+    given to every model, as compare does) and against pytorch-cka 1.1.3's ``compute_cka`` and torch-cka
+    0.21's ``compare`` for every pair of models (W1: ResNet-18 vs -34, one call; W3: six, all pairs in one
+    pass against 15 calls; W5: two ResNet-18s, pytorch-cka's own example, issue 21).
 F1, F2. Accuracy: compare's CKA against the independent float64 reference (Song et al.'s HSIC_1
     with explicit traces, on the float32 features compare saw, kept by ``keep_activations``), at
-    32 px (W1) and 224 px (W2), beside torch-cka's deviation.
+    32 px (W1, W5) and 224 px (W2), beside pytorch-cka's and torch-cka's deviations.
 F4. Peak host memory of compare in a fresh process as N grows (W4 sizes; inputs memory-mapped).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -23,13 +25,14 @@ from bench.common import BATCH, Row, bench_inputs, max_deviation, reference_cka,
 from bench.workloads import LAYERS, Study, deviation_rows, load_module, stage_in_subprocess
 
 
-def front_rows(study: Study, torch_cka_rounds: int | None = None) -> list[Row]:
-    """F1/F3: compare vs the forward passes alone vs torch-cka, on the same models and loader
-    (torch-cka in the first ``torch_cka_rounds`` rounds only: 15 calls of it are long)."""
+def front_rows(study: Study, torch_cka_rounds: int | None = None, with_torch_cka: bool = True,
+               target: str = "<= 1.08") -> list[Row]:
+    """F1/F3/F5: compare vs the forward passes alone vs pytorch-cka and torch-cka, on the same models and loader
+    (the other tools in the first ``torch_cka_rounds`` rounds only: 15 calls of them are long)."""
     W = study.workload
     models = built_models(study)
     loader = bench_loader(study)
-    forwards, compares, theirs_times = [], [], []
+    forwards, compares, theirs_times, peer_times = [], [], [], []
     result = None
     for round_ in range(study.rounds):
         forwards.append(timed(lambda: forward_only(models, loader, study.device))[0])
@@ -39,15 +42,22 @@ def front_rows(study: Study, torch_cka_rounds: int | None = None) -> list[Row]:
             return [Row(W, "ckapipe compare", "compare", None, "forward", min(forwards), note=f"ERROR: {result}",
                         ckapipe_failure=True)]
         if round_ < (torch_cka_rounds or study.rounds):
-            took, theirs = timed(lambda: torch_cka_all_pairs(models, loader, study.device))
-            theirs_times.append(None if isinstance(theirs, Exception) else took)
+            took, peer = timed(lambda: pytorch_cka_all_pairs(models, loader, study.device))
+            peer_times.append(None if isinstance(peer, Exception) else took)
+            if with_torch_cka:
+                took, theirs = timed(lambda: torch_cka_all_pairs(models, loader, study.device))
+                theirs_times.append(None if isinstance(theirs, Exception) else took)
     t_forward, t_compare = min(forwards), min(compares)
     pairs = list(itertools.combinations(models, 2))
     calls = f"{len(pairs)} compare call{'s' * (len(pairs) > 1)}"
     rounds = f"best of {study.rounds} interleaved rounds, N={study.n}, {study.size} px, m={BATCH}, models built once"
     rows = [Row(W, "compare end to end vs the forward passes alone", "compare", t_compare, "forward", t_forward,
-                target="<= 1.15", note=f"{len(models)} models, every batch loaded once; {rounds}")]
+                target=target, note=f"{len(models)} models, every batch loaded once; {rounds}; "
+                                     f"load average {os.getloadavg()[0]:.1f}")]
+    rows += peer_rows(W, calls, peer_times, peer, t_compare)
     times = [t for t in theirs_times if t is not None]
+    if not with_torch_cka:
+        return rows
     if times:
         rows.append(Row(W, f"torch-cka 0.21 ({calls}) vs compare (one pass)", "torch-cka", min(times), "compare",
                         t_compare, target=study.end_to_end_target,
@@ -56,6 +66,16 @@ def front_rows(study: Study, torch_cka_rounds: int | None = None) -> list[Row]:
         rows.append(Row(W, f"torch-cka 0.21 ({calls})", "torch-cka", None, "compare", t_compare,
                         note=f"ERROR: {type(theirs).__name__}: {str(theirs).splitlines()[0][:90]}"))
     return rows
+
+
+def peer_rows(W: str, calls: str, times: list, last, t_compare: float) -> list[Row]:
+    """pytorch-cka 1.1.3's time against compare's (faster than it on every workload, issue 21), or its error."""
+    times = [t for t in times if t is not None]
+    if not times:
+        return [Row(W, f"pytorch-cka 1.1.3 ({calls})", "pytorch-cka", None, "compare", t_compare,
+                    note=f"ERROR: {type(last).__name__}: {str(last).splitlines()[0][:90]}")]
+    return [Row(W, f"pytorch-cka 1.1.3 ({calls}) vs compare (one pass)", "pytorch-cka", min(times), "compare",
+                t_compare, target=">= 1", note=f"same model objects and loader; pytorch-cka best of {len(times)}")]
 
 
 def accuracy_rows(study: Study, workdir: Path) -> list[Row]:
@@ -77,6 +97,12 @@ def accuracy_rows(study: Study, workdir: Path) -> list[Row]:
     exact = {(a, b): exact[(runs[names.index(a)].name, runs[names.index(b)].name)] for a, b in pairs}
     rows = deviation_rows(W, "ckapipe compare (float64)", [max_deviation(ours.cka(a, b), exact[(a, b)]) for a, b in pairs],
                           ckapipe=True)
+    _, peer = timed(lambda: pytorch_cka_all_pairs(models, loader, study.device))
+    if isinstance(peer, Exception):
+        rows.append(Row(W, "max |CKA - float64 reference|, pytorch-cka 1.1.3 (as shipped)", "deviation", None,
+                        "tolerance", 1e-6, unit="cka", note=f"NaN: {type(peer).__name__}: {str(peer)[:80]}"))
+    else:
+        rows += deviation_rows(W, "pytorch-cka 1.1.3 (as shipped)", [max_deviation(peer[p], exact[p]) for p in pairs])
     _, theirs = timed(lambda: torch_cka_all_pairs(models, loader, study.device))
     if isinstance(theirs, Exception):
         rows.append(Row(W, "max |CKA - float64 reference|, torch-cka 0.21 (float32, as shipped)", "deviation", None,
@@ -157,6 +183,22 @@ def block_names(net) -> list[str]:
     from ckapipe.extract.layers import glob_match
 
     return [name for name, _ in net.named_modules() if glob_match(LAYERS[0], name)]
+
+
+def pytorch_cka_all_pairs(models: dict, loader, device: str) -> dict:
+    """pytorch-cka 1.1.3 as shipped: one ``compute_cka`` call per pair of models (its own example's call),
+    each rerunning both models; its hooks are removed when the call ends."""
+    from cka import compute_cka
+
+    out = {}
+    for a, b in itertools.combinations(models, 2):
+        net_a, net_b = models[a], models[b]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = compute_cka(net_a, net_b, loader, layers=block_names(net_a), model2_layers=block_names(net_b),
+                                 device=device, progress=False)
+        out[(a, b)] = result[0].detach().cpu().numpy().astype(np.float64)
+    return out
 
 
 def torch_cka_all_pairs(models: dict, loader, device: str) -> dict:

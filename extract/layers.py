@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -202,6 +202,7 @@ class Recorder:
         self.mask: torch.Tensor | None = None
         self.calls_per_forward: dict[str, int] = {}
         self.probing = True
+        self.take: Callable[[torch.Tensor], Any] | None = None  # given each layer's features as its hook records them
 
     @contextmanager
     def hooked(self) -> Iterator["Recorder"]:
@@ -241,7 +242,8 @@ class Recorder:
                 if name in self.outputs:
                     raise LayerError(f"layer {name!r} ran more often in this minibatch than in the probe: the model's control flow depends on its input")
                 tensor, _ = pick_tensor(output, spec.select)
-                self.outputs[name] = reduce(tensor, spec.reduction, self.mask)
+                features = reduce(tensor, spec.reduction, self.mask)
+                self.outputs[name] = features if self.take is None else self.take(features)
 
         return hook
 

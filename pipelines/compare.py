@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -368,6 +368,7 @@ def one_pass(members: list[Member], feed: PairedMinibatches, device, precision: 
             grams = hooks.enter_context(layer_grams(xp, precision))
             for m in running:
                 hooks.enter_context(m.recorder.hooked())
+            hooks.enter_context(queued_grams(running, grams))
             for k, inputs in batches:
                 inputs = to_device(inputs, device) if running else None
                 parts = [member_triangles(m, k, inputs and inputs[m.feed], feed.m, xp, grams) for m in members]
@@ -393,31 +394,71 @@ def one_pass(members: list[Member], feed: PairedMinibatches, device, precision: 
 
 @contextlib.contextmanager
 def layer_grams(xp, precision: str):
-    """A function: the features of every layer of one model (a list) -> each one's ``kernel`` (default:
-    its U-centred Gram triangle; ``kernels.minibatch_grams`` for a run's Gram cache).
+    """The Gram work of a pass (``GramPool``): each layer's ``kernel`` (default: its U-centred Gram triangle;
+    ``kernels.minibatch_grams`` for a run's Gram cache) of a list of features, or of features queued as they arrive.
 
-    On the GPU the kernels are queued one layer after another. On the CPU the layers go to as many
-    threads as torch uses for the forward pass, each with one BLAS thread: a multi-threaded BLAS
-    call waits for all its threads at every step, which on a busy machine costs more than the product.
+    On the GPU the kernels are queued on the stream one layer after another. On the CPU, where cores are
+    left beside torch's intra-op threads, a layer's Gram is queued on one of them as soon as its hook has
+    copied the features, so the products run while the forward goes on. Where torch's threads take every
+    core, the Grams wait for the end of each forward and then take torch's cores: a worker beside the forward
+    deschedules one of torch's threads, and every operator of the forward waits at its barrier for it
+    (docs/benchmarks.md, "compare against the forward passes"). Each worker has one BLAS thread: a
+    multi-threaded BLAS call waits for all its threads at every step.
     """
     if xp is not np:
-        yield lambda arrays, kernel=ucentered_gram: [kernel(x, precision) for x in arrays]
+        yield GramPool(precision, None, queues=False)
         return
-    with single_threaded_blas(True), ThreadPoolExecutor(max(1, torch.get_num_threads()), "ckapipe-gram") as pool:
-        def grams(arrays, kernel=ucentered_gram):
-            order = sorted(range(len(arrays)), key=lambda i: -arrays[i].size)  # the largest first: even shares
-            done = dict(zip(order, pool.map(lambda i: kernel(arrays[i], precision), order)))
-            return [done[i] for i in range(len(arrays))]
-
-        yield grams
+    spare = spare_cores()
+    with single_threaded_blas(True), ThreadPoolExecutor(spare or torch.get_num_threads(), "ckapipe-gram") as pool:
+        yield GramPool(precision, pool, queues=spare > 0)
 
 
-def member_triangles(m: Member, k: int, inputs, batch: int, xp, grams):
+def spare_cores() -> int:
+    """Cores this process may use that torch's intra-op threads leave free."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, cores - torch.get_num_threads())
+
+
+@dataclass
+class GramPool:
+    """Where a pass's Gram kernels run: on this thread (a GPU's stream), or on a pool of CPU workers."""
+
+    precision: str
+    pool: ThreadPoolExecutor | None
+    queues: bool  # the hooks queue each layer's Gram on the pool as the forward goes on
+
+    def __call__(self, arrays: list, kernel=ucentered_gram) -> list:
+        """``kernel`` of each array (m × D): the largest first, so that the workers' shares are even."""
+        if self.pool is None:
+            return [kernel(x, self.precision) for x in arrays]
+        order = sorted(range(len(arrays)), key=lambda i: -arrays[i].size)
+        done = dict(zip(order, self.pool.map(lambda i: kernel(arrays[i], self.precision), order)))
+        return [done[i] for i in range(len(arrays))]
+
+    def queue(self, features: torch.Tensor) -> Future:
+        """The U-centred Gram triangle of one layer's features (a CPU tensor the caller no longer changes), on a worker."""
+        return self.pool.submit(ucentered_gram, features.numpy(), self.precision)
+
+
+def queued_grams(running: list[Member], grams: GramPool):
+    """A context in which the hooks of the models whose features go nowhere else queue their Grams as they record."""
+    stack = contextlib.ExitStack()
+    if grams.queues:
+        for m in running:
+            if m.writer is None:
+                m.recorder.take = grams.queue
+                stack.callback(setattr, m.recorder, "take", None)
+    return stack
+
+
+def member_triangles(m: Member, k: int, inputs, batch: int, xp, grams: GramPool):
     """(layers, m(m-1)/2) U-centred Gram triangles of one model's layers for minibatch k, on the device:
-    read from its cached run, or from its forward pass (and handed to its run's writer)."""
+    read from its cached run, or from its forward pass (queued by its hooks, or handed to its run's writer)."""
     if not m.runs_model:
         return run_triangles(m.source, [k], batch, xp)[0]
     features = m.recorder.forward(inputs)
+    if m.recorder.take is not None:
+        return xp.stack([features[name].result() for name in m.layers])
     arrays = feature_arrays(features, xp)
     layers = [arrays[name] for name in m.layers]
     del arrays

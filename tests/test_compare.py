@@ -3,6 +3,8 @@ independent float64 computation, every kind of data alike, ragged minibatches, t
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from ckapipe import compare, store
 from ckapipe.errors import ActivationError, CkapipeError, DataError
 from ckapipe.extract.runner import extract_run
 from ckapipe.extract.zoo import digits_tensors
+from ckapipe.pipelines.compare import spare_cores
 from tests.reference import minibatch_cka_matrix_reference
 from tests.spec_factories import BlockNet, LoggedDataset, Poisoned
 
@@ -103,6 +106,48 @@ def test_compare_matches_an_independent_float64_reference_at_a_larger_input_size
     assert np.abs(res.cka("a", "b") - exact).max() < 1e-6
     assert np.abs(np.diag(res.cka("a"))[:] - 1).max() < 1e-12
 
+
+
+class InPlace(nn.Module):
+    """Recorded outputs that the rest of the forward changes in place: ``relu_`` on the conv's output, ``+=``
+    on the block's (as torchvision's ResNets do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.block = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = torch.relu_(self.conv(x))
+        z = self.block(y)
+        z += y
+        z.mul_(-2.0)
+        return self.head(z.flatten(1))
+
+
+@pytest.fixture(params=["one torch thread", "every core"])
+def torch_threads(request):
+    """torch on one thread (a core left: the Grams queued beside the forward) or on every core (after it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if request.param == "one torch thread" else len(os.sched_getaffinity(0)))
+    yield spare_cores() > 0
+    torch.set_num_threads(before)
+
+
+def test_grams_see_the_features_before_later_in_place_ops(digits, torch_threads):
+    """The Grams, whether queued on workers while the forward goes on (issue 21) or computed after it, are
+    those of the features the layers returned, not of what a later in-place op made of them: against the
+    float64 reference on copies taken by hand."""
+    x, _ = digits
+    torch.manual_seed(5)
+    a, b = InPlace().eval(), InPlace().eval()
+    layers = ["conv", "block", "head"]
+    res = compare({"a": a, "b": b}, x[:256], layers=layers, batch_size=M, order_seed=None, progress=False)
+    assert torch_threads == (torch.get_num_threads() == 1 and len(os.sched_getaffinity(0)) > 1)
+    exact = minibatch_cka_matrix_reference(features_of(a, x[:256], layers, M), features_of(b, x[:256], layers, M), M)
+    assert np.abs(res.cka("a", "b") - exact).max() < 1e-10
+    assert np.abs(np.diag(res.cka("a")) - 1).max() < 1e-12
 
 def test_a_dataloader_a_dataset_a_tensor_and_an_array_give_the_same_result(digits):
     x, y = digits
