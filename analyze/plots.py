@@ -73,7 +73,7 @@ def heatmap(ax, results: Results, a, b, colorbar=True, values=None, tick_labels=
             measure=None):
     """CKA (or another ``measure``) of runs a (y, bottom to top) and b (x) with real layer names;
     ``values`` writes each cell's value (default: for matrices up to MAX_LABELLED_CELLS cells)."""
-    matrix = results.cka_matrix(a, b, measure)
+    matrix = results.cka(a, b, measure).values
     image = ax.imshow(matrix, origin="lower", cmap="magma", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     names_a, names_b = results.layer_names(a), results.layer_names(b)
     _ticks(ax.set_yticks, ax.set_yticklabels, names_a, 0, tick_labels[0], fontsize)
@@ -91,8 +91,8 @@ def heatmap(ax, results: Results, a, b, colorbar=True, values=None, tick_labels=
 
 def mark_ties_with_best(ax, results: Results, a, b):
     """Frame each row's best match; dot the entries whose bootstrap interval overlaps the best's."""
-    low, high = results.cka_interval(a, b)
-    best, tied = ties_with_best(results.cka_matrix(a, b), low, high,
+    low, high = results.interval(a, b).values
+    best, tied = ties_with_best(results.cka(a, b).values, low, high,
                                 exclude_diagonal=results.run_index(a) == results.run_index(b))
     rows = [i for i in range(len(best)) if best[i] >= 0]
     if rows:
@@ -161,8 +161,8 @@ def grid_figure(results: Results, panel: float = 2.6):
 def minibatch_figure(results: Results, a, b, layer_a, layer_b):
     """Per-minibatch CKA of one layer pair against minibatch index, on a scale fitted to the values,
     beside their histogram on the same scale; the minibatch CKA (ratio of sums) dashed on both."""
-    values = results.minibatch_cka_pair(a, b, layer_a, layer_b)
-    overall = results.cka_matrix(a, b)[results.layer_index(a, layer_a), results.layer_index(b, layer_b)]
+    values = results.minibatch_cka(a, b, layer_a, layer_b).values
+    overall = results.cka(a, b).values[results.layer_index(a, layer_a), results.layer_index(b, layer_b)]
     fig = _figure(figsize=(10, 4.2))
     left, right = fig.subplots(1, 2, sharey=True, width_ratios=(3, 1))
     index = np.asarray(results.minibatches)
@@ -193,7 +193,7 @@ def minibatch_figure(results: Results, a, b, layer_a, layer_b):
 
 def shade_interval(ax, results: Results, a, b, layer_a, layer_b, vertical: bool = True):
     """The bootstrap interval of the minibatch CKA of one layer pair, as a band across ``ax``."""
-    low, high = (x[results.layer_index(a, layer_a), results.layer_index(b, layer_b)] for x in results.cka_interval(a, b))
+    low, high = (x[results.layer_index(a, layer_a), results.layer_index(b, layer_b)] for x in results.interval(a, b).values)
     if np.isfinite(low) and np.isfinite(high):
         band = ax.axvspan if vertical else ax.axhspan
         band(low, high, color="0.5", alpha=0.3, zorder=0, label=f"{results.resampling.ci * 100:g} % bootstrap interval")

@@ -140,7 +140,7 @@ def compare(
          "pairing": "sample_ids", "minibatches": list(range(len(hsic))), "precision": precision, "data": feed.given},
         list(feed.notes),
     )
-    results.cka_all  # warns once about constant layers (CKA undefined, NaN)
+    results.cka()  # warns once about constant layers (CKA undefined, NaN)
     if out is not None:
         write_results(results, out, overwrite=overwrite)
     return results
