@@ -248,10 +248,38 @@ class Source:
 # --------------------------------------------------------------------------- loading
 
 
+PACKAGED = Path(__file__).parent  # default.yaml and examples/*.yaml: package data, installed with ckapipe
+
+
+def packaged_studies() -> dict[str, Path]:
+    """The studies shipped with ckapipe, by name: ``default`` and the stem of each examples/*.yaml."""
+    return {path.stem: path for path in [PACKAGED / "default.yaml", *sorted((PACKAGED / "examples").glob("*.yaml"))]}
+
+
+def study_summary(path: Path) -> str:
+    """The first comment line of a pipeline file: what the study is about."""
+    lines = [line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    return next((line for line in lines if line), "")
+
+
+def study_file(pipeline: str | os.PathLike) -> Path:
+    """A pipeline file's path, or a packaged study's (``ckapipe run default`` works from a pip install):
+    a name with no folder and no .yaml that is not a file here names a packaged study."""
+    path = Path(pipeline)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) != 1:
+        return path
+    studies = packaged_studies()
+    if path.name not in studies:
+        raise PipelineError(f"{pipeline}: no such pipeline file, nor a packaged study{suggest(path.name, list(studies))} "
+                            f"(ckapipe examples lists them)")
+    return studies[path.name]
+
+
 def load_study(path: str | os.PathLike, *, cache: str | os.PathLike | None = None,
                results: str | os.PathLike | None = None) -> Study:
-    """Read and validate a pipeline file; ``cache``/``results`` override the file's."""
-    path = Path(path)
+    """Read and validate a pipeline file, or a packaged study by name (``default``); ``cache``/``results``
+    override the file's."""
+    path = study_file(path)
     source = Source(path)
     root = compose(path)
     top = source.mapping(root, "", TOP_KEYS)

@@ -65,7 +65,7 @@ def test_small_matrices_carry_their_values_large_ones_do_not(six, tmp_path):
     ax = heatmap_figure(six, SIX[0], SIX[1]).axes[0]
     texts = [t.get_text() for t in ax.texts]
     assert len(texts) == 64
-    assert texts[1] == f"{six.cka(SIX[0], SIX[1])[0, 1]:.2f}"
+    assert texts[1] == f"{six.cka(SIX[0], SIX[1]).values[0, 1]:.2f}"
     rng = np.random.default_rng(2)
     make_run(tmp_path, "deep", random_layers(rng, 64, [4] * 13), 16)
     deep = analyze.analyze(tmp_path, ["deep"], progress=False)

@@ -85,7 +85,7 @@ def test_minibatch_rankme_equals_the_svd_of_each_stored_minibatch(cache, m):
 def test_the_analysis_gives_the_same_minibatch_rankme_and_a_summary_column(cache):
     results = analyze.analyze(cache, ["net"], rankme=True, progress=False)
     rows = by_layer(rank(cache, ["net"], full=False, progress=False))
-    np.testing.assert_array_equal(results.layer_rankme("net"), [rows[layer].rankme_minibatch for layer in rows])
+    np.testing.assert_array_equal(results.layer_rankme("net").values, [rows[layer].rankme_minibatch for layer in rows])
     assert results.rankme.shape == (N // M, 3)
     summary = results.summary()
     columns = [line for line in summary.splitlines() if line.startswith("columns: ")]
