@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -253,13 +254,20 @@ PACKAGED = Path(__file__).parent  # default.yaml and examples/*.yaml: package da
 
 def packaged_studies() -> dict[str, Path]:
     """The studies shipped with ckapipe, by name: ``default`` and the stem of each examples/*.yaml."""
-    return {path.stem: path for path in [PACKAGED / "default.yaml", *sorted((PACKAGED / "examples").glob("*.yaml"))]}
+    examples = sorted((PACKAGED / "examples").glob("*.yaml"), key=lambda path: path.stem)
+    return {path.stem: path for path in [PACKAGED / "default.yaml", *examples]}
 
 
 def study_summary(path: Path) -> str:
-    """The first comment line of a pipeline file: what the study is about."""
-    lines = [line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")]
-    return next((line for line in lines if line), "")
+    """The first sentence of a pipeline file's opening comment: what the study is about."""
+    lines = []
+    for line in path.read_text().splitlines():
+        text = line.lstrip("#").strip()
+        if not line.startswith("#") or (not text and lines):
+            break
+        lines.append(text)
+    sentence = " ".join(lines).strip()
+    return re.split(r"(?<=[.?!])\s+", sentence)[0]
 
 
 def study_file(pipeline: str | os.PathLike) -> Path:

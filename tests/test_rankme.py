@@ -110,7 +110,7 @@ def test_rank_command_prints_the_table_and_writes_csv(cache, tmp_path, capsys):
     from ckapipe.cli import main
 
     out = tmp_path / "rank.csv"
-    main(["rank", "--cache", str(cache), "net", "--out", str(out), "-q"])
+    main(["rank", "--cache", str(cache), "net", "--csv", str(out), "-q"])
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split()[:6] == ["run", "layer", "D", "N", "RankMe", "route"] and len(printed) == 4
     table = list(csv.DictReader(io.StringIO(out.read_text())))
