@@ -1,9 +1,11 @@
 """The results of one analysis or compare: per-minibatch HSIC of every layer pair, CKA, exports.
 
-``compare``, ``analyze`` and ``load_results`` all return ``Results``. Its labelled views are
-xarray objects (see ckapipe.analyze.labelled): ``res.cka`` (a, b) and ``res.minibatch_cka``
-(minibatch, a, b), each side indexed by (run, layer); ``res.to_xarray()`` is the Dataset,
-``res.to_dataframe()`` a tidy table.
+``compare``, ``analyze`` and ``load_results`` all return ``Results``. Every accessor is labelled
+(xarray, see ckapipe.analyze.labelled; NumPy with ``.values``), one name per idea: ``res.cka`` (for
+two runs the a-layers x b-layers matrix, as torch-cka gives it), ``res.cka_all_runs`` (a, b) and
+``res.minibatch_cka`` (minibatch, a, b) over the stacked layers, each side indexed by (run, layer),
+``res.interval``, ``res.p_value``, ``res.hsic_sum``; ``res.to_xarray()`` is the Dataset,
+``res.to_dataframe()`` a tidy table. The older synonyms warn for one release.
 
 Results store (a Zarr v3 group written by xarray: ``xarray.open_zarr(OUT)`` opens it, plain
 ``zarr`` reads it)::
