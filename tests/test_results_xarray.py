@@ -102,6 +102,14 @@ def test_cka_of_more_than_two_runs_is_the_stacked_view_and_called_picks_a_pair()
     assert abs(float(pair.sel(layer_a="z:l1", layer_b="x:l0")) - exact) < 1e-12
 
 
+def test_cka_of_one_run_is_that_run_against_itself():
+    layers = random_layers(np.random.default_rng(3), 48, [5, 8, 3])
+    res = stacked_results({"solo": layers})
+    assert res.cka.dims == ("layer_a", "layer_b") and list(res.cka.layer_b.values) == ["l0", "l1", "l2"]
+    _, exact = by_hand(layers["l2"], layers["l0"])
+    assert abs(float(res.cka.sel(layer_a="l2", layer_b="l0")) - exact) < 1e-12
+
+
 def test_minibatch_cka_is_a_labelled_array_and_one_pair_when_called(study):
     _, res, small, big = study
     assert res.minibatch_cka.dims == ("minibatch", "a", "b")
