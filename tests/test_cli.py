@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import click
+import numpy as np
 import pytest
 
 import ckapipe
@@ -173,3 +174,15 @@ def test_examples_lists_the_packaged_studies_and_init_writes_one(capsys, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
     code, _, err = ckapipe_cli(capsys, "run", "defualt", "--slurm", "--dry-run")
     assert code == 2 and err.startswith("ckapipe: error: defualt: no such pipeline file, nor a packaged study; did you mean: default?")
+
+
+def test_rank_out_is_the_old_spelling_of_csv(capsys, tmp_path):
+    from tests.numpy_runs import make_run, random_layers
+
+    cache = tmp_path / "cache"
+    make_run(cache, "net", random_layers(np.random.default_rng(0), 64, [4, 6]), 16)
+    code, new, err = ckapipe_cli(capsys, "rank", "--cache", cache, "net", "--csv", tmp_path / "new.csv", "--no-full")
+    assert code == 0 and err == ""
+    code, old, err = ckapipe_cli(capsys, "rank", "--cache", cache, "net", "--out", tmp_path / "old.csv", "--no-full")
+    assert code == 0 and err == "ckapipe: warning: --out is deprecated: use --csv\n" and old == new
+    assert (tmp_path / "old.csv").read_text() == (tmp_path / "new.csv").read_text()
