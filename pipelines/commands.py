@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import click
 
 from ckapipe.options import batch_size_option, cache_option, deprecated_alias, device_option, out_option, quiet_option
 from ckapipe.errors import CkapipeError
 from ckapipe.pipelines.api import STAGES, run_study
-from ckapipe.pipelines.study import packaged_studies, study_summary
+from ckapipe.pipelines.study import packaged_studies, packaged_study, study_summary
 
 
 def parse_tasks(ctx, param, value: str | None) -> list[int] | None:
@@ -93,16 +94,10 @@ def examples(quiet):
 @quiet_option
 def init(file, source, quiet):
     """Write a starter pipeline file FILE (default study.yaml), a copy of a packaged study to edit."""
-    from pathlib import Path
-
-    from ckapipe.pipelines.study import study_file
-
     target = Path(file)
     if target.exists():
         raise CkapipeError(f"{file} exists: choose another FILE or remove it")
-    if source not in packaged_studies():
-        study_file(source)  # the one-line error, with the nearest names
-    target.write_text(packaged_studies()[source].read_text())
+    target.write_text(packaged_study(source).read_text())
     if not quiet:
         click.echo(f"wrote {file}: edit it, then ckapipe run {file}")
 

@@ -276,11 +276,16 @@ def study_file(pipeline: str | os.PathLike) -> Path:
     path = Path(pipeline)
     if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) != 1:
         return path
+    return packaged_study(path.name)
+
+
+def packaged_study(name: str) -> Path:
+    """The pipeline file of the packaged study ``name``, or a one-line error with the nearest names."""
     studies = packaged_studies()
-    if path.name not in studies:
-        raise PipelineError(f"{pipeline}: no such pipeline file, nor a packaged study{suggest(path.name, list(studies))} "
+    if name not in studies:
+        raise PipelineError(f"{name}: no such pipeline file, nor a packaged study{suggest(name, list(studies))} "
                             f"(ckapipe examples lists them)")
-    return studies[path.name]
+    return studies[name]
 
 
 def load_study(path: str | os.PathLike, *, cache: str | os.PathLike | None = None,
