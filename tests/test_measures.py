@@ -20,6 +20,11 @@ from tests.numpy_runs import make_run, random_layers
 ALL = "linear,linear_biased,rbf:0.5,rbf_biased:0.5,mutual_knn:5,cknna:5"
 
 
+def measure_matrix(results, measure: str) -> np.ndarray:
+    """(L, L) matrix of one measure over the stacked layers of every run (the Dataset's measure_cka)."""
+    return results.to_xarray().measure_cka.sel(measure=measure).values
+
+
 def identity():
     """The Demo's model (``tests.test_measures:identity``): its one layer, ``0``, returns the inputs."""
     import torch
@@ -224,8 +229,8 @@ def test_neighbour_measures_equal_huh_et_al_definitions_minibatch_by_minibatch(c
     features = {f"{run}:{layer}": stored(runs[run], layer) for run in ("a", "b") for layer in results.layer_names(run)}
     labels = results.labels
     counts = results.statistics("mutual_knn:5") * m * k  # per minibatch, Σ_i |N_a(i) ∩ N_b(i)|
-    knn = results.to_xarray().measure_cka.sel(measure="mutual_knn:5").values
-    cknna = results.to_xarray().measure_cka.sel(measure="cknna:5").values
+    knn = measure_matrix(results, "mutual_knn:5")
+    cknna = measure_matrix(results, "cknna:5")
     for i, la in enumerate(labels):
         for j, lb in enumerate(labels):
             x, y = features[la], features[lb]
@@ -282,7 +287,7 @@ def test_measures_from_a_coarser_grams_only_cache_equal_those_from_activations(c
     from_activations = analyze.analyze(cache, ["a", "b"], measures=ALL, batch_size=16, progress=False,
                                        use_gram_cache=False)
     for measure in from_grams.measures:
-        np.testing.assert_allclose(from_grams.to_xarray().measure_cka.sel(measure=measure).values, from_activations.to_xarray().measure_cka.sel(measure=measure).values, atol=1e-10,
+        np.testing.assert_allclose(measure_matrix(from_grams, measure), measure_matrix(from_activations, measure), atol=1e-10,
                                    err_msg=measure)
 
 
@@ -301,7 +306,7 @@ def test_results_keep_every_measure_and_the_cli_writes_a_measure_dimension(cache
     assert list(values["measure"].values) == ["linear", "rbf:0.5", "mutual_knn:10"]
     loaded = analyze.load_results(out)
     for measure in ("linear", "rbf:0.5", "mutual_knn:10"):
-        np.testing.assert_array_equal(loaded.to_xarray().measure_cka.sel(measure=measure).values, values.sel(measure=measure).values)
+        np.testing.assert_array_equal(measure_matrix(loaded, measure), values.sel(measure=measure).values)
     assert "rbf:0.5" in (out / "cka.csv").read_text().splitlines()[0]
     with pytest.raises(CkapipeError, match=r"these results hold no measure 'cknna:10'"):
         loaded.cka("a", "b", "cknna:10").values
@@ -363,7 +368,7 @@ def test_a_version_2_cache_serves_linear_cka_and_is_filled_again_for_other_measu
     reads.clear()
     again = analyze.analyze(cache, ["a"], measures="linear,rbf:0.5", progress=False)
     assert not reads
-    np.testing.assert_array_equal(again.to_xarray().measure_cka.sel(measure="rbf:0.5").values, rbf.to_xarray().measure_cka.sel(measure="rbf:0.5").values)
+    np.testing.assert_array_equal(measure_matrix(again, "rbf:0.5"), measure_matrix(rbf, "rbf:0.5"))
     np.testing.assert_allclose(again.cka("a").values, fresh.cka("a").values, atol=1e-12)
 
 
@@ -408,7 +413,7 @@ def test_cupy_measures_agree_with_numpy(cache, pair):
     gpu = analyze.analyze(cache, ["a", "b"], measures=ALL, batch_size=16, device="cuda", progress=False,
                           use_gram_cache=False, rankme=True)
     for measure in cpu.measures:
-        np.testing.assert_allclose(gpu.to_xarray().measure_cka.sel(measure=measure).values, cpu.to_xarray().measure_cka.sel(measure=measure).values, atol=1e-9, err_msg=measure)
+        np.testing.assert_allclose(measure_matrix(gpu, measure), measure_matrix(cpu, measure), atol=1e-9, err_msg=measure)
     np.testing.assert_allclose(gpu.rankme, cpu.rankme, rtol=1e-9)
 
 
