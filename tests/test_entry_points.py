@@ -76,7 +76,7 @@ def test_a_wheel_runs_the_packaged_studies_by_name_from_an_empty_folder(tmp_path
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist",
-                    source], check=True, capture_output=True)
+                    source], check=True, capture_output=True, cwd=tmp_path)  # build/ goes there, not here
     (wheel,) = (tmp_path / "dist").glob("ckapipe-*.whl")
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     empty = tmp_path / "empty"
