@@ -58,7 +58,7 @@ $(XVENV)/.installed: pyproject.toml
 	touch $@
 
 # CACHE=DIR and RESULTS=DIR override the study file's directories.
-STUDY_DIRS = $(if $(CACHE),--cache $(CACHE)) $(if $(RESULTS),--results $(RESULTS))
+STUDY_DIRS = $(if $(CACHE),--cache $(CACHE)) $(if $(RESULTS),--out $(RESULTS))
 
 extract: install
 	$(CKAPIPE) run $(PIPELINE) --stage extract $(STUDY_DIRS)

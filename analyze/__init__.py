@@ -3,9 +3,9 @@
 
     from ckapipe import analyze                  # this package; calling it calls analyze.analyze
     results = analyze("cache", ["resnet18@cifar10", "resnet34@cifar10"], out="results/depth")
-    results.cka("resnet18@cifar10", "resnet34@cifar10")   # (La, Lb) CKA matrix
+    results.cka                                  # DataArray (layer_a, layer_b): resnet18's layers x resnet34's
     plot_results("results/depth")
-    results.cka_interval("resnet18@cifar10", "resnet34@cifar10")   # its bootstrap interval (low, high)
+    results.interval("resnet18@cifar10", "resnet34@cifar10")   # its bootstrap interval, (bound, layer_a, layer_b)
     diff("results/depth", a=("resnet18@cifar10:layer4", "resnet34@cifar10:layer4"),
          b=("resnet18@cifar10:layer3", "resnet34@cifar10:layer4"))   # CKA(a) - CKA(b), paired
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ckapipe.options import cache_option, quiet_option
+from ckapipe.options import batch_size_option, cache_option, deprecated_alias, device_option, out_option, quiet_option
 
 
 def resampling_options(command):
@@ -25,10 +25,10 @@ def resampling_options(command):
 @click.command()
 @cache_option()
 @click.argument("runs", nargs=-1, required=True)
-@click.option("--out", required=True, type=click.Path(), help="Results directory to write (must not exist).")
+@out_option("Results directory to write (must not exist).", required=True)
 @click.option("--pair-by-position", is_flag=True, help="Pair minibatch k with minibatch k when runs hold different samples.")
-@click.option("--batch-size", type=int, default=None, help="Analysis minibatch size m (default: the stored chunk size).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@batch_size_option(help="Analysis minibatch size m (default: the stored chunk size).")
+@device_option(("auto", "cpu", "cuda"))
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler (default: local threads).")
 @click.option("--scheduler-file", type=click.Path(dir_okay=False), default=None, help="Dask scheduler file.")
 @click.option("--completed-only", is_flag=True, help="Use the chunks completed so far in incomplete runs.")
@@ -75,7 +75,7 @@ def scale_end(ctx, param, value):
 @click.argument("results", type=click.Path(exists=True, file_okay=False))
 @click.option("--pair", nargs=2, default=None, metavar="A B", help="Runs of the per-minibatch view (default: first two).")
 @click.option("--layers", nargs=2, default=None, metavar="LA LB", help="Layer pair of the per-minibatch view.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the figures (default: RESULTS/plots).")
+@out_option("Folder for the figures (default: RESULTS/plots).", dest="out_dir")
 @click.option("--format", "formats", default="png,pdf", show_default=True, help="Figure formats, comma-separated (png, pdf, svg, ...).")
 @click.option("--vmin", default=None, callback=scale_end, metavar="X|data",
               help="Low end of the heatmaps' colour scale (default 0; data: the smallest value).")
@@ -98,20 +98,22 @@ def plot(results, pair, layers, out_dir, formats, vmin, vmax, cmap, quiet):
 @click.command()
 @cache_option()
 @click.argument("runs", nargs=-1, required=True)
-@click.option("--batch-size", type=int, default=None, help="Minibatch size m of the minibatch RankMe (default: the stored chunk size).")
+@batch_size_option(help="Minibatch size m of the minibatch RankMe (default: the stored chunk size).")
 @click.option("--full/--no-full", default=True, show_default=True,
               help="RankMe of all stored samples (reads every activation; a QR of the features when D ≤ 8,192, else the N × N Gram).")
 @click.option("--minibatch/--no-minibatch", default=True, show_default=True,
               help="RankMe of each minibatch from the Gram cache, averaged (at most m; cheap).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the table as CSV.")
+@device_option(("auto", "cpu", "cuda"))
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, help="Also write the table to this CSV file.")
+@deprecated_alias("--out", "old_csv", "--csv", type=click.Path(dir_okay=False))
 @quiet_option
-def rank(cache, runs, batch_size, full, minibatch, device, out, quiet):
+def rank(cache, runs, batch_size, full, minibatch, device, csv_path, old_csv, quiet):
     """RankMe (Garrido et al. 2023) of every layer of RUNS: full data and per minibatch."""
     from ckapipe.analyze.rank import rank as rank_layers, to_csv, to_text
 
     rows = rank_layers(cache, list(runs), full=full, minibatch=minibatch, batch_size=batch_size, device=device,
                        progress=not quiet)
+    out = csv_path or old_csv
     if out is not None:
         from ckapipe.atomic import atomic_path
 

@@ -397,8 +397,8 @@ def analyze(
                       list(plan.pairing.notes), measure_stats={name: computed[name] for name in names},
                       rankme=computed.get("rankme"), resampling=resampling)
     for name in names:
-        results.values(name)  # warns once per measure about layers where it is undefined (NaN)
-    results.cka_bounds  # the bootstrap intervals; warns when too few minibatches enter
+        results.cka(measure=name)  # warns once per measure about layers where it is undefined (NaN)
+    results.interval()  # the bootstrap intervals; warns when too few minibatches enter
     if permutations:
         add_permutation_test(results, permutations, seed, progress)
     if out is not None:

@@ -4,8 +4,8 @@ Every array over pairs of layers has the dimensions ``a`` and ``b``, each indexe
 (run, layer): the coordinates ``run_a``, ``layer_a`` and ``run_b``, ``layer_b``; per-minibatch
 arrays add ``minibatch`` (the index k of each minibatch used). So::
 
-    res.cka.sel(run_a="r18", run_b="r34")        # dims (layer_a, layer_b), layer names as coordinates
-    res.cka.sel(run_a="r18", layer_a="layer4.1")  # one layer of r18 against every layer of every run
+    res.cka_all_runs.sel(run_a="r18", run_b="r34")        # dims (layer_a, layer_b), layer names as coordinates
+    res.cka_all_runs.sel(run_a="r18", layer_a="layer4.1")  # one layer of r18 against every layer of every run
 
 The Dataset (``Results.to_xarray``) holds ``cka``, ``hsic_sum``, per-minibatch ``hsic`` and
 ``minibatch_cka``; further measures go beside them on the same dimensions (``cka_low``,
@@ -24,7 +24,7 @@ SIDES = ("a", "b")
 
 class CallableArray(xr.DataArray):
     """A DataArray that is also the Results method it took the name of: ``res.cka`` is the
-    labelled array, ``res.cka(a, b)`` the (La, Lb) NumPy matrix of one pair of runs, as before.
+    labelled array, ``res.cka(a, b)`` the labelled (layer_a, layer_b) array of one pair of runs.
 
     Arrays derived from it (``res.cka.sel(...)``, ``res.cka * 2``) are plain labelled arrays; calling
     one says so.

@@ -232,7 +232,7 @@ def heatmap_figure(results: Results, a, b=None, measure=None, *, ax=None, interv
     the best's (dot, lower left) and those whose interval is wider than ``wide`` (triangle, upper right);
     ``widths``: a second panel of the interval widths. ``style``: ``heatmap``'s options."""
     b = a if b is None else b
-    matrix = results.cka_matrix(a, b, measure)
+    matrix = results.cka(a, b, measure).values
     if ax is not None and widths:
         raise CkapipeError("widths=True draws a second panel beside the heatmap: pass no ax")
     own = ax is None  # a figure of its own gets a title; axes given belong to the caller's figure
@@ -258,7 +258,7 @@ def heatmap_figure(results: Results, a, b=None, measure=None, *, ax=None, interv
 
 def best_columns(results: Results, a, b, measure=None) -> np.ndarray:
     """(La,) column of the best match of each row of a against b (-1: none; a run with itself: another layer)."""
-    matrix = np.array(results.cka_matrix(a, b, measure))
+    matrix = np.array(results.cka(a, b, measure).values)
     if results.run_index(a) == results.run_index(b):
         np.fill_diagonal(matrix, np.nan)
     return np.array([int(np.nanargmax(row)) if np.isfinite(row).any() else -1 for row in matrix])
@@ -268,8 +268,8 @@ def mark_intervals(ax, results: Results, a, b, wide: float = WIDE) -> None:
     """Outline each row's best; dot the entries whose interval overlaps the best's; mark wide intervals."""
     from matplotlib.lines import Line2D
 
-    low, high = results.cka_interval(a, b)
-    best, tied = ties_with_best(results.cka_matrix(a, b), low, high,
+    low, high = results.interval(a, b).values
+    best, tied = ties_with_best(results.cka(a, b).values, low, high,
                                 exclude_diagonal=results.run_index(a) == results.run_index(b))
     outline_best(ax, best)
     handles = [Line2D([], [], marker="s", ls="", markerfacecolor="none", markeredgecolor=MARK, label="best of the row")]
@@ -285,7 +285,7 @@ def mark_intervals(ax, results: Results, a, b, wide: float = WIDE) -> None:
 
 def width_panel(ax, results: Results, a, b, cmap="magma"):
     """The width high - low of each entry's bootstrap interval, on its own scale (0 to the widest)."""
-    low, high = results.cka_interval(a, b)
+    low, high = results.interval(a, b).values
     return heatmap(np.asarray(high) - np.asarray(low), results.layer_names(a), results.layer_names(b), ax=ax,
                    vmin=0.0, vmax="data", cmap=cmap, label=f"width of the {results.resampling.ci * 100:g} % interval",
                    col_label=f"{run_label(results, b)} layers", gid="widths")
@@ -357,7 +357,7 @@ def grid_figure(results: Results, pairs=None, *, fig=None, vmin=0.0, vmax=1.0, c
     cells = ([(i, j, a, b) for i, a in enumerate(names) for j, b in enumerate(names) if j >= i] if pairs is None
              else [(0, k, a, b) for k, (a, b) in enumerate(pairs)])
     shape = (len(names), len(names)) if pairs is None else (1, len(pairs))
-    matrices = [results.cka_matrix(a, b) for _, _, a, b in cells]
+    matrices = [results.cka(a, b).values for _, _, a, b in cells]
     lo, hi = color_limits(np.concatenate([m.ravel() for m in matrices]), vmin, vmax)
     fig = fig if fig is not None else new_figure(2.6 * shape[1] + 1.2, 2.6 * shape[0] + 0.6)
     axes = fig.subplots(*shape, squeeze=False)
@@ -465,8 +465,8 @@ def layer_trend_figure(results: Results, a, b=None, *, ax=None, save=None):
     rows = np.flatnonzero(best >= 0)
     pick = (rows, best[rows])
     ax = ax if ax is not None else new_figure(max(4.5, 0.25 * len(best) + 2.5), 3.6).add_subplot()
-    low, high = results.cka_interval(a, b) if results.resampling.ci else (None, None)
-    trend(ax, rows, results.cka_matrix(a, b)[pick], None if low is None else np.asarray(low)[pick],
+    low, high = results.interval(a, b).values if results.resampling.ci else (None, None)
+    trend(ax, rows, results.cka(a, b).values[pick], None if low is None else np.asarray(low)[pick],
           None if high is None else np.asarray(high)[pick], label=f"best match in {run_label(results, b)}")
     ticks(ax, "x", results.layer_names(a))
     ax.set_xlabel(f"{run_label(results, a)} layers")
@@ -504,8 +504,8 @@ def diversity_figure(labels, stats: dict, *, ax=None, xlabel="depth", title="", 
 def minibatch_figure(results: Results, a, b, layer_a, layer_b, *, fig=None, save=None):
     """Per-minibatch CKA of one layer pair against minibatch index, on a scale fitted to the values,
     beside their histogram on the same scale; the minibatch CKA (ratio of sums) dashed on both."""
-    values = results.minibatch_cka_pair(a, b, layer_a, layer_b)
-    overall = results.cka_matrix(a, b)[results.layer_index(a, layer_a), results.layer_index(b, layer_b)]
+    values = results.minibatch_cka(a, b, layer_a, layer_b).values
+    overall = results.cka(a, b).values[results.layer_index(a, layer_a), results.layer_index(b, layer_b)]
     fig = fig if fig is not None else new_figure(10, 4.2)
     left, right = fig.subplots(1, 2, sharey=True, width_ratios=(3, 1))
     left.plot(np.asarray(results.minibatches), values, marker="o", ms=3, lw=0.8, color="tab:purple")
@@ -546,7 +546,7 @@ def shade_interval(ax, results: Results, a, b, layer_a, layer_b) -> None:
     if not results.resampling.ci:
         return
     i, j = results.layer_index(a, layer_a), results.layer_index(b, layer_b)
-    low, high = (x[i, j] for x in results.cka_interval(a, b))
+    low, high = (x[i, j] for x in results.interval(a, b).values)
     if np.isfinite(low) and np.isfinite(high):
         ax.axhspan(low, high, color="0.5", alpha=0.3, zorder=0, label=f"{results.resampling.ci * 100:g} % bootstrap interval")
 

@@ -1,9 +1,11 @@
 """The results of one analysis or compare: per-minibatch HSIC of every layer pair, CKA, exports.
 
-``compare``, ``analyze`` and ``load_results`` all return ``Results``. Its labelled views are
-xarray objects (see ckapipe.analyze.labelled): ``res.cka`` (a, b) and ``res.minibatch_cka``
-(minibatch, a, b), each side indexed by (run, layer); ``res.to_xarray()`` is the Dataset,
-``res.to_dataframe()`` a tidy table.
+``compare``, ``analyze`` and ``load_results`` all return ``Results``. Every accessor is labelled
+(xarray, see ckapipe.analyze.labelled; NumPy with ``.values``), one name per idea: ``res.cka`` (for
+two runs the a-layers x b-layers matrix, as torch-cka gives it), ``res.cka_all_runs`` (a, b) and
+``res.minibatch_cka`` (minibatch, a, b) over the stacked layers, each side indexed by (run, layer),
+``res.interval``, ``res.p_value``, ``res.hsic_sum``; ``res.to_xarray()`` is the Dataset,
+``res.to_dataframe()`` a tidy table. The older synonyms warn for one release.
 
 Results store (a Zarr v3 group written by xarray: ``xarray.open_zarr(OUT)`` opens it, plain
 ``zarr`` reads it)::
@@ -52,7 +54,10 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import xarray as xr
 import zarr
+
+from ckapipe.analyze import labelled
 
 from ckapipe.analyze.measures import DEFAULT, SUMS, measure_values, minibatch_values, parse_measure
 from ckapipe.analyze.stats import MIN_INTERVAL, Resampling, bootstrap_bounds, minibatch_count
@@ -158,17 +163,41 @@ class Results:
         names = self.run_names
         return [(names[i], names[j]) for i in range(len(names)) for j in range(i, len(names))]
 
-    # ---- numbers
-    @cached_property
-    def hsic_sum(self) -> np.ndarray:
-        """(L, L) float64 sums over minibatches of HSIC_1."""
-        return self.hsic.sum(axis=0)
+    # ---- numbers (NumPy, for the exports below; the public views are the labelled ones further down)
+    def _values(self, measure=None) -> np.ndarray:
+        """(L, L) value of a measure for every pair of stacked layers (NaN where undefined, with a warning)."""
+        name = self.measure_name(measure)
+        cached = self.__dict__.setdefault("_measure_values", {})
+        if name not in cached:
+            cached[name] = measure_values(parse_measure(name), self.statistics(name), self.labels)
+        return cached[name]
 
-    @property
-    def cka_all(self) -> np.ndarray:
-        """(L, L) minibatch CKA of every pair of stacked layers (NaN for constant layers, with a warning);
-        of the first measure when several were computed."""
-        return self.values()
+    def _bounds(self, measure=None) -> np.ndarray:
+        """(2, L, L) bootstrap [low, high] of every entry of a measure's matrix, drawn once per measure."""
+        name = self.measure_name(measure)
+        if name == self.measures[0]:
+            if self.bounds is None:
+                self.bounds = self._bootstrap(name)
+            return self.bounds
+        drawn = self.__dict__.setdefault("_measure_bounds", {})
+        if name not in drawn:
+            drawn[name] = self._bootstrap(name)
+        return drawn[name]
+
+    def _p_values(self) -> np.ndarray:
+        """(L, L) permutation p-values (NaN within a run, or everywhere when no test ran)."""
+        return self.p_value_all if self.p_value_all is not None else np.full(self.hsic.shape[1:], np.nan)
+
+    def _block(self, matrix: np.ndarray, a, b=None) -> np.ndarray:
+        """The (..., La, Lb) block of runs a and b (b defaults to a) of a stacked (..., L, L) array."""
+        return matrix[..., self._span(a), self._span(a if b is None else b)]
+
+    def _sums(self, a, b=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """S_ab (La, Lb), S_aa (La,), S_bb (Lb,): sums over minibatches of HSIC_1."""
+        b = a if b is None else b
+        total = self.hsic.sum(axis=0)
+        diag = np.diag(total)
+        return self._block(total, a, b), diag[self._span(a)], diag[self._span(b)]
 
     @property
     def measures(self) -> list[str]:
@@ -190,143 +219,115 @@ class Results:
         name = self.measure_name(measure)
         return self.hsic if name == self.measures[0] else self.measure_stats[name]
 
-    def values(self, measure=None) -> np.ndarray:
-        """(L, L) value of a measure for every pair of stacked layers (NaN where undefined, with a warning)."""
-        name = self.measure_name(measure)
-        cached = self.__dict__.setdefault("_values", {})
-        if name not in cached:
-            cached[name] = measure_values(parse_measure(name), self.statistics(name), self.labels)
-        return cached[name]
-
-    def cka_matrix(self, a, b=None, measure=None) -> np.ndarray:
-        """(La, Lb) CKA matrix of runs a and b (b defaults to a), of ``measure`` when given; also ``res.cka(a, b)``."""
-        b = a if b is None else b
-        return self.values(measure)[self._span(a), self._span(b)]
-
-    @cached_property
-    def minibatch_cka_all(self) -> np.ndarray:
-        """(n_minibatches, L, L) CKA within each minibatch, H_k[a, b] / sqrt(H_k[a, a] H_k[b, b]) (NaN where undefined)."""
-        return minibatch_values(self.hsic)
-
-    def minibatch_rankme(self, run) -> np.ndarray:
-        """(n_minibatches, La) RankMe of the run's layers in each minibatch (analyse with rankme=True)."""
-        if self.rankme is None:
-            raise CkapipeError("these results hold no RankMe: analyse with --rankme")
-        return self.rankme[:, self._span(run)]
-
-    def layer_rankme(self, run) -> np.ndarray:
-        """(La,) minibatch RankMe of the run's layers, averaged over minibatches (analyse with rankme=True)."""
-        return self.minibatch_rankme(run).mean(axis=0)
-
-    @property
-    def cka_bounds(self) -> np.ndarray:
-        """(2, L, L) bootstrap interval [low, high] of every entry of cka_all (NaN when ci is None, and
-        for a first measure that is not a ratio of sums, which this bootstrap does not cover)."""
-        if self.bounds is None:
-            self.bounds = self._bootstrap(self.measures[0])
-        return self.bounds
-
-    def measure_bounds(self, measure=None) -> np.ndarray:
-        """(2, L, L) bootstrap interval of every entry of a measure's matrix (cka_bounds for the first),
-        drawn once per measure."""
-        name = self.measure_name(measure)
-        if name == self.measures[0]:
-            return self.cka_bounds
-        drawn = self.__dict__.setdefault("_measure_bounds", {})
-        if name not in drawn:
-            drawn[name] = self._bootstrap(name)
-        return drawn[name]
-
     def _bootstrap(self, name: str) -> np.ndarray:
         """The bootstrap over minibatches of a ratio-of-sums measure; NaN for one that is not."""
         if parse_measure(name).aggregate != SUMS:
             return np.full((2, *self.hsic.shape[1:]), np.nan)
         return bootstrap_bounds(self.statistics(name), self.resampling)
 
-    def cka_interval(self, a, b=None, measure=None) -> tuple[np.ndarray, np.ndarray]:
-        """(low, high), each (La, Lb): the bootstrap interval of cka(a, b), or of ``measure``'s matrix
-        (NaN for a measure that is not a ratio of sums over minibatches)."""
-        b = a if b is None else b
-        low, high = self.measure_bounds(measure)
-        return low[self._span(a), self._span(b)], high[self._span(a), self._span(b)]
-
-    def p_value(self, a, b=None) -> np.ndarray:
-        """(La, Lb) permutation p-values of CKA > 0 (NaN within a run, or when no test ran)."""
-        b = a if b is None else b
-        p = self.p_value_all if self.p_value_all is not None else np.full(self.cka_all.shape, np.nan)
-        return p[self._span(a), self._span(b)]
-
     def stacked_index(self, run, layer) -> int:
-        """Position of ``run:layer`` among the L stacked layers (rows of hsic and cka_all)."""
+        """Position of ``run:layer`` among the L stacked layers (rows of hsic and cka_all_runs)."""
         return self._span(run).start + self.layer_index(run, layer)
 
-    def hsic_sums(self, a, b=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """S_ab (La, Lb), S_aa (La,), S_bb (Lb,)."""
+    # ---- labelled views: one name per idea, each an xarray.DataArray (NumPy: .values)
+    def side_layers(self, a, b=None) -> tuple[list[str], list[str]]:
+        """The layer names of runs a and b as coordinates: ``run:layer`` when two different runs share
+        a layer name, so that a row and a column never read alike."""
         b = a if b is None else b
-        diag = np.diag(self.hsic_sum)
-        return self.hsic_sum[self._span(a), self._span(b)], diag[self._span(a)], diag[self._span(b)]
+        la, lb = self.layer_names(a), self.layer_names(b)
+        if self.run_index(a) != self.run_index(b) and set(la) & set(lb):
+            la = [f"{self.run_names[self.run_index(a)]}:{n}" for n in la]
+            lb = [f"{self.run_names[self.run_index(b)]}:{n}" for n in lb]
+        return la, lb
 
-    def minibatch_hsic(self, a, b=None) -> np.ndarray:
-        """(n_minibatches, La, Lb) per-minibatch HSIC_1."""
+    def _labelled_pair(self, matrix: np.ndarray, a, b, name: str, lead: tuple = ()) -> xr.DataArray:
+        """The block of runs a and b of a stacked (..., L, L) array as a DataArray (*lead, layer_a, layer_b),
+        the two run labels as scalar coordinates run_a and run_b."""
         b = a if b is None else b
-        return self.hsic[:, self._span(a), self._span(b)]
+        la, lb = self.side_layers(a, b)
+        coords = {"layer_a": la, "layer_b": lb, "run_a": self.run_names[self.run_index(a)],
+                  "run_b": self.run_names[self.run_index(b)], **dict(lead)}
+        dims = (*(dim for dim, _ in lead), "layer_a", "layer_b")
+        return xr.DataArray(self._block(matrix, a, b).copy(), dims=dims, coords=coords, name=name)
 
-    def minibatch_cka_pair(self, a, b, layer_a, layer_b, measure=None) -> np.ndarray:
-        """(n_minibatches,) CKA (or ``measure``) of one layer pair computed within each minibatch;
-        also ``res.minibatch_cka(a, b, la, lb)``."""
-        ia = self._span(a).start + self.layer_index(a, layer_a)
-        ib = self._span(b).start + self.layer_index(b, layer_b)
-        if measure is None or self.measure_name(measure) == self.measures[0]:
-            return self.minibatch_cka_all[:, ia, ib]
-        h = self.statistics(measure)[:, [ia, ib]][:, :, [ia, ib]]
-        return minibatch_values(h)[:, 0, 1]
-
-    # ---- labelled arrays (xarray)
-    def to_xarray(self):
-        """The xarray.Dataset of these results: cka and hsic_sum (a, b), hsic and minibatch_cka
-        (minibatch, a, b); a and b indexed by (run, layer) (see ckapipe.analyze.labelled)."""
-        from ckapipe.analyze.labelled import results_dataset
-
-        runs = [name for name, r in zip(self.run_names, self.runs) for _ in r.layers]
-        layers = [layer for r in self.runs for layer in r.layers]
-        modules = [module for r in self.runs for module in (r.modules or ("",) * len(r.layers))]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # constant layers: said once, when the CKA was computed
-            cka, per_minibatch = self.cka_all.copy(), self.minibatch_cka_all.copy()
-            measures = {name: (self.values(name).copy(), self.statistics(name).copy()) for name in self.measures}
-            low, high = self.cka_bounds
-            p = self.p_value_all if self.p_value_all is not None else np.full(low.shape, np.nan)
-        return results_dataset(runs, layers, self.minibatches, self.hsic.copy(), cka, per_minibatch,
-                               {"m": self.m, "pairing": self.pairing, "notes": list(self.notes),
-                                "resampling": self.resampling.describe(len(self.minibatches))},
-                               measures=measures if self.measures != [DEFAULT] else None, rankme=self.rankme,
-                               uncertainty=(low.copy(), high.copy(), p.copy(), self.resampling.to_dict()),
-                               modules=modules)
-
-    @cached_property
-    def _labelled(self):
-        return self.to_xarray()
+    def _cka_pair(self, a=None, b=None, measure=None) -> xr.DataArray:
+        """CKA (or ``measure``) of runs a and b: DataArray (layer_a, layer_b); a and b default to the
+        first two runs (to the one run, if only one)."""
+        if a is None:
+            a, b = self.run_names[0], (self.run_names[min(1, len(self.runs) - 1)] if b is None else b)
+        return self._labelled_pair(self._values(measure), a, b, self.measure_name(measure))
 
     @cached_property
     def cka(self):
-        """Minibatch CKA of every pair of layers, an xarray.DataArray (a, b), each side indexed by
-        (run, layer): ``res.cka.sel(run_a="r18", run_b="r34")`` has dims (layer_a, layer_b).
-        Called, ``res.cka(a, b)`` is the (La, Lb) NumPy matrix of runs a and b (b defaults to a)."""
-        from ckapipe.analyze.labelled import callable_array
+        """The main CKA view: for two runs (a two-model compare) the a-layers × b-layers DataArray
+        (layer_a, layer_b), for one run that run against itself, for more runs ``cka_all_runs``.
+        Called, ``res.cka(a, b, measure=None)`` is the DataArray (layer_a, layer_b) of runs a and b."""
+        view = self._cka_pair() if len(self.runs) <= 2 else self.cka_all_runs
+        return labelled.callable_array(view, self._cka_pair)
 
-        return callable_array(self._labelled["cka"], self.cka_matrix)
+    @cached_property
+    def cka_all_runs(self) -> xr.DataArray:
+        """Minibatch CKA of every pair of the layers of all runs stacked, self-pairs included: DataArray
+        (a, b), each side indexed by (run, layer): ``.sel(run_a="r18", run_b="r34")``."""
+        return self._labelled["cka"]
 
     @cached_property
     def minibatch_cka(self):
-        """CKA within each minibatch, an xarray.DataArray (minibatch, a, b).
-        Called, ``res.minibatch_cka(a, b, layer_a, layer_b)`` is the (n_minibatches,) NumPy vector of one pair."""
-        from ckapipe.analyze.labelled import callable_array
+        """CKA within each minibatch, DataArray (minibatch, a, b) over the stacked layers.
+        Called, ``res.minibatch_cka(a, b, layer_a, layer_b, measure=None)`` is one pair's DataArray (minibatch,)."""
+        return labelled.callable_array(self._labelled["minibatch_cka"], self._minibatch_pair)
 
-        return callable_array(self._labelled["minibatch_cka"], self.minibatch_cka_pair)
+    def _minibatch_pair(self, a, b, layer_a, layer_b, measure=None) -> xr.DataArray:
+        ia, ib = self.stacked_index(a, layer_a), self.stacked_index(b, layer_b)
+        h = self.statistics(measure)[:, [ia, ib]][:, :, [ia, ib]]
+        return xr.DataArray(minibatch_values(h)[:, 0, 1], dims=("minibatch",), name="minibatch_cka",
+                            coords={"minibatch": self.minibatches, "layer_a": self.layer_names(a)[self.layer_index(a, layer_a)],
+                                    "layer_b": self.layer_names(b)[self.layer_index(b, layer_b)]})
+
+    def interval(self, a=None, b=None, measure=None) -> xr.DataArray:
+        """Bootstrap interval of the CKA (or ``measure``) over minibatches: DataArray (bound, layer_a,
+        layer_b) of runs a and b, bound = ["low", "high"]; without a, of all runs stacked (bound, a, b).
+        NaN when the bootstrap was switched off or the measure is not a ratio of sums."""
+        bounds = self._bounds(measure)
+        if a is None:
+            return self._stacked(bounds, "interval", (("bound", ["low", "high"]),))
+        return self._labelled_pair(bounds, a, b, "interval", (("bound", ["low", "high"]),))
+
+    def p_value(self, a=None, b=None) -> xr.DataArray:
+        """Permutation p-values of CKA > 0: DataArray (layer_a, layer_b), or of all runs stacked (a, b)
+        without a; NaN within a run, and everywhere when no permutation test ran."""
+        return self._stacked(self._p_values(), "p_value") if a is None else self._labelled_pair(self._p_values(), a, b, "p_value")
+
+    @cached_property
+    def hsic_sum(self):
+        """S = sum over minibatches of HSIC_1, DataArray (a, b) over the stacked layers.
+        Called, ``res.hsic_sum(a, b)`` is the DataArray (layer_a, layer_b) of runs a and b (S_aa: its diagonal for a = b)."""
+        return labelled.callable_array(self._labelled["hsic_sum"], lambda a, b=None: self._labelled_pair(
+            self.hsic.sum(axis=0), a, b, "hsic_sum"))
+
+    def minibatch_hsic(self, a, b=None) -> xr.DataArray:
+        """HSIC_1 of runs a and b in each minibatch: DataArray (minibatch, layer_a, layer_b)."""
+        return self._labelled_pair(self.hsic, a, b, "hsic", (("minibatch", self.minibatches),))
+
+    def minibatch_rankme(self, run) -> xr.DataArray:
+        """RankMe of the run's layers in each minibatch: DataArray (minibatch, layer) (analyse with rankme=True)."""
+        if self.rankme is None:
+            raise CkapipeError("these results hold no RankMe: analyse with --rankme")
+        return xr.DataArray(self.rankme[:, self._span(run)], dims=("minibatch", "layer"), name="rankme",
+                            coords={"minibatch": self.minibatches, "layer": self.layer_names(run)})
+
+    def layer_rankme(self, run) -> xr.DataArray:
+        """Minibatch RankMe of the run's layers averaged over minibatches: DataArray (layer,)."""
+        return self.minibatch_rankme(run).mean("minibatch")
+
+    def _stacked(self, matrix: np.ndarray, name: str, lead: tuple = ()) -> xr.DataArray:
+        """A stacked (..., L, L) array on cka_all_runs' (run, layer) coordinates."""
+        dims = (*(dim for dim, _ in lead), "a", "b")
+        return xr.DataArray(matrix.copy(), dims=dims, coords={**self.cka_all_runs.coords, **dict(lead)}, name=name)
 
     def best_matches(self, a, b) -> list[tuple[str, str, float]]:
         """For every layer of a: the layer of b with the highest CKA (another layer when a is b)."""
-        matrix = self.cka_matrix(a, b).copy()
+        matrix = self._block(self._values(), a, b).copy()
         if self.run_index(a) == self.run_index(b):
             np.fill_diagonal(matrix, np.nan)
         names_b = self.layer_names(b)
@@ -339,23 +340,80 @@ class Results:
                 out.append((layer, names_b[j], float(row[j])))
         return out
 
+    # ---- deprecated names (one release): each warns and names its replacement
+    @property
+    def cka_all(self) -> np.ndarray:
+        return _deprecated("cka_all", "cka_all_runs", lambda: self._values())
+
+    def cka_matrix(self, a, b=None, measure=None) -> np.ndarray:
+        return _deprecated("cka_matrix(a, b)", "cka(a, b)", lambda: self._block(self._values(measure), a, b))
+
+    def values(self, measure=None) -> np.ndarray:
+        return _deprecated("values(measure)", "cka_all_runs (other measures: to_xarray().measure_cka)",
+                           lambda: self._values(measure))
+
+    @property
+    def minibatch_cka_all(self) -> np.ndarray:
+        return _deprecated("minibatch_cka_all", "minibatch_cka", lambda: minibatch_values(self.hsic))
+
+    def minibatch_cka_pair(self, a, b, layer_a, layer_b, measure=None) -> np.ndarray:
+        return _deprecated("minibatch_cka_pair", "minibatch_cka(a, b, layer_a, layer_b)",
+                           lambda: self._minibatch_pair(a, b, layer_a, layer_b, measure).values)
+
+    @property
+    def cka_bounds(self) -> np.ndarray:
+        return _deprecated("cka_bounds", "interval()", lambda: self._bounds())
+
+    def measure_bounds(self, measure=None) -> np.ndarray:
+        return _deprecated("measure_bounds(measure)", "interval(measure=measure)", lambda: self._bounds(measure))
+
+    def cka_interval(self, a, b=None, measure=None) -> tuple[np.ndarray, np.ndarray]:
+        return _deprecated("cka_interval(a, b)", "interval(a, b)", lambda: tuple(self._block(self._bounds(measure), a, b)))
+
+    def hsic_sums(self, a, b=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return _deprecated("hsic_sums(a, b)", "hsic_sum(a, b)", lambda: self._sums(a, b))
+
+    # ---- labelled arrays (xarray)
+    def to_xarray(self):
+        """The xarray.Dataset of these results: cka and hsic_sum (a, b), hsic and minibatch_cka
+        (minibatch, a, b); a and b indexed by (run, layer) (see ckapipe.analyze.labelled)."""
+        runs = [name for name, r in zip(self.run_names, self.runs) for _ in r.layers]
+        layers = [layer for r in self.runs for layer in r.layers]
+        modules = [module for r in self.runs for module in (r.modules or ("",) * len(r.layers))]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant layers: said once, when the CKA was computed
+            cka, per_minibatch = self._values().copy(), minibatch_values(self.hsic)
+            measures = {name: (self._values(name).copy(), self.statistics(name).copy()) for name in self.measures}
+            low, high = self._bounds()
+            p = self._p_values()
+        return labelled.results_dataset(runs, layers, self.minibatches, self.hsic.copy(), cka, per_minibatch,
+                               {"m": self.m, "pairing": self.pairing, "notes": list(self.notes),
+                                "resampling": self.resampling.describe(len(self.minibatches))},
+                               measures=measures if self.measures != [DEFAULT] else None, rankme=self.rankme,
+                               uncertainty=(low.copy(), high.copy(), p.copy(), self.resampling.to_dict()),
+                               modules=modules)
+
+    @cached_property
+    def _labelled(self):
+        return self.to_xarray()
+
     # ---- exports
     def to_dict(self) -> dict:
         pairs = []
         for a, b in self.pairs():
-            s_ab, s_aa, s_bb = self.hsic_sums(a, b)
+            s_ab, s_aa, s_bb = self._sums(a, b)
             pairs.append({
                 "run_a": a, "run_b": b,
                 "layers_a": self.layer_names(a), "layers_b": self.layer_names(b),
-                "cka": _nan_to_none(self.cka_matrix(a, b)),
-                "cka_low": _nan_to_none(self.cka_interval(a, b)[0]),
-                "cka_high": _nan_to_none(self.cka_interval(a, b)[1]),
-                "p_value": _nan_to_none(self.p_value(a, b)),
+                "cka": _nan_to_none(self._block(self._values(), a, b)),
+                "cka_low": _nan_to_none(self._block(self._bounds(), a, b)[0]),
+                "cka_high": _nan_to_none(self._block(self._bounds(), a, b)[1]),
+                "p_value": _nan_to_none(self._block(self._p_values(), a, b)),
                 "hsic_ab": s_ab.tolist(), "hsic_aa": s_aa.tolist(), "hsic_bb": s_bb.tolist(),
-                **({"measures": {name: _nan_to_none(self.cka_matrix(a, b, name)) for name in self.measures}}
+                **({"measures": {name: _nan_to_none(self._block(self._values(name), a, b)) for name in self.measures}}
                    if self.measures != [DEFAULT] else {}),
             })
-        rankme = {"rankme": [self.layer_rankme(n).tolist() for n in self.run_names]} if self.rankme is not None else {}
+        rankme = {"rankme": [self.layer_rankme(n).values.tolist() for n in self.run_names]} if self.rankme is not None else {}
         return {
             **rankme,
             "runs": [dict(r.to_dict(), label=n) for r, n in zip(self.runs, self.run_names)],
@@ -375,11 +433,11 @@ class Results:
         others = self.measures[1:]
         writer.writerow([*COLUMNS, *UNCERTAINTY_COLUMNS, *others])
         for a, b in self.pairs():
-            s_ab, s_aa, s_bb = self.hsic_sums(a, b)
-            matrix = self.cka_matrix(a, b)
-            extra = [self.cka_matrix(a, b, name) for name in others]
-            low, high = self.cka_interval(a, b)
-            p = self.p_value(a, b)
+            s_ab, s_aa, s_bb = self._sums(a, b)
+            matrix = self._block(self._values(), a, b)
+            extra = [self._block(self._values(name), a, b) for name in others]
+            low, high = self._block(self._bounds(), a, b)
+            p = self._block(self._p_values(), a, b)
             for i, la in enumerate(self.layer_names(a)):
                 for j, lb in enumerate(self.layer_names(b)):
                     writer.writerow([a, la, b, lb, repr(float(matrix[i, j])), repr(float(s_ab[i, j])),
@@ -393,7 +451,8 @@ class Results:
 
     def to_dataframe(self, all_pairs: bool = False):
         """A tidy pandas.DataFrame, one row per pair of layers: run_a, layer_a, run_b, layer_b, cka, hsic_ab,
-        hsic_aa, hsic_bb, cka_low, cka_high, p_value (and a column per other measure).
+        hsic_aa, hsic_bb, cka_low, cka_high, p_value (only when a permutation test ran: ``permutations=R``),
+        and a column per other measure.
 
         Each pair once: every layer of a with every layer of b for two runs (a before b), and
         within a run each unordered pair of different layers. ``all_pairs`` gives every ordered
@@ -403,23 +462,25 @@ class Results:
 
         names = self.run_names
         pairs = itertools.product(names, names) if all_pairs else self.pairs()
-        columns = [*COLUMNS, *UNCERTAINTY_COLUMNS, *self.measures[1:]]
+        tested = self.p_value_all is not None
+        columns = [*COLUMNS, *UNCERTAINTY_COLUMNS[:2 + tested], *self.measures[1:]]
         frames = []
         for a, b in pairs:
-            s_ab, s_aa, s_bb = self.hsic_sums(a, b)
+            s_ab, s_aa, s_bb = self._sums(a, b)
             i, j = np.meshgrid(np.arange(len(s_aa)), np.arange(len(s_bb)), indexing="ij")
             keep = (j > i) if (a == b and not all_pairs) else np.ones_like(i, dtype=bool)
             i, j = i[keep], j[keep]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cka = self.cka_matrix(a, b)[i, j]
-                low, high = (bound[i, j] for bound in self.cka_interval(a, b))
+                cka = self._block(self._values(), a, b)[i, j]
+                low, high = (bound[i, j] for bound in self._block(self._bounds(), a, b))
             frames.append(pd.DataFrame({
                 "run_a": a, "layer_a": np.asarray(self.layer_names(a), dtype=object)[i],
                 "run_b": b, "layer_b": np.asarray(self.layer_names(b), dtype=object)[j],
                 "cka": cka, "hsic_ab": s_ab[i, j], "hsic_aa": s_aa[i], "hsic_bb": s_bb[j],
-                "cka_low": low, "cka_high": high, "p_value": self.p_value(a, b)[i, j],
-                **{name: self.cka_matrix(a, b, name)[i, j] for name in self.measures[1:]},
+                "cka_low": low, "cka_high": high,
+                **({"p_value": self._block(self._p_values(), a, b)[i, j]} if tested else {}),
+                **{name: self._block(self._values(name), a, b)[i, j] for name in self.measures[1:]},
             }, columns=columns))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
@@ -451,11 +512,11 @@ class Results:
             matches = self.best_matches(a, b)
             width = max(len(la) for la, _, _ in matches)
             widest = max(len(lb) for _, lb, _ in matches)
-            low, high = self.cka_interval(a, b)
-            p = self.p_value(a, b)
+            low, high = self._block(self._bounds(), a, b)
+            p = self._block(self._p_values(), a, b)
             title = f"{a} -> best layer of {b}" if a != b else f"{a}: most similar other layer"
-            extra = [self.cka_matrix(a, b, name) for name in others]
-            ranks = self.layer_rankme(a) if self.rankme is not None else None
+            extra = [self._block(self._values(name), a, b) for name in others]
+            ranks = self.layer_rankme(a).values if self.rankme is not None else None
             lines += ["", title]
             for i, (la, lb, value) in enumerate(matches):
                 j = self.layer_index(b, lb) if lb != "-" else None
@@ -655,6 +716,12 @@ def format_interval(value: float, low: float, high: float, p: float = float("nan
         floor = 1 / (permutations + 1) if permutations else 0.0
         text += f"  p <= {floor:.2g}" if p <= floor else f"  p = {p:.2g}"
     return text
+
+
+def _deprecated(old: str, new: str, value):
+    """``value()``, after a DeprecationWarning that ``Results.old`` is now ``Results.new``."""
+    warnings.warn(f"Results.{old} is deprecated: use Results.{new}", DeprecationWarning, stacklevel=3)
+    return value()
 
 
 def _nan_to_none(matrix: np.ndarray) -> list:

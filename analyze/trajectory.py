@@ -13,7 +13,7 @@ each layer l of the checkpoints' architecture:
 Intervals: for the measures averaged over minibatches (neighbours) and the
 minibatch RankMe, mean ± 1.96 standard errors over the minibatches (they are
 independent random samples); for the ratio-of-sums measures, the results'
-``cka_interval(a, b, measure)`` when the results provide one (the bootstrap of
+``interval(a, b, measure)`` when the results provide one (the bootstrap of
 ``analyze.stats``), else none.
 """
 
@@ -100,7 +100,7 @@ def trajectory_view(results: Results, series: dict[str, list[tuple[int, str]]], 
                 view.intervals[(measure, name)] = (np.array([b[0] for b in bounds]), np.array([b[1] for b in bounds]))
     for name, runs in points.items():
         if rankme == "minibatch":
-            per_run = [results.minibatch_rankme(run) for _, run in runs]
+            per_run = [results.minibatch_rankme(run).values for _, run in runs]
             view.rankme[name] = np.array([v.mean(axis=0) for v in per_run])
             view.rankme_intervals[name] = _mean_interval(per_run)
         elif rankme == "full":
@@ -111,19 +111,19 @@ def trajectory_view(results: Results, series: dict[str, list[tuple[int, str]]], 
 def _against_reference(results: Results, reference: str, run: str, layers: list[str], measure: str):
     """(L,) values of each layer of ``run`` against the reference's layer of the same name (else its most
     similar layer), the reference layers' names, and (low, high) when available."""
-    matrix = results.cka(reference, run, measure)  # (L_ref, L)
+    matrix = results.cka(reference, run, measure).values  # (L_ref, L)
     ref_layers = results.layer_names(reference)
     rows = [ref_layers.index(layer) if layer in ref_layers else int(np.nanargmax(matrix[:, j]))
             for j, layer in enumerate(layers)]
     values = matrix[rows, np.arange(len(layers))]
     interval = None
     if parse_measure(measure).aggregate == MEAN:
-        per_minibatch = [results.minibatch_cka(reference, run, ref_layers[i], layer, measure)
+        per_minibatch = [results.minibatch_cka(reference, run, ref_layers[i], layer, measure).values
                          for i, layer in zip(rows, layers)]
         interval = _mean_interval([np.array(per_minibatch).T])
         interval = (interval[0][0], interval[1][0])
     else:
-        low, high = results.cka_interval(reference, run, measure)
+        low, high = results.interval(reference, run, measure).values
         interval = (np.asarray(low)[rows, np.arange(len(layers))], np.asarray(high)[rows, np.arange(len(layers))])
     return values, [ref_layers[i] for i in rows], interval
 

@@ -59,7 +59,7 @@ def permutation_test(results: Results, permutations: int = 1000, seed: int = 0, 
             sums = sum(pool.map(group_sums, groups))
     finally:
         bar.close()
-    return stats.permutation_p_values(results.hsic_sum, sums)
+    return stats.permutation_p_values(results.hsic_sum.values, sums)
 
 
 def _source(entry, m: int) -> RunSource:

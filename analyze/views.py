@@ -140,7 +140,7 @@ def member_matrix(results: Results, view: EnsembleView, depth: dict[str, str]) -
     for i, a in enumerate(view.members):
         for j, b in enumerate(view.members):
             ra, rb = view.run(a), view.run(b)
-            out[i, j] = results.cka(ra, rb)[results.layer_index(ra, depth[a]), results.layer_index(rb, depth[b])]
+            out[i, j] = results.cka(ra, rb).values[results.layer_index(ra, depth[a]), results.layer_index(rb, depth[b])]
     return out
 
 

@@ -51,7 +51,7 @@ def checksum_rows(workdir: Path, rounds: int = 3) -> list[Row]:
     if failed:
         return [Row("K", "analysis with checksums", "analyze", None, "", None,
                     note=f"ERROR: {type(failed[0]).__name__}: {failed[0]}", ckapipe_failure=True)]
-    gap = max(float(np.nanmax(np.abs(r[True][1].cka_all - r[False][1].cka_all))) for r in (acts, grams))
+    gap = max(float(np.nanmax(np.abs(r[True][1].cka_all_runs.values - r[False][1].cka_all_runs.values))) for r in (acts, grams))
     t_verify, reports = timed(lambda: _verify(caches[True]), repeat=2)
     t_read, _ = timed(lambda: decoded_read(caches[True], names), repeat=2)
     verified = not isinstance(reports, Exception) and all(r.ok for r in reports)

@@ -95,7 +95,7 @@ def accuracy_rows(study: Study, workdir: Path) -> list[Row]:
     pairs = list(itertools.combinations(names, 2))
     exact = reference_cka(runs, [(a.name, b.name) for a, b in itertools.combinations(runs, 2)])
     exact = {(a, b): exact[(runs[names.index(a)].name, runs[names.index(b)].name)] for a, b in pairs}
-    rows = deviation_rows(W, "ckapipe compare (float64)", [max_deviation(ours.cka(a, b), exact[(a, b)]) for a, b in pairs],
+    rows = deviation_rows(W, "ckapipe compare (float64)", [max_deviation(ours.cka(a, b).values, exact[(a, b)]) for a, b in pairs],
                           ckapipe=True)
     _, peer = timed(lambda: pytorch_cka_all_pairs(models, loader, study.device))
     if isinstance(peer, Exception):

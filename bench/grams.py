@@ -33,7 +33,7 @@ def gram_rows(study: Study, workdir: Path) -> list[Row]:
     t_acts, from_acts = timed(lambda: analysis(plain, names, study.device, use_gram_cache=False), repeat=2)
     t_filled, from_grams = timed(lambda: analysis(filled, names, study.device), repeat=2)
     a, b = names[0], names[-1]
-    gap = float(np.nanmax(np.abs(from_grams.cka(a, b) - from_acts.cka(a, b))))
+    gap = float(np.nanmax(np.abs(from_grams.cka(a, b).values - from_acts.cka(a, b).values)))
     return [
         Row(study.workload, "extraction with --grams vs without", "with Grams", min(t_grams), "without", min(t_plain),
             note=f"N = {study.n}, {len(names)} models; best of {study.rounds} interleaved rounds"),

@@ -54,8 +54,8 @@ def uncertainty_rows(study: Study, workdir: Path, permutations: int = 1000) -> l
         return [_error(study, p)]
     n, L = plain.hsic.shape[:2]
     a, b = names
-    low, high = with_ci.cka_interval(a, b)
-    inside = float(np.mean((low <= plain.cka(a, b)) & (plain.cka(a, b) <= high)))
+    low, high = with_ci.interval(a, b).values
+    inside = float(np.mean((low <= plain.cka(a, b).values) & (plain.cka(a, b).values <= high)))
     tested = p[np.isfinite(p)]
     shape = f"L = {L} layers, {n} minibatches of {plain.m}"
     return [

@@ -30,6 +30,8 @@ API = {
     "load_study": "ckapipe.pipelines.study",
 }
 
+EXTRAS = {"torch": "torch"}  # an optional package the API may need -> the extra that installs it
+
 __all__ = ["__version__", *API]
 
 
@@ -37,8 +39,22 @@ def __getattr__(name: str):
     if name == "analyze":
         return importlib.import_module("ckapipe.analyze")
     if name in API:
-        return getattr(importlib.import_module(API[name]), name)
+        return getattr(api_module(name), name)
     raise AttributeError(f"module 'ckapipe' has no attribute {name!r}")
+
+
+def api_module(name: str):
+    """The module behind API name ``name``; a missing optional package is one line naming its extra
+    (``MissingExtra``, an ImportError too), not a bare ModuleNotFoundError from deep inside."""
+    try:
+        return importlib.import_module(API[name])
+    except ModuleNotFoundError as err:
+        package = (err.name or "").partition(".")[0]
+        if package not in EXTRAS:
+            raise
+        from ckapipe.errors import MissingExtra
+
+        raise MissingExtra(f"{name} needs {package}: pip install 'ckapipe[{EXTRAS[package]}]'") from None
 
 
 def __dir__():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import inspect
 import sys
 import warnings
 
@@ -28,6 +29,8 @@ COMMANDS = {
     "rank": "ckapipe.analyze.cli:rank",
     "diff": "ckapipe.analyze.cli:diff",
     "run": "ckapipe.pipelines.commands:run",
+    "examples": "ckapipe.pipelines.commands:examples",
+    "init": "ckapipe.pipelines.commands:init",
     "verify": "ckapipe.store_cli:verify",
     "unlock": "ckapipe.store_cli:unlock",
 }
@@ -43,11 +46,22 @@ class LazyGroup(click.Group):
         module, attr = COMMANDS[name].split(":")
         return getattr(importlib.import_module(module), attr)
 
+    def format_commands(self, ctx, formatter):
+        """Every subcommand with its whole one-line summary (click would cut it to the terminal's width)."""
+        rows = [(name, summary(self.get_command(ctx, name))) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows, col_max=max(map(len, COMMANDS)) + 2)
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="ckapipe", message="%(prog)s %(version)s")
 def cli():
     """Minibatch CKA at scale: extract activations once, compare any pairing offline."""
+
+
+def summary(command: click.Command) -> str:
+    """A command's one-line summary: the first paragraph of its docstring, whole."""
+    return " ".join(inspect.cleandoc(command.help or "").partition("\n\n")[0].split())
 
 
 def one_malloc_arena() -> None:

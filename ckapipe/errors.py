@@ -22,8 +22,8 @@ class SpecError(CkapipeError):
     """A model or dataset spec that cannot be resolved."""
 
 
-class MissingExtra(CkapipeError):
-    """An optional dependency is missing; the message names the extra to install."""
+class MissingExtra(CkapipeError, ImportError):
+    """An optional dependency is missing; the message names the extra to install (an ImportError too)."""
 
 
 class LayerError(CkapipeError):

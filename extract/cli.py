@@ -12,7 +12,7 @@ import click
 
 from ckapipe import store
 from ckapipe.codecs import COMPRESSION_CHOICES, DEFAULT_COMPRESSION
-from ckapipe.options import cache_option, quiet_option
+from ckapipe.options import batch_size_option, cache_option, device_option, quiet_option
 
 RANDOM_OPTION = click.option("--random-init", is_flag=True, help="Random weights (torchvision/timm/hf/zoo), reproducible from init_seed=0.")
 
@@ -57,11 +57,11 @@ def parse_chunks(ctx, param, value):
 @click.option("--model", "-m", required=True, help="zoo:NAME?seed=S, torchvision:NAME, timm:NAME, hf:NAME, package.module:factory or a checkpoint.")
 @click.option("--dataset", "-d", default="digits", show_default=True, help="digits, NAME:ROOT, imagefolder:DIR, hf:DIR, FILE.npy, STORE.zarr, package.module:callable.")
 @click.option("--layers", "-l", "layer_items", multiple=True, help="PATTERN[@SELECT][:REDUCTION], repeatable or comma-separated; default: top-level children.")
-@click.option("--batch-size", "-b", default=256, show_default=True, type=int, help="Minibatch size m = chunk rows (>= 4).")
+@batch_size_option(256, help="Minibatch size m = chunk rows (>= 4).")
 @cache_option()
 @click.option("--order-seed", default=0, show_default=True, type=int, help="Seed of the sample permutation.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(store.DTYPES))
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:i.")
+@device_option()
 @click.option("--reduction", default="flatten", show_default=True, type=click.Choice(["flatten", "mean", "cls"]), help="Default reduction of every layer.")
 @click.option("--name", default=None, help="Readable run name (default MODEL-OPTIONS@DATASET).")
 @click.option("--limit", default=None, type=int, help="Keep the first N samples of the permutation.")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import click
 
-from ckapipe.options import cache_option, quiet_option
+from ckapipe.options import batch_size_option, cache_option, deprecated_alias, device_option, out_option, quiet_option
+from ckapipe.errors import CkapipeError
 from ckapipe.pipelines.api import STAGES, run_study
+from ckapipe.pipelines.study import packaged_studies, packaged_study, study_summary
 
 
 def parse_tasks(ctx, param, value: str | None) -> list[int] | None:
@@ -29,8 +32,8 @@ def parse_tasks(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--stage", type=click.Choice(STAGES), default="all", show_default=True,
               help="Which stage to run.")
 @cache_option(default=None, help="Override the pipeline's cache directory.")
-@click.option("--results", type=click.Path(file_okay=False), default=None,
-              help="Override the pipeline's results directory (results go to RESULTS/STUDY/).")
+@out_option("Override the pipeline's results directory (results go to OUT/STUDY/).")
+@deprecated_alias("--results", "old_results", "--out", type=click.Path(file_okay=False))
 @click.option("--slurm", is_flag=True, help="Submit the stages as SLURM jobs instead of running them here.")
 @click.option("--dry-run", is_flag=True, help="With --slurm: print the job scripts instead of submitting them.")
 @click.option("--wait", is_flag=True, help="With --slurm: wait until the jobs have finished.")
@@ -51,15 +54,15 @@ def parse_tasks(ctx, param, value: str | None) -> list[int] | None:
               help="Start a Dask cluster for the analysis (default: the pipeline's dask.cluster).")
 @click.option("--dask-workers", type=int, default=None, help="Workers of the started Dask cluster.")
 @quiet_option
-def run(pipeline, stage, cache, results, slurm, dry_run, wait, force, tasks, partition, account, time_limit, mem, gres,
+def run(pipeline, stage, cache, out, old_results, slurm, dry_run, wait, force, tasks, partition, account, time_limit, mem, gres,
         cpus_per_task, extra, scheduler, scheduler_file, dask_cluster, dask_workers, quiet):
-    """Run the study in PIPELINE (a YAML file): extract its runs, then analyze its comparisons.
+    """Run the study in PIPELINE (a YAML file, or a packaged study's name): extract its runs, then analyze its comparisons.
 
     Both stages are idempotent: cached runs are skipped, interrupted ones resume,
     and analyses whose inputs did not change are not redone.
 
     \b
-      ckapipe run pipelines/default.yaml
+      ckapipe run default                      (ckapipe examples lists the packaged studies)
       ckapipe run pipelines/default.yaml --stage analyze --scheduler tcp://host:8786
       ckapipe run study.yaml --slurm --dry-run
       ckapipe run study.yaml --slurm --partition gpu --gres gpu:1 --time 04:00:00
@@ -68,10 +71,35 @@ def run(pipeline, stage, cache, results, slurm, dry_run, wait, force, tasks, par
         raise click.UsageError(f"--{'dry-run' if dry_run else 'wait' if wait else 'force'} goes with --slurm")
     slurm_options = {"partition": partition, "account": account, "time": time_limit, "mem": mem, "gres": gres,
                      "cpus_per_task": cpus_per_task, "extra": list(extra)}
-    run_study(pipeline, stage, cache=cache, results=results, slurm=slurm, dry_run=dry_run, tasks=tasks,
+    run_study(pipeline, stage, cache=cache, results=out or old_results, slurm=slurm, dry_run=dry_run, tasks=tasks,
               slurm_options=slurm_options, scheduler=scheduler, scheduler_file=scheduler_file,
               dask_cluster=dask_cluster, dask_workers=dask_workers, wait=wait, force=force, progress=not quiet,
               say=(lambda line: None) if quiet else click.echo)
+
+
+@click.command()
+@quiet_option
+def examples(quiet):
+    """List the studies packaged with ckapipe: ckapipe run NAME runs one, ckapipe init writes a copy to edit."""
+    studies = packaged_studies()
+    width = max(map(len, studies))
+    for name, path in studies.items():
+        click.echo(name if quiet else f"{name:<{width}}  {study_summary(path)}")
+
+
+@click.command()
+@click.argument("file", default="study.yaml", type=click.Path(dir_okay=False))
+@click.option("--from", "source", default="default", show_default=True, metavar="NAME",
+              help="The packaged study to start from (ckapipe examples lists them).")
+@quiet_option
+def init(file, source, quiet):
+    """Write a starter pipeline file FILE (default study.yaml), a copy of a packaged study to edit."""
+    target = Path(file)
+    if target.exists():
+        raise CkapipeError(f"{file} exists: choose another FILE or remove it")
+    target.write_text(packaged_study(source).read_text())
+    if not quiet:
+        click.echo(f"wrote {file}: edit it, then ckapipe run {file}")
 
 
 NAMED_SPEC = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.+@-]*)=(.+)$")
@@ -99,15 +127,15 @@ def named_specs(specs) -> dict[str, str] | list[str]:
                    "once for every model, or once per model in order (the same samples, paired by position).")
 @click.option("--layers", "-l", "layer_items", multiple=True,
               help="PATTERN[@SELECT][:REDUCTION] for every model, repeatable or comma-separated; default: top-level children.")
-@click.option("--batch-size", "-b", default=256, show_default=True, type=int, help="Minibatch size m (>= 4).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Results directory to write (must not exist).")
+@batch_size_option(256, help="Minibatch size m (>= 4).")
+@out_option("Results directory to write (must not exist).", required=True)
 @cache_option(default=None, help="Also leave a grams-only run per model in this cache (reused by a later compare or "
                                  "analyze), and reuse the complete runs found there; default: nothing cached.")
 @click.option("--keep-activations", is_flag=True, help="With --cache: full runs (activations too), not grams-only.")
 @click.option("--order-seed", default=0, show_default=True, type=int, help="Seed of the sample permutation.")
 @click.option("--limit", default=None, type=int, help="Keep the first N samples of the permutation.")
 @click.option("--reduction", default="flatten", show_default=True, type=click.Choice(["flatten", "mean", "cls"]))
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:i.")
+@device_option()
 @click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
               help="Gram products of the float64-centred features: float32 is faster on CPUs, ~1e-9 off in CKA (not cached).")
 @click.option("--random-init", is_flag=True, help="Random weights (torchvision/timm/hf/zoo), reproducible from init_seed=0.")

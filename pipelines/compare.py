@@ -155,8 +155,8 @@ def compare(
          "pairing": "sample_ids", "minibatches": list(range(len(hsic))), "precision": precision, "data": feed.given},
         list(feed.notes),
     )
-    results.cka_all  # warns once about constant layers (CKA undefined, NaN)
-    results.cka_bounds  # the bootstrap intervals, as analyze: warns once when too few minibatches enter
+    results.cka()  # warns once about constant layers (CKA undefined, NaN)
+    results.interval()  # the bootstrap intervals, as analyze: warns once when too few minibatches enter
     if out is not None:
         write_results(results, out, overwrite=overwrite)
     return results

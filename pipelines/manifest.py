@@ -8,7 +8,7 @@ reads the record and refuses a run whose settings changed since.
 
 One file per run: SLURM array tasks write their own and never collide.
 
-A results directory without the record of a run (``--results NEWDIR``) finds
+A results directory without the record of a run (``--out NEWDIR``) finds
 the run in the cache when exactly one store there carries the run's name and
 its settings (model, dataset, order, minibatch size, dtype, limit, layers), and
 records it; otherwise the error says what is missing and what to run.
@@ -77,11 +77,11 @@ def store_name(study: Study, run: RunConfig, record: bool = True) -> str:
     if not fits:
         raise PipelineError(f"{study.path}: run {run.name!r} has no run record in {records}, and the stores named "
                             f"{run.name!r} in cache {study.cache} ({', '.join(r.name for r in named)}) hold other "
-                            f"settings: run the extract stage first ({extract} --results {study.results.parent})")
+                            f"settings: run the extract stage first ({extract} --out {study.results.parent})")
     raise PipelineError(f"{study.path}: run {run.name!r} has no run record in {records}, and {len(fits)} stores in "
                         f"cache {study.cache} fit it ({', '.join(r.name for r in fits)}): run the extract stage to "
                         f"record which is this run's; cached runs are not extracted again "
-                        f"({extract} --results {study.results.parent})")
+                        f"({extract} --out {study.results.parent})")
 
 
 def stores_named(cache: Path, name: str) -> list:

@@ -23,9 +23,9 @@ def study_rows(study: Study, results: dict, stores: dict) -> list[dict]:
     for name, comparison in study.comparisons.items():
         res, store = results[name], stores[name]
         for a, b in comparison.pairs:
-            matrix = res.cka(store[a], store[b])
-            low, high = res.cka_interval(store[a], store[b])
-            ranks = ((res.layer_rankme(store[a]), dict(zip(res.layer_names(store[b]), res.layer_rankme(store[b]))))
+            matrix = res.cka(store[a], store[b]).values
+            low, high = res.interval(store[a], store[b]).values
+            ranks = ((res.layer_rankme(store[a]).values, dict(zip(res.layer_names(store[b]), res.layer_rankme(store[b]).values)))
                      if res.rankme is not None else None)
             for i, (layer_a, best, value) in enumerate(res.best_matches(store[a], store[b])):
                 same = matrix[i, i] if i < matrix.shape[1] else float("nan")

@@ -98,7 +98,7 @@ def ckapipe_command() -> str:
 
 def run_command(study: Study, stage: str, extra: list[str], shell_tail: str = "") -> str:
     """The job's ``ckapipe run`` line; ``shell_tail`` is appended unquoted (shell variables)."""
-    args = [str(study.path), "--stage", stage, "--cache", str(study.cache), "--results", str(study.results.parent),
+    args = [str(study.path), "--stage", stage, "--cache", str(study.cache), "--out", str(study.results.parent),
             *extra]
     return f"{ckapipe_command()} run {' '.join(shlex.quote(a) for a in args)}{shell_tail}"
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -248,10 +249,50 @@ class Source:
 # --------------------------------------------------------------------------- loading
 
 
+PACKAGED = Path(__file__).parent  # default.yaml and examples/*.yaml: package data, installed with ckapipe
+
+
+def packaged_studies() -> dict[str, Path]:
+    """The studies shipped with ckapipe, by name: ``default`` and the stem of each examples/*.yaml."""
+    examples = sorted((PACKAGED / "examples").glob("*.yaml"), key=lambda path: path.stem)
+    return {path.stem: path for path in [PACKAGED / "default.yaml", *examples]}
+
+
+def study_summary(path: Path) -> str:
+    """The first sentence of a pipeline file's opening comment: what the study is about."""
+    lines = []
+    for line in path.read_text().splitlines():
+        text = line.lstrip("#").strip()
+        if not line.startswith("#") or (not text and lines):
+            break
+        lines.append(text)
+    sentence = " ".join(lines).strip()
+    return re.split(r"(?<=[.?!])\s+", sentence)[0]
+
+
+def study_file(pipeline: str | os.PathLike) -> Path:
+    """A pipeline file's path, or a packaged study's (``ckapipe run default`` works from a pip install):
+    a name with no folder and no .yaml that is not a file here names a packaged study."""
+    path = Path(pipeline)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) != 1:
+        return path
+    return packaged_study(path.name)
+
+
+def packaged_study(name: str) -> Path:
+    """The pipeline file of the packaged study ``name``, or a one-line error with the nearest names."""
+    studies = packaged_studies()
+    if name not in studies:
+        raise PipelineError(f"{name}: no such pipeline file, nor a packaged study{suggest(name, list(studies))} "
+                            f"(ckapipe examples lists them)")
+    return studies[name]
+
+
 def load_study(path: str | os.PathLike, *, cache: str | os.PathLike | None = None,
                results: str | os.PathLike | None = None) -> Study:
-    """Read and validate a pipeline file; ``cache``/``results`` override the file's."""
-    path = Path(path)
+    """Read and validate a pipeline file, or a packaged study by name (``default``); ``cache``/``results``
+    override the file's."""
+    path = study_file(path)
     source = Source(path)
     root = compose(path)
     top = source.mapping(root, "", TOP_KEYS)

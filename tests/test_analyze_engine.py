@@ -24,7 +24,7 @@ def assert_matches_reference(results, runs, m, minibatches=None):
     names = list(runs)
     for i, a in enumerate(names):
         for b in names[i:]:
-            ours = results.cka(a, b)
+            ours = results.cka(a, b).values
             for p, x in enumerate(runs[a].values()):
                 for q, y in enumerate(runs[b].values()):
                     assert abs(ours[p, q] - minibatch_cka_reference(x, y, m, minibatches)) < 1e-6, (a, b, p, q)
@@ -38,8 +38,8 @@ def test_analysis_matches_the_float64_formula(cache, two_runs):
     assert len(results.minibatches) == 100 // M
     assert any("4 of 100 samples not used" in note for note in results.notes)
     assert_matches_reference(results, {"net-a": a, "net-b": b}, M)
-    np.testing.assert_allclose(np.diag(results.cka("net-a")), 1, atol=1e-12)
-    np.testing.assert_allclose(results.cka("net-a", "net-b"), results.cka("net-b", "net-a").T, atol=1e-15)
+    np.testing.assert_allclose(np.diag(results.cka("net-a").values), 1, atol=1e-12)
+    np.testing.assert_allclose(results.cka("net-a", "net-b").values, results.cka("net-b", "net-a").values.T, atol=1e-15)
 
 
 def test_each_chunk_of_each_layer_is_read_once(cache, two_runs, reads):
@@ -80,7 +80,7 @@ def test_gram_cache_is_reused_and_a_new_run_reads_only_its_own_activations(cache
     reads.clear()
     both = analyze.analyze(cache, ["net-a", "net-b", "net-c"], progress=False)
     assert {name for name, _, _ in reads} == {"net-c"}
-    np.testing.assert_allclose(both.cka("net-a", "net-b"), first.cka("net-a", "net-b"), atol=1e-12)
+    np.testing.assert_allclose(both.cka("net-a", "net-b").values, first.cka("net-a", "net-b").values, atol=1e-12)
     assert_matches_reference(both, {"net-a": two_runs[0], "net-c": c}, M)
     reads.clear()
     again = analyze.analyze(cache, ["net-a", "net-b", "net-c"], progress=False)
@@ -138,7 +138,7 @@ def test_constant_layer_gives_nan_with_a_warning(cache, tmp_path):
     make_run(cache, "net", layers, 16)
     with pytest.warns(UserWarning, match="dead"):
         results = analyze.analyze(cache, ["net"], out=tmp_path / "out", progress=False)
-        matrix = results.cka("net")
+        matrix = results.cka("net").values
     assert np.isnan(matrix[1]).all() and matrix[0, 0] == pytest.approx(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -209,6 +209,6 @@ def test_a_large_offset_in_float64_stores_changes_nothing(cache):
     y = np.tanh(x @ rng.standard_normal((20, 9)))
     make_run(cache, "plain", {"x": x, "y": y}, 16, dtype="float64")
     make_run(cache, "offset", {"x": x + 1e4, "y": y - 1e4}, 16, dtype="float64")
-    plain = analyze.analyze(cache, ["plain"], progress=False).cka("plain")
-    shifted = analyze.analyze(cache, ["offset"], progress=False).cka("offset")
+    plain = analyze.analyze(cache, ["plain"], progress=False).cka("plain").values
+    shifted = analyze.analyze(cache, ["offset"], progress=False).cka("offset").values
     assert np.abs(plain - shifted).max() < 1e-6

@@ -34,16 +34,17 @@ def test_results_round_trip_through_the_store(analyzed):
     assert loaded.run_names == ["small", "big"] and loaded.run_keys == results.run_keys
     assert loaded.layer_names("big") == ["stage0", "stage1", "stage2"]
     np.testing.assert_array_equal(loaded.hsic, results.hsic)
-    np.testing.assert_array_equal(loaded.cka("small", "big"), results.cka("small", "big"))
+    np.testing.assert_array_equal(loaded.cka("small", "big").values, results.cka("small", "big").values)
     assert loaded.minibatch_hsic("small", "big").shape == (6, 3, 3)
-    s_ab, s_aa, s_bb = loaded.hsic_sums("small", "big")
-    np.testing.assert_allclose(s_ab / np.sqrt(np.outer(s_aa, s_bb)), loaded.cka("small", "big"))
+    s_ab = loaded.hsic_sum("small", "big").values
+    s_aa, s_bb = np.diag(loaded.hsic_sum("small").values), np.diag(loaded.hsic_sum("big").values)
+    np.testing.assert_allclose(s_ab / np.sqrt(np.outer(s_aa, s_bb)), loaded.cka("small", "big").values)
 
 
 def test_results_store_is_readable_with_plain_zarr(analyzed):
     _, out, results = analyzed
     group = zarr.open_group(out, mode="r")
-    np.testing.assert_allclose(group["cka"][:], results.cka_all)
+    np.testing.assert_allclose(group["cka"][:], results.cka_all_runs.values)
     assert group["cka"].metadata.dimension_names == ("a", "b")
     assert [str(v) for v in group["run_a"][:4]] == ["small"] * 3 + ["big"]
     assert [str(v) for v in group["layer_a"][:4]] == ["l0", "l1", "l2", "stage0"]
@@ -54,17 +55,17 @@ def test_json_and_csv_exports(analyzed):
     _, out, results = analyzed
     data = json.loads((out / "cka.json").read_text())
     assert [(p["run_a"], p["run_b"]) for p in data["pairs"]] == [("small", "small"), ("small", "big"), ("big", "big")]
-    np.testing.assert_allclose(data["pairs"][1]["cka"], results.cka("small", "big"))
+    np.testing.assert_allclose(data["pairs"][1]["cka"], results.cka("small", "big").values)
     rows = list(csv.DictReader(io.StringIO(results.to_csv())))
     assert len(rows) == 9 + 9 + 9
     row = next(r for r in rows if (r["run_a"], r["layer_a"], r["run_b"], r["layer_b"]) == ("small", "l1", "big", "stage2"))
-    assert float(row["cka"]) == results.cka("small", "big")[1, 2]
+    assert float(row["cka"]) == results.cka("small", "big").values[1, 2]
 
 
 def test_summary_gives_the_best_matching_layer(analyzed):
     _, out, results = analyzed
     text = results.summary()
-    best = results.layer_names("big")[int(np.argmax(results.cka("small", "big")[0]))]
+    best = results.layer_names("big")[int(np.argmax(results.cka("small", "big").values[0]))]
     assert f"l0  {best}" in text
     assert (out / "summary.txt").read_text().strip() == text
 

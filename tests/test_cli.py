@@ -10,9 +10,12 @@ import subprocess
 import sys
 
 import click
+import numpy as np
 import pytest
 
 import ckapipe
+import ckapipe.cli
+import ckapipe.pipelines.study
 from ckapipe.cli import COMMANDS
 from ckapipe.progress import Progress
 from tests.cli_calls import ckapipe_cli
@@ -83,7 +86,7 @@ def test_extraction_progress_in_a_log_has_no_carriage_returns(tmp_path):
     (["nope"], "No such command 'nope'"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(capsys, tmp_path, args, message):
-    code, _, err = ckapipe_cli(capsys, *args, *(["--results", str(tmp_path)] if args[0] == "run" else []))
+    code, _, err = ckapipe_cli(capsys, *args, *(["--out", str(tmp_path)] if args[0] == "run" else []))
     assert code == 2 and message in err and err.count("\n") == 1 and err.startswith("ckapipe: error: ")
     assert not list(tmp_path.iterdir())  # nothing written
 
@@ -103,3 +106,83 @@ def test_an_interrupt_or_a_click_error_is_one_line_and_its_status(capsys, monkey
     status, _, err = ckapipe_cli(capsys, "verify")
     assert status == code
     assert err.strip().splitlines()[-1:] == ([line] if line else [])
+
+
+def command_options(name: str) -> dict[str, click.Option]:
+    """Every visible option of ``ckapipe NAME`` by each of its spellings."""
+    command = ckapipe.cli.cli.get_command(None, name)
+    return {flag: p for p in command.params if isinstance(p, click.Option) and not p.hidden for flag in p.opts}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_the_same_flag_means_the_same_on_every_command(command):
+    options = command_options(command)
+    for short, long in (("-b", "--batch-size"), ("-o", "--out"), ("-q", "--quiet")):
+        if short in options or long in options:
+            assert options.get(short) is options.get(long) is not None, f"{command}: {short} and {long} are one option"
+    if "--out" in options:  # a directory written, never a file
+        assert isinstance(options["--out"].type, click.Path) and not options["--out"].type.file_okay, command
+    if "--batch-size" in options:
+        assert options["--batch-size"].type is click.INT and options["--batch-size"].help.startswith("Minibatch size m") \
+            or options["--batch-size"].help.startswith("Analysis minibatch size m"), command
+    if "--device" in options:
+        assert options["--device"].default == "auto" and options["--device"].help.startswith("auto (CUDA when there is one), cpu, cuda")
+    if "--cache" in options:
+        assert options["--cache"].envvar == "CKAPIPE_CACHE"
+
+
+def test_old_spellings_are_hidden_and_warn_naming_the_new_one(capsys, tmp_path):
+    code, out, _ = ckapipe_cli(capsys, "run", "--help")
+    assert code == 0 and "-o, --out" in out and "--results" not in out
+    code, out, _ = ckapipe_cli(capsys, "rank", "--help")
+    assert code == 0 and "--csv FILE" in out and "--out" not in out
+    code, out, err = ckapipe_cli(capsys, "run", "default", "--slurm", "--dry-run", "--results", tmp_path / "old")
+    assert code == 0 and err == "ckapipe: warning: --results is deprecated: use --out\n"
+    assert f"--out {tmp_path / 'old'} " in out  # the jobs write where --results said
+    code, new, err = ckapipe_cli(capsys, "run", "default", "--slurm", "--dry-run", "-o", tmp_path / "old")
+    assert code == 0 and err == "" and new == out
+
+
+def test_help_shows_each_command_s_whole_summary(capsys):
+    code, out, _ = ckapipe_cli(capsys, "--help")
+    flat = " ".join(out.split())
+    assert code == 0 and "rank RankMe (Garrido et al. 2023) of every layer of RUNS: full data and per minibatch." in flat
+    for name in COMMANDS:
+        doc = ckapipe.cli.cli.get_command(None, name).help
+        first = " ".join(doc.split("\n\n")[0].split())
+        assert f"{name} {first}" in flat, name
+
+
+def test_examples_lists_the_packaged_studies_and_init_writes_one(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = ckapipe_cli(capsys, "examples", "-q")
+    packaged = sorted(p.stem for p in (ckapipe.pipelines.study.PACKAGED / "examples").glob("*.yaml"))
+    assert code == 0 and out.split() == ["default", *packaged]
+    code, out, _ = ckapipe_cli(capsys, "examples")
+    assert out.splitlines()[0].split() == ["default", "The", "default", "study:", "small", "networks", "trained", "on",
+                                          "scikit-learn's", "bundled", "digits", "(offline,", "CPU,", "about", "half",
+                                          "a", "minute)."]
+    code, out, _ = ckapipe_cli(capsys, "init")
+    default = (ckapipe.pipelines.study.PACKAGED / "default.yaml").read_text()
+    assert code == 0 and out == "wrote study.yaml: edit it, then ckapipe run study.yaml\n"
+    assert (tmp_path / "study.yaml").read_text() == default
+    code, _, err = ckapipe_cli(capsys, "init")
+    assert code == 2 and err == "ckapipe: error: study.yaml exists: choose another FILE or remove it\n"
+    code, _, err = ckapipe_cli(capsys, "init", "kd.yaml", "--from", "teacher-student-digits")
+    assert code == 2 and err == ("ckapipe: error: teacher-student-digits: no such pipeline file, nor a packaged study; "
+                                 "did you mean: teacher-students-digits, teacher-students? (ckapipe examples lists them)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+    code, _, err = ckapipe_cli(capsys, "run", "defualt", "--slurm", "--dry-run")
+    assert code == 2 and err.startswith("ckapipe: error: defualt: no such pipeline file, nor a packaged study; did you mean: default?")
+
+
+def test_rank_out_is_the_old_spelling_of_csv(capsys, tmp_path):
+    from tests.numpy_runs import make_run, random_layers
+
+    cache = tmp_path / "cache"
+    make_run(cache, "net", random_layers(np.random.default_rng(0), 64, [4, 6]), 16)
+    code, new, err = ckapipe_cli(capsys, "rank", "--cache", cache, "net", "--csv", tmp_path / "new.csv", "--no-full")
+    assert code == 0 and err == ""
+    code, old, err = ckapipe_cli(capsys, "rank", "--cache", cache, "net", "--out", tmp_path / "old.csv", "--no-full")
+    assert code == 0 and err == "ckapipe: warning: --out is deprecated: use --csv\n" and old == new
+    assert (tmp_path / "old.csv").read_text() == (tmp_path / "new.csv").read_text()

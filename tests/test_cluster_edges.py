@@ -240,7 +240,7 @@ def test_a_started_scheduler_serves_no_dashboard_and_leaves_its_port_alone(study
 
 
 def test_results_without_run_records_find_the_runs_in_the_cache(study, tmp_path):
-    """``--results NEWDIR``: the runs are found in the cache by name and settings, recorded, analysed."""
+    """``--out NEWDIR``: the runs are found in the cache by name and settings, recorded, analysed."""
     lines = []
     out = run_study(DEFAULT, "analyze", cache=study["cache"], results=tmp_path / "new", progress=False,
                     say=lines.append)

@@ -90,7 +90,7 @@ def test_compare_equals_extract_then_analyze(digits, tmp_path):
              for name, net in (("a", a), ("b", b))]
     offline = analyze.analyze(tmp_path, names, progress=False)
     assert res.run_names == ["BlockNet-1", "BlockNet-2"] and res.layer_names("BlockNet-1") == LAYERS
-    np.testing.assert_allclose(res.cka_all, offline.cka_all, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.cka_all_runs.values, offline.cka_all_runs.values, rtol=0, atol=1e-12)
     np.testing.assert_allclose(res.hsic, offline.hsic, rtol=1e-12, atol=0)
     assert len(res.minibatches) == len(offline.minibatches) == 8
 
@@ -103,8 +103,8 @@ def test_compare_matches_an_independent_float64_reference_at_a_larger_input_size
                   progress=False)
     layers = ["conv", "act", "pool", "head"]
     exact = minibatch_cka_matrix_reference(features_of(a, x, layers, 16), features_of(b, x, layers, 16), 16)
-    assert np.abs(res.cka("a", "b") - exact).max() < 1e-6
-    assert np.abs(np.diag(res.cka("a"))[:] - 1).max() < 1e-12
+    assert np.abs(res.cka("a", "b").values - exact).max() < 1e-6
+    assert np.abs(np.diag(res.cka("a").values)[:] - 1).max() < 1e-12
 
 
 
@@ -163,7 +163,7 @@ def test_a_dataloader_a_dataset_a_tensor_and_an_array_give_the_same_result(digit
     for kind, res in results.items():
         np.testing.assert_allclose(res.hsic, results["loader"].hsic, rtol=1e-13, atol=0, err_msg=kind)
     permuted = compare({"a": a, "b": b}, x, layers=LAYERS, batch_size=M, progress=False)  # order seed 0
-    assert np.abs(permuted.cka_all - results["tensor"].cka_all).max() > 1e-6  # other minibatches, other numbers
+    assert np.abs(permuted.cka_all_runs.values - results["tensor"].cka_all_runs.values).max() > 1e-6  # other minibatches, other numbers
 
 
 def test_a_ragged_last_minibatch_is_dropped_and_noted(digits):
@@ -194,7 +194,7 @@ def test_every_pair_in_one_pass_loads_each_batch_once(digits):
     assert res.pairs() == [("a", "a"), ("a", "b"), ("a", "c"), ("b", "b"), ("b", "c"), ("c", "c")]
     pairwise = compare({"a": three["a"], "c": three["c"]}, DataLoader(TensorDataset(x, y), batch_size=M),
                        layers=LAYERS, progress=False)
-    np.testing.assert_allclose(res.cka("a", "c"), pairwise.cka("a", "c"), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(res.cka("a", "c").values, pairwise.cka("a", "c").values, rtol=0, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- the cache
@@ -213,7 +213,7 @@ def test_cache_leaves_grams_only_runs_that_analyze_and_compare_reuse_without_the
     for c in calls.values():
         c.clear()
     offline = analyze.analyze(tmp_path, ["a", "b"], progress=False)
-    np.testing.assert_allclose(offline.cka_all, first.cka_all, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(offline.cka_all_runs.values, first.cka_all_runs.values, rtol=0, atol=1e-12)
     again = compare({"a": a, "b": b}, loader, layers=LAYERS, cache=tmp_path, progress=False)
     assert sum(calls["a"]) == sum(calls["b"]) == 4  # the probe only: no minibatch ran through a model
     np.testing.assert_allclose(again.hsic, first.hsic, rtol=1e-13, atol=0)
@@ -231,7 +231,7 @@ def test_keep_activations_leaves_full_runs_and_a_named_dataset_needs_no_hashing_
     assert not run.grams_only and run.spec.dataset == "name:digits-517"
     reference = features_of(a, x[torch.from_numpy(run.sample_ids())], ["block"], M)[0]
     np.testing.assert_allclose(run.layer("block")[:], reference, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(analyze.analyze(tmp_path, ["a", "b"], progress=False).cka_all, res.cka_all, atol=1e-12)
+    np.testing.assert_allclose(analyze.analyze(tmp_path, ["a", "b"], progress=False).cka_all_runs.values, res.cka_all_runs.values, atol=1e-12)
 
 
 def test_a_loader_that_streams_other_inputs_each_pass_is_refused_with_a_cache(digits, tmp_path):
@@ -287,7 +287,7 @@ def test_compare_on_cuda_equals_compare_on_the_cpu(digits):
     a, b = nets(0, 1)
     on_cpu = compare(a, b, x, layers=LAYERS, batch_size=M, device="cpu", progress=False)
     on_gpu = compare(a, b, x, layers=LAYERS, batch_size=M, device="cuda", progress=False)
-    np.testing.assert_allclose(on_gpu.cka_all, on_cpu.cka_all, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(on_gpu.cka_all_runs.values, on_cpu.cka_all_runs.values, rtol=0, atol=1e-6)
 
 
 def test_command_line_compare_prints_the_summary_and_writes_results_and_figures(tmp_path, capsys):

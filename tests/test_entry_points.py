@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -50,3 +53,46 @@ def test_the_stage_folders_import_only_as_ckapipe_packages():
     proc = subprocess.run([sys.executable, "-c", "import pipelines"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1
     assert "ImportError: the folder pipelines/ is the package ckapipe.pipelines: import ckapipe.pipelines" in proc.stderr
+
+
+def test_the_api_without_torch_names_the_extra_in_one_line():
+    """torch blocked (None in sys.modules, as if not installed): the analysis API imports, compare says what to install."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from ckapipe import analyze, load_results, run_study\n"
+            "from ckapipe.errors import MissingExtra\n"
+            "try:\n    from ckapipe import compare\n"
+            "except ImportError as err:\n    print(type(err).__name__, isinstance(err, MissingExtra), err)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "MissingExtra True compare needs torch: pip install 'ckapipe[torch]'\n"
+
+
+def test_a_wheel_runs_the_packaged_studies_by_name_from_an_empty_folder(tmp_path):
+    """Built as a wheel (package data only, no repository files), unpacked on the path of a
+    folder with nothing in it: examples, init and run default work by name."""
+    source = tmp_path / "source"
+    for name in ("ckapipe", "analyze", "extract", "pipelines"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist",
+                    source], check=True, capture_output=True, cwd=tmp_path)  # build/ goes there, not here
+    (wheel,) = (tmp_path / "dist").glob("ckapipe-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+
+    def ckapipe_in_empty(*args: str) -> subprocess.CompletedProcess:
+        code = "import ckapipe, sys\nfrom ckapipe.cli import main\nmain(sys.argv[1:])"
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=empty,
+                              env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+
+    where = subprocess.run([sys.executable, "-c", "import ckapipe.pipelines; print(ckapipe.pipelines.__file__)"],
+                           capture_output=True, text=True, cwd=empty, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert where.stdout.startswith(str(tmp_path / "site")), where.stdout  # the wheel's copy, not the repository's
+    listed = ckapipe_in_empty("examples", "-q")
+    assert listed.returncode == 0 and listed.stdout.split()[:3] == ["default", "dataset-drift", "ensemble"]
+    assert ckapipe_in_empty("init", "-q").returncode == 0 and (empty / "study.yaml").is_file()
+    ran = ckapipe_in_empty("run", "default", "--stage", "extract", "--task", "0", "-q")
+    assert ran.returncode == 0 and ran.stderr == "", ran.stderr
+    assert [p.name.rsplit("-", 1)[0] for p in (empty / "cache").iterdir() if p.name not in ("models", ".locks")] == ["cnn3-s0"]

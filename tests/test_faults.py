@@ -207,7 +207,7 @@ def test_corruption_is_named_by_analyze_and_verify_and_repaired(fault, pristine,
 
     results = analyze.analyze(cache, ["a", "b", "g"], progress=False)
     for (a, b), cka in expected.items():
-        np.testing.assert_allclose(results.cka(a, b), cka, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(results.cka(a, b).values, cka, rtol=1e-6, atol=1e-6)
     assert ckapipe_cli(capsys, "verify", "--cache", cache, "-q")[0] == 0
     for slug_, before in files.items():
         assert chunk_files(_store(cache, slug_)) == before, slug_
@@ -218,7 +218,7 @@ def test_store_version_2_is_read_as_before_and_reported_without_checksums(pristi
     old = extract(tmp_path, A, name="a", checksums=False)
     assert old.store_version == 2 and "checksums" not in old.group
     results = analyze.analyze(tmp_path, ["a"], progress=False)
-    np.testing.assert_allclose(results.cka("a"), expected[("a", "a")], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(results.cka("a").values, expected[("a", "a")], rtol=1e-6, atol=1e-6)
     code, out, _ = ckapipe_cli(capsys, "verify", "--cache", tmp_path, "-q")
     assert code == 0 and "no checksums (store version 2)" in out
 

@@ -92,7 +92,7 @@ def test_compare_on_one_minibatch_warns_once_and_reports_no_interval():
     assert caught(lambda: results.append(compare({"a": a, "b": b}, x, layers=LAYERS, batch_size=M,
                                                  order_seed=None, progress=False))) == [ONE_MINIBATCH]
     res = results[0]
-    low, high = res.cka_interval("a", "b")
+    low, high = res.interval("a", "b").values
     assert np.isnan(low).all() and np.isnan(high).all()
     exact = minibatch_cka_matrix_reference(features(a, x), features(b, x), M)
     best = exact.argmax(axis=1)
@@ -143,7 +143,7 @@ def test_the_study_runner_on_one_minibatch_warns_once(tmp_path):
     seen = caught(lambda: results.update(run_study(path, cache=tmp_path / "cache", results=tmp_path / "results",
                                                    progress=False, say=lambda line: None)))
     assert [w for w in seen if "minibatch" in w] == [ONE_MINIBATCH]
-    low, high = results["ab"].cka_interval("a", "b")
+    low, high = results["ab"].interval("a", "b").values
     assert np.isnan(low).all() and np.isnan(high).all()
 
 

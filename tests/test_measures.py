@@ -20,6 +20,11 @@ from tests.numpy_runs import make_run, random_layers
 ALL = "linear,linear_biased,rbf:0.5,rbf_biased:0.5,mutual_knn:5,cknna:5"
 
 
+def measure_matrix(results, measure: str) -> np.ndarray:
+    """(L, L) matrix of one measure over the stacked layers of every run (the Dataset's measure_cka)."""
+    return results.to_xarray().measure_cka.sel(measure=measure).values
+
+
 def identity():
     """The Demo's model (``tests.test_measures:identity``): its one layer, ``0``, returns the inputs."""
     import torch
@@ -175,10 +180,10 @@ def test_kornblith_demo_through_the_whole_pipeline(demo, use_gram_cache, monkeyp
         "rbf:0.5": (kornblith_cka(gram_rbf(x, 0.5), gram_rbf(y, 0.5), debiased=True), None),
     }
     for measure, (reference, published) in expected.items():
-        assert abs(results.cka("x", "y", measure)[0, 0] - reference) < 1e-5, measure
+        assert abs(results.cka("x", "y", measure).values[0, 0] - reference) < 1e-5, measure
         if published is not None:
             assert round(reference, 5) == published  # the Demo's printed numbers
-    assert results.cka("x", "y")[0, 0] == results.cka("x", "y", "linear_biased")[0, 0]  # the first is cka
+    assert results.cka("x", "y").values[0, 0] == results.cka("x", "y", "linear_biased").values[0, 0]  # the first is cka
 
 
 # --------------------------------------------------------------------------- several minibatches, stored runs
@@ -211,7 +216,7 @@ def test_kernel_cka_of_several_minibatches_is_the_ratio_of_sums(cache, pair):
     grams = {"linear": (gram_linear, True), "linear_biased": (gram_linear, False),
              "rbf:0.5": (lambda z: gram_rbf(z, 0.5), True), "rbf_biased:0.5": (lambda z: gram_rbf(z, 0.5), False)}
     for measure, (gram, debiased) in grams.items():
-        ours = results.cka("a", "b", measure)
+        ours = results.cka("a", "b", measure).values
         for i, x in enumerate(pair["a"].values()):
             for j, y in enumerate(pair["b"].values()):
                 assert abs(ours[i, j] - minibatch_reference(x, y, 16, gram, debiased)) < 1e-9, (measure, i, j)
@@ -224,8 +229,8 @@ def test_neighbour_measures_equal_huh_et_al_definitions_minibatch_by_minibatch(c
     features = {f"{run}:{layer}": stored(runs[run], layer) for run in ("a", "b") for layer in results.layer_names(run)}
     labels = results.labels
     counts = results.statistics("mutual_knn:5") * m * k  # per minibatch, Σ_i |N_a(i) ∩ N_b(i)|
-    knn = results.values("mutual_knn:5")
-    cknna = results.values("cknna:5")
+    knn = measure_matrix(results, "mutual_knn:5")
+    cknna = measure_matrix(results, "cknna:5")
     for i, la in enumerate(labels):
         for j, lb in enumerate(labels):
             x, y = features[la], features[lb]
@@ -240,8 +245,8 @@ def test_neighbour_measures_equal_huh_et_al_definitions_minibatch_by_minibatch(c
 def test_full_data_neighbour_measures_with_one_minibatch(cache, pair):
     results = analyze.analyze(cache, ["a", "b"], measures="mutual_knn:10,cknna:10", batch_size=96, progress=False)
     x, y = pair["a"]["l1"], pair["b"]["b2"]
-    assert abs(results.cka("a", "b", "mutual_knn:10")[1, 2] - (huh_mutual_knn_counts(x, y, 10) / 10).mean()) < 1e-15
-    assert abs(results.cka("a", "b", "cknna:10")[1, 2] - huh_cknna(x, y, 10)) < 1e-12
+    assert abs(results.cka("a", "b", "mutual_knn:10").values[1, 2] - (huh_mutual_knn_counts(x, y, 10) / 10).mean()) < 1e-15
+    assert abs(results.cka("a", "b", "cknna:10").values[1, 2] - huh_cknna(x, y, 10)) < 1e-12
 
 
 def test_every_measure_is_one_on_identical_inputs_and_invariant_to_rotation_and_scale(cache):
@@ -253,9 +258,9 @@ def test_every_measure_is_one_on_identical_inputs_and_invariant_to_rotation_and_
     make_run(cache, "shifted", {name: v.astype(np.float64) + 4.0 for name, v in x.items()}, 32, dtype="float64")
     results = analyze.analyze(cache, ["x", "turned", "shifted"], measures=ALL, batch_size=32, progress=False)
     for measure in results.measures:
-        np.testing.assert_allclose(np.diag(results.cka("x", "x", measure)), 1, atol=1e-12, err_msg=measure)
-        np.testing.assert_allclose(np.diag(results.cka("x", "turned", measure)), 1, atol=1e-9, err_msg=measure)
-        shifted = np.diag(results.cka("x", "shifted", measure))
+        np.testing.assert_allclose(np.diag(results.cka("x", "x", measure).values), 1, atol=1e-12, err_msg=measure)
+        np.testing.assert_allclose(np.diag(results.cka("x", "turned", measure).values), 1, atol=1e-9, err_msg=measure)
+        shifted = np.diag(results.cka("x", "shifted", measure).values)
         if measure.startswith(("mutual_knn", "cknna")):  # neighbours of the L2-normalised raw features
             assert (shifted < 0.99).all(), measure
         else:  # kernel CKA of centred features
@@ -270,7 +275,7 @@ def test_a_constant_layer_has_no_value_for_any_measure(cache):
     with pytest.warns(UserWarning, match="undefined"):
         results = analyze.analyze(cache, ["dead"], measures=ALL, batch_size=32, progress=False)
     for measure in results.measures:
-        values = results.cka("dead", "dead", measure)
+        values = results.cka("dead", "dead", measure).values
         assert np.isnan(values[1]).all() and np.isnan(values[:, 1]).all(), measure
         assert values[0, 0] == pytest.approx(1), measure
 
@@ -282,7 +287,7 @@ def test_measures_from_a_coarser_grams_only_cache_equal_those_from_activations(c
     from_activations = analyze.analyze(cache, ["a", "b"], measures=ALL, batch_size=16, progress=False,
                                        use_gram_cache=False)
     for measure in from_grams.measures:
-        np.testing.assert_allclose(from_grams.values(measure), from_activations.values(measure), atol=1e-10,
+        np.testing.assert_allclose(measure_matrix(from_grams, measure), measure_matrix(from_activations, measure), atol=1e-10,
                                    err_msg=measure)
 
 
@@ -301,10 +306,10 @@ def test_results_keep_every_measure_and_the_cli_writes_a_measure_dimension(cache
     assert list(values["measure"].values) == ["linear", "rbf:0.5", "mutual_knn:10"]
     loaded = analyze.load_results(out)
     for measure in ("linear", "rbf:0.5", "mutual_knn:10"):
-        np.testing.assert_array_equal(loaded.values(measure), values.sel(measure=measure).values)
+        np.testing.assert_array_equal(measure_matrix(loaded, measure), values.sel(measure=measure).values)
     assert "rbf:0.5" in (out / "cka.csv").read_text().splitlines()[0]
     with pytest.raises(CkapipeError, match=r"these results hold no measure 'cknna:10'"):
-        loaded.cka("a", "b", "cknna:10")
+        loaded.cka("a", "b", "cknna:10").values
 
 
 @pytest.mark.parametrize("measures, message", [
@@ -354,7 +359,7 @@ def test_a_version_2_cache_serves_linear_cka_and_is_filled_again_for_other_measu
     assert not reads  # served by the version-2 rows
     assert run.grams(32).layout == 2
     fresh = analyze.analyze(cache, ["a"], progress=False, use_gram_cache=False)
-    np.testing.assert_allclose(linear.cka("a"), fresh.cka("a"), atol=1e-12)
+    np.testing.assert_allclose(linear.cka("a").values, fresh.cka("a").values, atol=1e-12)
     reads.clear()
     rbf = analyze.analyze(cache, ["a"], measures="linear,rbf:0.5", progress=False)
     assert set(reads.values()) == {1} and len(reads) == 3 * 3  # every chunk read once, to fill version 3
@@ -363,8 +368,8 @@ def test_a_version_2_cache_serves_linear_cka_and_is_filled_again_for_other_measu
     reads.clear()
     again = analyze.analyze(cache, ["a"], measures="linear,rbf:0.5", progress=False)
     assert not reads
-    np.testing.assert_array_equal(again.values("rbf:0.5"), rbf.values("rbf:0.5"))
-    np.testing.assert_allclose(again.cka("a"), fresh.cka("a"), atol=1e-12)
+    np.testing.assert_array_equal(measure_matrix(again, "rbf:0.5"), measure_matrix(rbf, "rbf:0.5"))
+    np.testing.assert_allclose(again.cka("a").values, fresh.cka("a").values, atol=1e-12)
 
 
 def test_a_version_2_grams_only_run_serves_linear_cka_only(cache, pair):
@@ -374,7 +379,7 @@ def test_a_version_2_grams_only_run_serves_linear_cka_only(cache, pair):
     (run,) = find_runs(cache, ["legacy"])
     version_2_cache(run, 32, pair["a"])
     run.set_meta(grams_only=True)
-    assert analyze.analyze(cache, ["legacy"], progress=False).cka("legacy").shape == (3, 3)
+    assert analyze.analyze(cache, ["legacy"], progress=False).cka("legacy").values.shape == (3, 3)
     with pytest.raises(StoreError, match="layout of ckapipe store version 2 .* serves linear CKA only"):
         analyze.analyze(cache, ["legacy"], measures="rbf:0.5", progress=False)
 
@@ -408,7 +413,7 @@ def test_cupy_measures_agree_with_numpy(cache, pair):
     gpu = analyze.analyze(cache, ["a", "b"], measures=ALL, batch_size=16, device="cuda", progress=False,
                           use_gram_cache=False, rankme=True)
     for measure in cpu.measures:
-        np.testing.assert_allclose(gpu.values(measure), cpu.values(measure), atol=1e-9, err_msg=measure)
+        np.testing.assert_allclose(measure_matrix(gpu, measure), measure_matrix(cpu, measure), atol=1e-9, err_msg=measure)
     np.testing.assert_allclose(gpu.rankme, cpu.rankme, rtol=1e-9)
 
 

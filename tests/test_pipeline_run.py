@@ -49,13 +49,13 @@ def test_every_comparison_equals_the_float64_formula_on_what_was_extracted(defau
         assert results.m == 64 and len(results.minibatches) == 1797 // 64
         for a, b in comparison.pairs:
             expected = minibatch_cka_matrix_reference(layers[a], layers[b], 64)
-            np.testing.assert_allclose(results.cka(a, b), expected, rtol=0, atol=1e-9, err_msg=f"{comparison_name}: {a} vs {b}")
+            np.testing.assert_allclose(results.cka(a, b).values, expected, rtol=0, atol=1e-9, err_msg=f"{comparison_name}: {a} vs {b}")
 
 
 def test_same_architecture_different_seeds_match_layer_to_layer(default_study):
     """For most layers of cnn3 seed 0, the most similar layer of cnn3 seed 1 is the same one."""
     results = analyze.load_results(default_study["results"] / "default" / "seeds")
-    cka = results.cka("cnn3-s0", "cnn3-s1")
+    cka = results.cka("cnn3-s0", "cnn3-s1").values
     layers = results.layer_names("cnn3-s0")
     assert layers == results.layer_names("cnn3-s1") and len(layers) >= 4
     matches = [results.layer_names("cnn3-s1")[j] for j in np.argmax(cka, axis=1)]

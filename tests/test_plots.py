@@ -118,7 +118,7 @@ def test_a_run_with_itself_outlines_the_best_other_layer(small):
 
 def test_intervals_tied_with_the_best_and_wide_ones_are_marked_in_cell_corners(small):
     _, features, results = small
-    low, high = results.cka_interval("a", "b")
+    low, high = results.interval("a", "b").values
     best = np.argmax(reference(features, "a", "b"), axis=1)
     tied = [(i, j) for i in range(3) for j in range(4) if j != best[i] and high[i, j] >= low[i, best[i]]]
     wide = [(i, j) for i in range(3) for j in range(4) if high[i, j] - low[i, j] > 0.02]
@@ -131,7 +131,7 @@ def test_intervals_tied_with_the_best_and_wide_ones_are_marked_in_cell_corners(s
 
 def test_a_second_panel_shows_the_interval_widths(small):
     _, _, results = small
-    low, high = results.cka_interval("a", "b")
+    low, high = results.interval("a", "b").values
     fig = heatmap_figure(results, "a", "b", widths=True)
     images = {im.get_gid(): im for ax in fig.axes for im in ax.get_images()}
     np.testing.assert_array_equal(images["widths"].get_array(), high - low)
@@ -244,7 +244,7 @@ def test_a_trend_over_layers_draws_the_best_match_with_its_interval_band(small):
     _, features, results = small
     expected = reference(features, "a", "b")
     best = np.argmax(expected, axis=1)
-    low, high = results.cka_interval("a", "b")
+    low, high = results.interval("a", "b").values
     ax = plots.layer_trend_figure(results, "a", "b").axes[0]
     (line,) = ax.get_lines()
     np.testing.assert_allclose(line.get_ydata(), expected[np.arange(3), best], rtol=1e-9)
@@ -323,4 +323,4 @@ def test_an_nn_sequentials_bare_indices_show_their_recorded_module_types():
     ax = res.plot("a", "b").axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0 Linear", "1 ReLU", "2 Linear"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0 Linear", "1 Tanh"]
-    np.testing.assert_array_equal(ax.images[0].get_array(), np.asarray(res.cka_matrix("a", "b")))
+    np.testing.assert_array_equal(ax.images[0].get_array(), np.asarray(res.cka("a", "b").values))

@@ -85,7 +85,7 @@ def test_minibatch_rankme_equals_the_svd_of_each_stored_minibatch(cache, m):
 def test_the_analysis_gives_the_same_minibatch_rankme_and_a_summary_column(cache):
     results = analyze.analyze(cache, ["net"], rankme=True, progress=False)
     rows = by_layer(rank(cache, ["net"], full=False, progress=False))
-    np.testing.assert_array_equal(results.layer_rankme("net"), [rows[layer].rankme_minibatch for layer in rows])
+    np.testing.assert_array_equal(results.layer_rankme("net").values, [rows[layer].rankme_minibatch for layer in rows])
     assert results.rankme.shape == (N // M, 3)
     summary = results.summary()
     columns = [line for line in summary.splitlines() if line.startswith("columns: ")]
@@ -110,7 +110,7 @@ def test_rank_command_prints_the_table_and_writes_csv(cache, tmp_path, capsys):
     from ckapipe.cli import main
 
     out = tmp_path / "rank.csv"
-    main(["rank", "--cache", str(cache), "net", "--out", str(out), "-q"])
+    main(["rank", "--cache", str(cache), "net", "--csv", str(out), "-q"])
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split()[:6] == ["run", "layer", "D", "N", "RankMe", "route"] and len(printed) == 4
     table = list(csv.DictReader(io.StringIO(out.read_text())))

@@ -1,9 +1,11 @@
-"""Every command the README shows, run as written, in order, offline on a CPU.
+"""Every command the README shows, run as written, offline on a CPU: in order, and each section
+on its own right after the quick start (a reader who skips to one section).
 
 The README's fenced blocks are the script: ```sh blocks are command lines
 (``ckapipe ...`` and ``make ...``; comments and continuation backslashes as a
-shell reads them), ```python blocks are programs. They run in one scratch
-directory in the order they appear, as a reader following the README would.
+shell reads them), ```python blocks are programs. The quick start runs once in
+a scratch directory; copies of that state then run the rest of the README in
+order, and each later section alone.
 ```sh slurm blocks need a SLURM cluster and run in the slurm test. Not run:
 ``make test`` (this is it) and blocks marked ```sh notest, which hold only
 ``make test``, ``make coverage`` (this suite again, under coverage) and
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +59,21 @@ def script(text: str, tag: str = "") -> list[tuple[str, str]]:
     return steps
 
 
+QUICK_START = "Quick start"
+
+
+def sections(text: str) -> dict[str, str]:
+    """The text of each ``## `` section by its title (the part before the first title: "Introduction")."""
+    parts = re.split(r"^## (.+)\n", text, flags=re.M)
+    return {"Introduction": parts[0], **dict(zip(parts[1::2], parts[2::2]))}
+
+
+def runnable_sections() -> list[str]:
+    """The titles of the sections after the quick start that show commands to run."""
+    return [title for title, body in sections(README.read_text()).items()
+            if title != QUICK_START and script(body)]
+
+
 def workdir(tmp_path: Path, trained: Path) -> Path:
     """A scratch directory with the repository's pipelines/ and, in cache/models/, the zoo networks the
     session already trained (the same weights a reader's first command trains: training is tested by
@@ -84,13 +102,43 @@ def run_step(kind: str, step: str, cwd: Path) -> None:
     assert proc.returncode == 0, f"README step failed: {step}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
-def test_the_readme_runs_as_written(tmp_path, default_study):
-    steps = [(kind, step) for kind, step in script(README.read_text()) if step != "make test"]
-    assert len(steps) > 10  # the parse found the README's commands
-    cwd = workdir(tmp_path, default_study["cache"])
+@pytest.fixture(scope="module")
+def quick_started(tmp_path_factory, default_study) -> Path:
+    """A scratch directory as the quick start leaves it (``make extract analyze`` run there)."""
+    cwd = workdir(tmp_path_factory.mktemp("quick-start"), default_study["cache"])
+    steps = [(kind, step) for kind, step in script(sections(README.read_text())[QUICK_START]) if step != "make test"]
+    assert steps == [("sh", "make extract analyze")]
     for kind, step in steps:
         run_step(kind, step, cwd)
     assert (cwd / "results" / "default" / "summary.csv").exists()
+    return cwd
+
+
+def after_quick_start(quick_started: Path, tmp_path: Path) -> Path:
+    """A copy of the quick start's directory (pipelines/ still a link to the repository's)."""
+    return Path(shutil.copytree(quick_started, tmp_path / "reader", symlinks=True))
+
+
+def test_the_readme_runs_as_written(quick_started, tmp_path):
+    text = sections(README.read_text())
+    steps = [step for title in runnable_sections() for step in script(text[title])]
+    assert len(steps) > 10  # the parse found the README's commands
+    cwd = after_quick_start(quick_started, tmp_path)
+    for kind, step in steps:
+        run_step(kind, step, cwd)
+
+
+@pytest.mark.parametrize("title", runnable_sections())
+def test_each_readme_section_runs_right_after_the_quick_start(quick_started, tmp_path, title):
+    cwd = after_quick_start(quick_started, tmp_path)
+    for kind, step in script(sections(README.read_text())[title]):
+        run_step(kind, step, cwd)
+
+
+def test_the_sections_hold_every_step_of_the_readme():
+    text = sections(README.read_text())
+    assert sum(len(script(body)) for body in text.values()) == len(script(README.read_text()))
+    assert {"Introduction", "Comparing models in Python", "The cached workflow", "Studies in YAML"} <= set(runnable_sections())
 
 
 @pytest.mark.slurm

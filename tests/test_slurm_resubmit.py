@@ -39,7 +39,7 @@ def test_a_study_still_queued_is_not_submitted_again(held):
     assert f"{ids[0]} (ckapipe-extract-default, PENDING)" in message and f"{ids[1]} (ckapipe-analyze-default, PENDING)" in message
     assert f"scancel {ids[0]} {ids[1]}" in message and message.endswith("or submit again anyway with --force")
     proc = subprocess.run([sys.executable, "-m", "ckapipe", "run", str(DEFAULT), "--slurm", "--cache", str(where["cache"]),
-                           "--results", str(where["results"])], capture_output=True, text=True)
+                           "--out", str(where["results"])], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"ckapipe: error: {message}"], proc.stderr
 
 

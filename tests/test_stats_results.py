@@ -101,7 +101,7 @@ def test_p_values_without_the_gram_cache_are_the_same(study):
 
 def test_csv_json_and_summary_carry_the_intervals(study):
     _, tmp, results, _ = study
-    low, high = results.cka_interval("teacher", "kd")
+    low, high = results.interval("teacher", "kd").values
     rows = list(csv.DictReader(io.StringIO((tmp / "all" / "cka.csv").read_text())))
     row = next(r for r in rows if (r["run_a"], r["layer_a"], r["run_b"], r["layer_b"]) == ("teacher", "l1", "kd", "s0"))
     assert (float(row["cka_low"]), float(row["cka_high"])) == (low[1, 0], high[1, 0])
@@ -110,7 +110,7 @@ def test_csv_json_and_summary_carry_the_intervals(study):
     pair = next(p for p in data["pairs"] if (p["run_a"], p["run_b"]) == ("teacher", "kd"))
     assert pair["cka_low"][1][0] == low[1, 0] and data["resampling"]["bootstrap"] == 500
     text = (tmp / "all" / "summary.txt").read_text()
-    value = results.cka("teacher", "kd")[1, 0]
+    value = results.cka("teacher", "kd").values[1, 0]
     assert f"l1  s0  {value:.3f} [{low[1, 0]:.3f}, {high[1, 0]:.3f}]" in text
     assert "95 % bootstrap intervals (percentile, 500 resamples of 12 minibatches, seed 3)" in text
     assert re.search(r"p (=|<=) 0\.0\d+", text)
@@ -119,7 +119,7 @@ def test_csv_json_and_summary_carry_the_intervals(study):
 def test_loading_gives_back_the_stored_intervals(study):
     _, tmp, results, _ = study
     loaded = analyze.load_results(tmp / "all")
-    np.testing.assert_array_equal(loaded.cka_bounds, results.cka_bounds)
+    np.testing.assert_array_equal(loaded.interval().values, results.interval().values)
     np.testing.assert_array_equal(loaded.p_value_all, results.p_value_all)
     assert loaded.resampling == results.resampling
 
@@ -138,7 +138,7 @@ def test_a_store_written_before_intervals_draws_them_on_use(study, tmp_path):
     group.attrs["ckapipe_results"] = meta
     loaded = analyze.load_results(old)
     assert loaded.p_value_all is None and loaded.resampling == stats.Resampling()
-    np.testing.assert_allclose(loaded.cka_bounds, stats.bootstrap_bounds(results.hsic), rtol=0, atol=0)
+    np.testing.assert_allclose(loaded.interval().values, stats.bootstrap_bounds(results.hsic), rtol=0, atol=0)
 
 
 def test_diff_across_two_stores_equals_diff_within_one(study):
@@ -192,7 +192,7 @@ def test_ci_0_turns_the_intervals_off(study, tmp_path, capsys):
     cache, _, _, _ = study
     main(["analyze", "--cache", str(cache), "teacher", "kd", "--out", str(tmp_path / "plain"), "--ci", "0", "-q"])
     loaded = analyze.load_results(tmp_path / "plain")
-    assert np.isnan(loaded.cka_bounds).all() and loaded.resampling.ci is None
+    assert np.isnan(loaded.interval().values).all() and loaded.resampling.ci is None
     assert "[" not in loaded.summary().split("\n", 2)[2]
 
 
@@ -211,11 +211,11 @@ def test_heatmap_frames_the_best_and_dots_the_entries_whose_interval_overlaps_it
     from ckapipe.analyze.plots import heatmap_figure
 
     _, _, results, _ = study
-    cka = results.cka("ce", "teacher")[0]  # one row: ce:s0 against teacher l0, l1
+    cka = results.cka("ce", "teacher").values[0]  # one row: ce:s0 against teacher l0, l1
     best, other = int(np.argmax(cka)), int(np.argmin(cka))
     i = results.stacked_index("ce", "s0")
     j_best, j_other = (results.stacked_index("teacher", f"l{j}") for j in (best, other))
-    results.bounds = results.cka_bounds.copy()
+    results.bounds = results.interval().values.copy()
     for high in (cka[best] - 0.02, 1.0):  # the other's interval below the best's, then reaching it
         results.bounds[0, i, j_best] = results.bounds[0, j_best, i] = cka[best] - 0.01
         results.bounds[1, i, j_other] = results.bounds[1, j_other, i] = high

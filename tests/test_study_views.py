@@ -41,7 +41,7 @@ def run_example(path: Path, study, base: Path) -> Path:
     models are reused: the examples' runs of the same settings become aliases of them)."""
     shutil.copytree(study["cache"], base / "cache")
     proc = subprocess.run([sys.executable, "-m", "ckapipe", "run", str(path), "--cache", str(base / "cache"),
-                           "--results", str(base / "results"), "-q"], capture_output=True, text=True, cwd=base)
+                           "--out", str(base / "results"), "-q"], capture_output=True, text=True, cwd=base)
     assert proc.returncode == 0, proc.stderr
     return base / "results" / load_study(path).name
 
