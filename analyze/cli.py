@@ -84,7 +84,7 @@ def scale_end(ctx, param, value):
 @click.option("--cmap", default=None, help="Matplotlib colour map of the heatmaps (default: magma).")
 @quiet_option
 def plot(results, pair, layers, out_dir, formats, vmin, vmax, cmap, quiet):
-    """Heatmaps of a results directory (one run: its layer x layer self-similarity), and per-minibatch
+    """Heatmaps of a results directory (one run: its layers against themselves), and per-minibatch
     CKA of one layer pair."""
     from ckapipe.analyze import plot_results
 

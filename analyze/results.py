@@ -64,10 +64,10 @@ from ckapipe.analyze.stats import MIN_INTERVAL, Resampling, bootstrap_bounds, mi
 from ckapipe.atomic import atomic_path
 from ckapipe.codecs import checksummed, compressors
 from ckapipe.errors import CkapipeError, StoreError, suggest
-from ckapipe.integrity import BadArrayChunk, first_undecodable, seal, seal_problems, sealed
+from ckapipe.integrity import RESULTS_ATTRS, BadArrayChunk, first_undecodable, seal, seal_problems, sealed
 from ckapipe.store import library_versions, now
 
-ATTRS = "ckapipe_results"
+ATTRS = RESULTS_ATTRS
 RESULTS_VERSION = 3  # 2: written by xarray, (run, layer) coordinates, "minibatch" instead of "minibatches"; 3: sealed
 RESULTS_CODECS = checksummed(compressors("zstd1"))  # every chunk ends with its crc32c (ckapipe.codecs)
 ANALYSIS_LIBRARIES = ("ckapipe", "numpy", "zarr", "dask", "xarray", "cupy-cuda12x")

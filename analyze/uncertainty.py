@@ -20,8 +20,9 @@ import numpy as np
 
 from ckapipe.analyze import stats
 from ckapipe.analyze.grams import RunSource, plan_source, run_triangles
-from ckapipe.analyze.results import ATTRS, Results, check_combinable, load_results
+from ckapipe.analyze.results import Results, check_combinable, load_results
 from ckapipe.blas import single_threaded_blas
+from ckapipe.integrity import is_results_store
 from ckapipe.errors import CkapipeError, StoreError, suggest
 from ckapipe.progress import Progress
 from ckapipe.store import open_run
@@ -163,11 +164,6 @@ def results_stores(results) -> list[Results]:
                                f"results directory holding some")
         return [load_results(p) for p in inner]
     return [store for item in results for store in results_stores(item)]
-
-
-def is_results_store(path: Path) -> bool:
-    meta = path / "zarr.json"
-    return meta.is_file() and ATTRS in meta.read_text()
 
 
 def locate(stores: Sequence[Results], pair: LayerPair) -> tuple[Results, tuple[int, int]]:

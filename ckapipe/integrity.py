@@ -47,6 +47,15 @@ class BadArrayChunk:
         return f"array {self.array!r}, chunk {'.'.join(map(str, self.coords))}: {self.why}"
 
 
+RESULTS_ATTRS = "ckapipe_results"  # the attribute of a results directory's record (ckapipe analyze --out)
+
+
+def is_results_store(path: Path) -> bool:
+    """Whether a directory is a results store: its root's zarr.json holds the results record."""
+    meta = Path(path) / "zarr.json"
+    return meta.is_file() and RESULTS_ATTRS in meta.read_text()
+
+
 def record_key(record: dict) -> str:
     """sha256 (16 hex digits) of a group's record without its key and checksums: what the tags are tied to."""
     body = {k: v for k, v in record.items() if k not in ("key", "checksums")}

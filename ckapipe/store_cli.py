@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from ckapipe.errors import StoreError
+from ckapipe.integrity import RESULTS_ATTRS, is_results_store
 from ckapipe.options import cache_option, quiet_option
+from ckapipe.verify import verify as verify_runs, verify_results
 
 
 @click.command()
@@ -18,14 +20,11 @@ from ckapipe.options import cache_option, quiet_option
 def verify(cache, runs, repair, quiet):
     """Read every chunk and Gram row of RUNS (default: every run in the cache) and check checksums, markers and
     stamps. A RUNS argument that is a results directory (ckapipe analyze --out) has every chunk checked likewise."""
-    from ckapipe.analyze.results import ATTRS
-    from ckapipe.analyze.uncertainty import is_results_store
-    from ckapipe.verify import verify as verify_runs, verify_results
 
     stores = [Path(r) for r in runs if is_results_store(Path(r))]
     patterns = [r for r in runs if not is_results_store(Path(r))]
     reports = verify_runs(cache, patterns or None, repair=repair, progress=not quiet) if patterns or not stores else []
-    results = [verify_results(path, ATTRS) for path in stores]
+    results = [verify_results(path, RESULTS_ATTRS) for path in stores]
     for line in [line for r in reports for line in describe(r)] + [line for r in results for line in describe_results(r)]:
         click.echo(line)
     broken = [r for r in reports if not r.ok and not r.repaired]
