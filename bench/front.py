@@ -97,20 +97,19 @@ def accuracy_rows(study: Study, workdir: Path) -> list[Row]:
     exact = {(a, b): exact[(runs[names.index(a)].name, runs[names.index(b)].name)] for a, b in pairs}
     rows = deviation_rows(W, "ckapipe compare (float64)", [max_deviation(ours.cka(a, b).values, exact[(a, b)]) for a, b in pairs],
                           ckapipe=True)
-    _, peer = timed(lambda: pytorch_cka_all_pairs(models, loader, study.device))
-    if isinstance(peer, Exception):
-        rows.append(Row(W, "max |CKA - float64 reference|, pytorch-cka 1.1.3 (as shipped)", "deviation", None,
-                        "tolerance", 1e-6, unit="cka", note=f"NaN: {type(peer).__name__}: {str(peer)[:80]}"))
-    else:
-        rows += deviation_rows(W, "pytorch-cka 1.1.3 (as shipped)", [max_deviation(peer[p], exact[p]) for p in pairs])
-    _, theirs = timed(lambda: torch_cka_all_pairs(models, loader, study.device))
-    if isinstance(theirs, Exception):
-        rows.append(Row(W, "max |CKA - float64 reference|, torch-cka 0.21 (float32, as shipped)", "deviation", None,
-                        "tolerance", 1e-6, unit="cka", note=f"NaN: {type(theirs).__name__}: {str(theirs)[:80]}"))
-    else:
-        rows += deviation_rows(W, "torch-cka 0.21 (float32, as shipped)", [max_deviation(theirs[p], exact[p]) for p in pairs])
+    for tool, run_all_pairs in (("pytorch-cka 1.1.3 (as shipped)", pytorch_cka_all_pairs),
+                                ("torch-cka 0.21 (float32, as shipped)", torch_cka_all_pairs)):
+        rows += peer_deviation_rows(W, tool, timed(lambda: run_all_pairs(models, loader, study.device))[1], exact, pairs)
     shutil.rmtree(cache, ignore_errors=True)
     return rows
+
+
+def peer_deviation_rows(W: str, tool: str, theirs, exact: dict, pairs: list) -> list[Row]:
+    """Another tool's largest deviation from the float64 reference over the pairs, or its error as the row's note."""
+    if isinstance(theirs, Exception):
+        return [Row(W, f"max |CKA - float64 reference|, {tool}", "deviation", None, "tolerance", 1e-6, unit="cka",
+                    note=f"NaN: {type(theirs).__name__}: {str(theirs)[:80]}")]
+    return deviation_rows(W, tool, [max_deviation(theirs[p], exact[p]) for p in pairs])
 
 
 def memory_rows(study: Study, sizes: list[int], workdir: Path) -> list[Row]:
