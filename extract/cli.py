@@ -56,7 +56,7 @@ def parse_chunks(ctx, param, value):
 @click.command()
 @click.option("--model", "-m", required=True, help="zoo:NAME?seed=S, torchvision:NAME, timm:NAME, hf:NAME, package.module:factory or a checkpoint.")
 @click.option("--dataset", "-d", default="digits", show_default=True, help="digits, NAME:ROOT, imagefolder:DIR, hf:DIR, FILE.npy, STORE.zarr, package.module:callable.")
-@click.option("--layers", "-l", "layer_items", multiple=True, help="PATTERN[@SELECT][:REDUCTION], repeatable or comma-separated; default: top-level children.")
+@click.option("--layers", "-l", "layer_items", multiple=True, help="PATTERN[@SELECT][:REDUCTION], repeatable or comma-separated; default: every leaf module (*).")
 @batch_size_option(256, help="Minibatch size m = chunk rows (>= 4).")
 @cache_option()
 @click.option("--order-seed", default=0, show_default=True, type=int, help="Seed of the sample permutation.")

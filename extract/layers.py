@@ -84,9 +84,10 @@ def module_names(model: nn.Module) -> list[str]:
     return [name for name, _ in hookable(model)]
 
 
-def default_selection(model: nn.Module, reduction: str = "flatten") -> list[Selection]:
-    """The model's top-level children: what a user means by "its layers" when not saying more."""
-    return [Selection(name, None, reduction) for name, _ in model.named_children()]
+def default_selection(reduction: str = "flatten") -> list[Selection]:
+    """Every leaf module (``"*"``), as torch-cka and pytorch-cka compare when not told which layers:
+    what a user coming from them means by "its layers"."""
+    return [Selection(EVERY_LEAF, None, reduction)]
 
 
 def match_modules(model: nn.Module, selections: Sequence[Selection]) -> dict[str, list[Selection]]:

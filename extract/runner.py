@@ -69,7 +69,7 @@ def extract_run(
     the sha256 of its inputs, one pass over the data). ``batch_size`` defaults to a
     DataLoader's, else 256.
     ``layers``: selection items ``PATTERN[@SELECT][:REDUCTION]`` (see extract.layers),
-    default the model's top-level children. ``chunks=(A, B)`` extracts minibatches
+    default every leaf module (``"*"``). ``chunks=(A, B)`` extracts minibatches
     A..B-1 only (disjoint ranges may run side by side); ``share=(i, n)`` extracts
     the i-th of n disjoint shares of the run's minibatches (a SLURM array task). ``grams`` fills the Gram
     cache for m = batch_size while the activations are in memory; ``grams_only``
@@ -123,7 +123,7 @@ def probe_layers(module: nn.Module, layers, reduction: str, probe_inputs):
     The probe's few samples run on one CPU thread: they gain nothing from more, and on a busy
     machine every operator's thread barrier costs more than the operator.
     """
-    selections = parse_selection([layers] if isinstance(layers, str) else layers, reduction) if layers else default_selection(module, reduction)
+    selections = parse_selection([layers] if isinstance(layers, str) else layers, reduction) if layers else default_selection(reduction)
     with torch_threads(1):
         return prepare(module, selections, probe_inputs, rows_of(probe_inputs))
 

@@ -8,7 +8,8 @@ weights hash in their run keys) reuse exactly the same weights.
 
 Spec: ``zoo:NAME?seed=S`` with NAME in ``cnn2, cnn3, mlp2, mlp3``.
 Every network's top-level children are the layers worth comparing:
-``block1 .. blockD`` (the hidden stages) and ``head`` (the logits).
+``block1 .. blockD`` (the hidden stages) and ``head`` (the logits), selected by
+``["block?", "head"]`` (the default, ``"*"``, takes every leaf module inside them).
 
 Training checkpoints (for trajectory studies): ``zoo:NAME?seed=S&steps=T`` is
 the network after T optimizer steps, and ``&teacher=NAME2`` trains it by

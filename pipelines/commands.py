@@ -126,7 +126,7 @@ def named_specs(specs) -> dict[str, str] | list[str]:
               help="digits, NAME:ROOT, imagefolder:DIR, hf:DIR, FILE.npy, STORE.zarr, package.module:callable; "
                    "once for every model, or once per model in order (the same samples, paired by position).")
 @click.option("--layers", "-l", "layer_items", multiple=True,
-              help="PATTERN[@SELECT][:REDUCTION] for every model, repeatable or comma-separated; default: top-level children.")
+              help="PATTERN[@SELECT][:REDUCTION] for every model, repeatable or comma-separated; default: every leaf module (*).")
 @batch_size_option(256, help="Minibatch size m (>= 4).")
 @out_option("Results directory to write (must not exist).", required=True)
 @cache_option(default=None, help="Also leave a grams-only run per model in this cache (reused by a later compare or "

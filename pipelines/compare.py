@@ -109,7 +109,7 @@ def compare(
     ``data={name: ...}``): the same samples in another form, paired by position, checked to be as many
     and to carry the same labels or ids (extract.minibatches.paired).
     ``layers``: a selection for every model (``"layer*.?"``; ``"*"`` every leaf module; see
-    ckapipe.extract.layers) or one per name (a dict); default each model's top-level children.
+    ckapipe.extract.layers) or one per name (a dict); default every leaf module of each model (``"*"``, as torch-cka).
 
     ``cache``: also leave a grams-only run per model in this cache (``keep_activations``: a full run),
     and reuse complete runs found there instead of running their models. Data given as an object is

@@ -67,7 +67,7 @@ class RunConfig:
     name: str
     model: str
     dataset: str
-    layers: tuple[str, ...] | None = None  # None: the model's top-level children
+    layers: tuple[str, ...] | None = None  # None: every leaf module
     batch_size: int = 256
     order_seed: int = 0
     dtype: str = "float32"

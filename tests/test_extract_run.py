@@ -33,9 +33,12 @@ def _cache(zoo_cache, tmp_path) -> Path:
     return tmp_path
 
 
+STAGES = ["block?", "head"]  # the zoo networks' stages and logits (the default is every leaf module)
+
+
 def _extract(cache, **kw):
     kw = {"batch_size": 64, "progress": False, **kw}
-    return store.open_run(extract_run(kw.pop("model", MLP), kw.pop("dataset", "digits"), kw.pop("layers", None), cache=cache, **kw))
+    return store.open_run(extract_run(kw.pop("model", MLP), kw.pop("dataset", "digits"), kw.pop("layers", STAGES), cache=cache, **kw))
 
 
 def test_chunks_hold_the_permuted_samples_through_the_model(zoo_cache, tmp_path):

@@ -50,6 +50,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
 
 def extract(cache, model=A, **kw) -> store.Run:
     kw = {"batch_size": M, "limit": N, "progress": False, **kw}
+    kw.setdefault("layers", ["block?", "head"])  # the zoo networks' stages (the default is every leaf module)
     return store.open_run(extract_run(model, "digits", cache=cache, **kw))
 
 
@@ -94,7 +95,8 @@ def test_slow_writer_still_writes_every_chunk(tmp_path, monkeypatch, capsys):
 def test_a_chunk_left_unwritten_is_an_error_and_a_rerun_completes(tmp_path, monkeypatch, capsys):
     real = store.Run.write_chunk
     monkeypatch.setattr(store.Run, "write_chunk", lambda self, k, arrays: None if k == 2 else real(self, k, arrays))
-    code, _, err = ckapipe_cli(capsys, "extract", "-m", A, "-b", M, "--limit", N, "--cache", tmp_path, "-q")
+    code, _, err = ckapipe_cli(capsys, "extract", "-m", A, "-l", "block?,head", "-b", M, "--limit", N, "--cache", tmp_path,
+                              "-q")
     assert_one_line_error(code, err, "1 minibatch(es) of 0:4 were not written (first 2)", "rerun")
     with pytest.raises(StoreError, match="were not written"):
         extract(tmp_path, chunks=(1, 3))
@@ -372,7 +374,7 @@ def fill(leave):
 def hidden(root):
     return sorted(str(p) for p in root.rglob("*") if ".staging-" in p.name or p.name.endswith(".partial"))
 
-extract = ["extract", "-m", A, "-b", "64", "--limit", "512", "--cache", disk / "cache", "-q"]
+extract = ["extract", "-m", A, "-l", "block?,head", "-b", "64", "--limit", "512", "--cache", disk / "cache", "-q"]
 fill(0)
 report["create"] = ckapipe(*extract, "--order-seed", "2") + (hidden(disk),)
 os.remove(disk / "filler")
@@ -466,7 +468,8 @@ def _claim(run_path: Path, chunks: str, host: str, heartbeat_age: float, pid: in
 def test_a_live_writer_on_another_node_is_waited_for_a_dead_one_taken_over(tmp_path, capsys):
     run = extract(tmp_path, chunks=(0, 1))
     lock = _claim(run.path, "0-4", "node-b", heartbeat_age=5)
-    code, _, err = ckapipe_cli(capsys, "extract", "-m", A, "-b", M, "--limit", N, "--cache", tmp_path, "-q")
+    code, _, err = ckapipe_cli(capsys, "extract", "-m", A, "-l", "block?,head", "-b", M, "--limit", N, "--cache", tmp_path,
+                              "-q")
     assert_one_line_error(code, err, "being extracted by another process (host node-b pid 4242", "ckapipe unlock")
     assert lock.exists() and not extract(tmp_path, chunks=(0, 1)).done()[1:].any()
     _claim(run.path, "0-4", "node-b", heartbeat_age=3600)  # node-b died an hour ago

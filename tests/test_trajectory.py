@@ -42,7 +42,7 @@ def study_file(root: Path, extra: str = "", reference: str = "reference: teacher
         study: traj
         cache: {root / "cache"}
         results: {root / "results"}
-        extract: {{dataset: digits, batch_size: {M}, limit: 256, device: cpu}}
+        extract: {{dataset: digits, batch_size: {M}, limit: 256, device: cpu, layers: ["block?", head]}}
         runs:
           teacher: "{root / "teacher.pt"}?arch=zoo:mlp3"
         comparisons:
