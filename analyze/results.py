@@ -54,6 +54,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import pandas as pd  # xarray's own dependency
 import xarray as xr
 import zarr
 
@@ -169,7 +170,7 @@ class Results:
         name = self.measure_name(measure)
         cached = self.__dict__.setdefault("_measure_values", {})
         if name not in cached:
-            cached[name] = measure_values(parse_measure(name), self.statistics(name), self.labels)
+            cached[name] = measure_values(parse_measure(name), self._statistics(name), self.labels)
         return cached[name]
 
     def _bounds(self, measure=None) -> np.ndarray:
@@ -214,7 +215,7 @@ class Results:
                                f"(they hold {', '.join(self.measures)}: analyse with --measure {name})")
         return name
 
-    def statistics(self, measure=None) -> np.ndarray:
+    def _statistics(self, measure=None) -> np.ndarray:
         """(n_minibatches, L, L) per-minibatch statistic of a measure (HSIC_1 for linear)."""
         name = self.measure_name(measure)
         return self.hsic if name == self.measures[0] else self.measure_stats[name]
@@ -223,7 +224,7 @@ class Results:
         """The bootstrap over minibatches of a ratio-of-sums measure; NaN for one that is not."""
         if parse_measure(name).aggregate != SUMS:
             return np.full((2, *self.hsic.shape[1:]), np.nan)
-        return bootstrap_bounds(self.statistics(name), self.resampling)
+        return bootstrap_bounds(self._statistics(name), self.resampling)
 
     def stacked_index(self, run, layer) -> int:
         """Position of ``run:layer`` among the L stacked layers (rows of hsic and cka_all_runs)."""
@@ -279,7 +280,7 @@ class Results:
 
     def _minibatch_pair(self, a, b, layer_a, layer_b, measure=None) -> xr.DataArray:
         ia, ib = self.stacked_index(a, layer_a), self.stacked_index(b, layer_b)
-        h = self.statistics(measure)[:, [ia, ib]][:, :, [ia, ib]]
+        h = self._statistics(measure)[:, [ia, ib]][:, :, [ia, ib]]
         return xr.DataArray(minibatch_values(h)[:, 0, 1], dims=("minibatch",), name="minibatch_cka",
                             coords={"minibatch": self.minibatches, "layer_a": self.layer_names(a)[self.layer_index(a, layer_a)],
                                     "layer_b": self.layer_names(b)[self.layer_index(b, layer_b)]})
@@ -325,20 +326,23 @@ class Results:
         dims = (*(dim for dim, _ in lead), "a", "b")
         return xr.DataArray(matrix.copy(), dims=dims, coords={**self.cka_all_runs.coords, **dict(lead)}, name=name)
 
-    def best_matches(self, a, b) -> list[tuple[str, str, float]]:
-        """For every layer of a: the layer of b with the highest CKA (another layer when a is b)."""
+    def statistics(self, measure=None) -> xr.DataArray:
+        """The per-minibatch statistic of a measure (HSIC_1 for linear) that its value aggregates:
+        DataArray (minibatch, a, b) over the stacked layers."""
+        return self._stacked(self._statistics(measure), self.measure_name(measure), (("minibatch", self.minibatches),))
+
+    def best_matches(self, a, b):
+        """For every layer of a, the layer of b with the highest CKA (another layer when a is b): a
+        pandas.DataFrame with columns layer_a, layer_b, cka (layer_b "-" and cka NaN where none is defined)."""
         matrix = self._block(self._values(), a, b).copy()
         if self.run_index(a) == self.run_index(b):
             np.fill_diagonal(matrix, np.nan)
         names_b = self.layer_names(b)
-        out = []
+        rows = []
         for layer, row in zip(self.layer_names(a), matrix):
-            if np.isnan(row).all():
-                out.append((layer, "-", float("nan")))
-            else:
-                j = int(np.nanargmax(row))
-                out.append((layer, names_b[j], float(row[j])))
-        return out
+            j = None if np.isnan(row).all() else int(np.nanargmax(row))
+            rows.append((layer, "-" if j is None else names_b[j], float("nan") if j is None else float(row[j])))
+        return pd.DataFrame(rows, columns=["layer_a", "layer_b", "cka"])
 
     # ---- deprecated names (one release): each warns and names its replacement
     @property
@@ -383,7 +387,7 @@ class Results:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # constant layers: said once, when the CKA was computed
             cka, per_minibatch = self._values().copy(), minibatch_values(self.hsic)
-            measures = {name: (self._values(name).copy(), self.statistics(name).copy()) for name in self.measures}
+            measures = {name: (self._values(name).copy(), self._statistics(name).copy()) for name in self.measures}
             low, high = self._bounds()
             p = self._p_values()
         return labelled.results_dataset(runs, layers, self.minibatches, self.hsic.copy(), cka, per_minibatch,
@@ -458,8 +462,6 @@ class Results:
         within a run each unordered pair of different layers. ``all_pairs`` gives every ordered
         pair of the stacked layers instead, each layer with itself too (L² rows).
         """
-        import pandas as pd
-
         names = self.run_names
         pairs = itertools.product(names, names) if all_pairs else self.pairs()
         tested = self.p_value_all is not None
@@ -509,7 +511,7 @@ class Results:
         if others or self.rankme is not None:
             lines.append("columns: layer, best layer, " + ", ".join([first, *others] + ["RankMe"] * (self.rankme is not None)))
         for a, b in pairs:
-            matches = self.best_matches(a, b)
+            matches = list(self.best_matches(a, b).itertuples(index=False))
             width = max(len(la) for la, _, _ in matches)
             widest = max(len(lb) for _, lb, _ in matches)
             low, high = self._block(self._bounds(), a, b)

@@ -226,7 +226,7 @@ def best_match_rows(results: Results, view: TeacherView) -> list[dict]:
     teacher = view.run(view.teacher)
     rows = [{"teacher_layer": layer} for layer in results.layer_names(teacher)]
     for student in view.students:
-        for row, (_, best, value) in zip(rows, results.best_matches(teacher, view.run(student))):
+        for row, (_, best, value) in zip(rows, results.best_matches(teacher, view.run(student)).itertuples(index=False)):
             row[f"{student} layer"] = best
             row[f"{student} cka"] = value
     return rows

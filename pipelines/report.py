@@ -27,7 +27,7 @@ def study_rows(study: Study, results: dict, stores: dict) -> list[dict]:
             low, high = res.interval(store[a], store[b]).values
             ranks = ((res.layer_rankme(store[a]).values, dict(zip(res.layer_names(store[b]), res.layer_rankme(store[b]).values)))
                      if res.rankme is not None else None)
-            for i, (layer_a, best, value) in enumerate(res.best_matches(store[a], store[b])):
+            for i, (layer_a, best, value) in enumerate(res.best_matches(store[a], store[b]).itertuples(index=False)):
                 same = matrix[i, i] if i < matrix.shape[1] else float("nan")
                 j = res.layer_index(store[b], best) if best != "-" else None
                 rows.append({"comparison": name, "run_a": a, "layer_a": layer_a, "run_b": b,

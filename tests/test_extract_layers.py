@@ -208,3 +208,16 @@ def test_each_layer_records_its_module_type_from_the_run_to_the_results(tmp_path
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.ReLU())
     pair = compare({"a": net, "b": net}, torch.rand(32, 1, 8, 8), layers="*", batch_size=16, progress=False).to_xarray()
     assert list(pair.module_a.sel(run_a="b").values) == ["Flatten", "Linear", "ReLU"]
+
+
+def test_no_layers_means_every_leaf_module_in_compare_and_extract(blocknet, tmp_path):
+    """As in torch-cka: without a selection, compare and extract record what "*" records."""
+    from ckapipe import compare, extract_run, store
+
+    leaves = ["stem", "block.conv1", "block.bn1", "block.relu#0", "block.conv2", "block.bn2", "block.relu#1",
+              "head.0", "head.1"]
+    x = torch.rand(32, 1, 8, 8)
+    res = compare(blocknet, blocknet, x, batch_size=16, progress=False)
+    assert res.layer_names(res.run_names[0]) == leaves
+    run = store.open_run(extract_run(blocknet, x, cache=tmp_path / "cache", data_name="x", batch_size=16, progress=False))
+    assert run.layer_names == leaves

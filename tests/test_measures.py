@@ -228,7 +228,7 @@ def test_neighbour_measures_equal_huh_et_al_definitions_minibatch_by_minibatch(c
     runs = {r.slug: r.path for r in results.runs}
     features = {f"{run}:{layer}": stored(runs[run], layer) for run in ("a", "b") for layer in results.layer_names(run)}
     labels = results.labels
-    counts = results.statistics("mutual_knn:5") * m * k  # per minibatch, Σ_i |N_a(i) ∩ N_b(i)|
+    counts = results.statistics("mutual_knn:5").values * m * k  # per minibatch, Σ_i |N_a(i) ∩ N_b(i)|
     knn = measure_matrix(results, "mutual_knn:5")
     cknna = measure_matrix(results, "cknna:5")
     for i, la in enumerate(labels):

@@ -222,3 +222,22 @@ def test_results_of_store_version_1_still_load(study, tmp_path):
     loaded = analyze.load_results(tmp_path / "v1")
     np.testing.assert_array_equal(loaded.minibatches, np.arange(6))
     np.testing.assert_array_equal(loaded.cka("small", "big").values, res.cka("small", "big").values)
+
+
+def test_best_matches_is_a_table_and_statistics_a_labelled_array(study):
+    """best_matches: each small layer's most similar big layer, from CKA computed by hand; statistics:
+    the per-minibatch HSIC_1 of every stacked pair, on (minibatch, a, b) with run and layer coordinates."""
+    _, res, small, big = study
+    table = res.best_matches("small", "big")
+    assert list(table.columns) == ["layer_a", "layer_b", "cka"] and list(table.layer_a) == list(small)
+    for row in table.itertuples(index=False):
+        by_layer = {name: by_hand(small[row.layer_a], y)[1] for name, y in big.items()}
+        assert row.layer_b == max(by_layer, key=by_layer.get)
+        np.testing.assert_allclose(row.cka, by_layer[row.layer_b], rtol=0, atol=1e-9)
+    stats = res.statistics()
+    assert stats.dims == ("minibatch", "a", "b") and stats.shape == (96 // M, 6, 6)
+    one = stats.sel(run_a="small", layer_a="l1", run_b="big", layer_b="layer2.0.conv1").values
+    x, y = small["l1"].astype(np.float64), big["layer2.0.conv1"].astype(np.float64)
+    expected = [hsic1_reference(x[k * M:(k + 1) * M] @ x[k * M:(k + 1) * M].T, y[k * M:(k + 1) * M] @ y[k * M:(k + 1) * M].T)
+                for k in range(96 // M)]
+    np.testing.assert_allclose(one, expected, rtol=1e-9)
