@@ -1,7 +1,7 @@
 """The analysis engine: minibatch CKA (and the other measures) of every pair of layers of a set
 of runs, with Dask.
 
-For every analysis minibatch k (DESIGN.md, "The analysis algorithm"):
+For every analysis minibatch k (docs/design.md, "The analysis algorithm"):
 
     C_k = [ X̃_k^l X̃_k^lᵀ for every layer l of every run ]           (the Gram cache's rows)
     H_k = HSIC_1 of every pair of layers, from C_k                    (L × L)

@@ -1,4 +1,4 @@
-"""Pairing rules: which minibatches of which runs are compared (DESIGN.md, "Pairing rules").
+"""Pairing rules: which minibatches of which runs are compared (docs/design.md, "Pairing rules").
 
 - Same sample ids (over the rows used): minibatch k of every run holds the same
   samples; a model (or layer) comparison.

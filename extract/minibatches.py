@@ -11,8 +11,8 @@
 for the second model, as in torch-cka): sample i of each is one sample; they must hold as many, and
 labels or ids their batches carry must agree.
 
-Specs, datasets and arrays are visited in the permutation drawn from ``order_seed`` (DESIGN.md,
-"Sample order matters"; ``order_seed=None`` keeps their order); a DataLoader in the order it gives.
+Specs, datasets and arrays are visited in the permutation drawn from ``order_seed`` (docs/design.md,
+"Invariants", chunk = minibatch; ``order_seed=None`` keeps their order); a DataLoader in the order it gives.
 
 A run's key needs the identity of its data. A spec is its own. Data given as an object is named by
 the user (``name``: a promise that the name always means the same inputs in the same order), or

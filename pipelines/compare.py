@@ -11,7 +11,7 @@ U-centred Gram triangle of every layer is computed there (``kernels.ucentered_gr
 features are dropped. One product of the stacked triangles of every layer of every model gives the
 minibatch's HSIC_1 matrix (``kernels.hsic1_matrix``), kept per minibatch. Memory: one model's
 activations of one minibatch, whatever N; the numbers: those of ``extract`` + ``analyze`` of the
-same models and samples (DESIGN.md, "The analysis algorithm").
+same models and samples (docs/design.md, "The analysis algorithm").
 
 With ``cache=DIR`` the same pass leaves a grams-only run per model (``keep_activations``: a full
 run) under the run's usual key; a later compare, analyze or extract including that model reuses it
