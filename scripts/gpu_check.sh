@@ -11,7 +11,7 @@
 # its CPU twin, max |difference| and time (tests/gpu_report.py: kernels, analysis --device cuda,
 # measures, bootstrap, extraction's device Grams, fused compare; CI prints the same table through
 # the CuPy stand-in, tests/fake_cupy.py), then the GPU rows of the bench. BENCH_ARGS is passed to the
-# bench (default: the reduced sizes of pieces G, M, W1, F1 and F3: ckapipe against the other CKA tools
+# bench (default: the reduced sizes of pieces G, M, W1, F1, F3 and F5: ckapipe against the other CKA tools
 # on the same workloads; "--full" for issue 5's sizes, "--only W1" for one piece). Everything lands in
 # OUTDIR (default $OUT, else gpu-results/). The exit status is 1 when a test or a row failed.
 set -euo pipefail
@@ -30,5 +30,5 @@ status=0
 CKAPIPE_REQUIRE_GPU=1 python3 -m pytest -q -p no:cacheprovider -m gpu -rs > "$out/pytest-gpu.log" 2>&1 || status=1
 echo "pytest -m gpu: $(tail -n 1 "$out/pytest-gpu.log") (log: $out/pytest-gpu.log)"
 python3 -m tests.gpu_report 2>&1 | tee "$out/gpu-table.md" || status=1
-python3 -m bench --device cuda --out "$out" ${BENCH_ARGS:---only G,M,W1,F1,F3} 2>&1 | tee "$out/bench.log" || status=1
+python3 -m bench --device cuda --out "$out" ${BENCH_ARGS:---only G,M,W1,F1,F3,F5} 2>&1 | tee "$out/bench.log" || status=1
 exit $status
