@@ -90,7 +90,6 @@ def extract_run(
     loaded = resolve_model(model, cache, random_init)
     feed = minibatches(dataset, batch_size, order_seed=order_seed, limit=limit, name=data_name, workers=workers)
     device = torch.device(resolve_device(device, "torch"))
-    check_model(loaded.module, loaded.spec)
     probe = feed.probe(PROBE_BATCH)
     check_inputs(probe, feed.given)
     module = loaded.module.to(device)
@@ -322,18 +321,22 @@ def _is_cached(run, span: range, want_grams: bool) -> bool:
     return bool(grams.done()[span.start:span.stop].all())
 
 
-def resolve_model(model: str | nn.Module, cache, random_init: bool = False, hash_weights: bool = True) -> LoadedModel:
+def resolve_model(model: str | nn.Module, cache, random_init: bool = False, hash_weights: bool = True,
+                  label: str | None = None) -> LoadedModel:
     """A model spec loaded (zoo weights trained into ``cache``), or an nn.Module as given, in eval mode, with its
-    weights hash (an nn.Module's only when ``hash_weights``: a pass over its weights that only run keys need)."""
+    weights hash (an nn.Module's only when ``hash_weights``: a pass over its weights that only run keys need);
+    its weights checked (``check_model``), named in a refusal by ``label`` (default: its spec)."""
     if isinstance(model, nn.Module):
         cls = type(model)
         spec = f"module:{cls.__module__}.{cls.__qualname__}"
-        check_model(model, spec)  # before its weights are hashed: meta tensors have no bytes
+        check_model(model, label or spec)  # before its weights are hashed: meta tensors have no bytes
         model.eval()
         if not hash_weights:
             return LoadedModel(model, spec, "")
         return LoadedModel(model, spec, weights_hash(model), *code_hash(model))
-    return load_model(model, cache=cache, random_init=random_init)
+    loaded = load_model(model, cache=cache, random_init=random_init)
+    check_model(loaded.module, label or loaded.spec)
+    return loaded
 
 
 def warn_unproven_reuse(loaded: LoadedModel, run: store.Run) -> None:

@@ -42,7 +42,7 @@ from ckapipe.extract.layers import Recorder
 from ckapipe.extract.minibatches import Minibatches, PairedMinibatches, minibatches, paired
 from ckapipe.extract.models import LoadedModel
 from ckapipe.extract.runner import (
-    PROBE_BATCH, check_devices, check_inputs, check_model, check_order_seed, probe_layers, resolve_model, run_spec,
+    PROBE_BATCH, check_devices, check_inputs, check_order_seed, probe_layers, resolve_model, run_spec,
     runs_on, to_device, warn_unproven_reuse,
 )
 from ckapipe.extract.writer import ChunkWriter
@@ -226,9 +226,11 @@ def per_model(data, models: Mapping[str, Any]) -> dict[str, Any]:
 
 def names_of_data(data_name, data: dict[str, Any]) -> dict[str, str | None]:
     """The name of each data (``data_name``: one for one data, a list or dict of them for one per model)."""
-    if data_name is None or (ALL in data) == isinstance(data_name, str):
-        return {who: None for who in data} if data_name is None else per_model(data_name, data)
-    raise CkapipeError("give data_name as one name for one data, or one name per model for one data per model")
+    if data_name is None:
+        return dict.fromkeys(data)
+    if (ALL in data) != isinstance(data_name, str):
+        raise CkapipeError("give data_name as one name for one data, or one name per model for one data per model")
+    return {ALL: data_name} if ALL in data else per_model(data_name, data)
 
 
 def feed_of(data: dict[str, Any], models: Mapping[str, Any]) -> list[str]:
@@ -267,11 +269,8 @@ def layer_selections(layers, names: list[str]) -> dict[str, Any]:
 def member(label, named, model, layers, reduction, probe_inputs, device, cache, random_init, given,
            feed=ALL) -> Member:
     """A model ready to hand its features to the kernels: loaded, on the device, its layers checked and probed."""
-    if isinstance(model, nn.Module):
-        check_model(model, label)  # named as the user named it, before resolve_model checks it by its class
     loaded = resolve_model(model, cache if cache is not None else store.default_cache(), random_init,
-                           hash_weights=cache is not None)
-    check_model(loaded.module, label)
+                           hash_weights=cache is not None, label=label)
     module = loaded.module.to(device)
     check_devices(module, device, label)
 
