@@ -248,7 +248,7 @@ def heatmap_figure(results: Results, a, b=None, measure=None, *, ax=None, interv
     if marks:
         mark_intervals(ax, results, a, b, wide)
     if widths:
-        width_panel(rest[0], results, a, b, style.get("cmap", "magma"))
+        width_panel(rest[0], results, a, b, style.get("cmap", "magma"), style["types"])
     if own:
         ax.figure.suptitle(f"{run_label(results, a)} vs {run_label(results, b)}: "
                            f"{measure_label(measure or results.measures[0])}, m={results.m}, "
@@ -283,12 +283,12 @@ def mark_intervals(ax, results: Results, a, b, wide: float = WIDE) -> None:
     marks_legend(ax, handles)
 
 
-def width_panel(ax, results: Results, a, b, cmap="magma"):
+def width_panel(ax, results: Results, a, b, cmap="magma", types=None):
     """The width high - low of each entry's bootstrap interval, on its own scale (0 to the widest)."""
     low, high = results.interval(a, b).values
     return heatmap(np.asarray(high) - np.asarray(low), results.layer_names(a), results.layer_names(b), ax=ax,
                    vmin=0.0, vmax="data", cmap=cmap, label=f"width of the {results.resampling.ci * 100:g} % interval",
-                   col_label=f"{run_label(results, b)} layers", gid="widths")
+                   col_label=f"{run_label(results, b)} layers", types=types, gid="widths")
 
 
 def measure_label(measure=None) -> str:
