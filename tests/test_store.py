@@ -18,7 +18,7 @@ import zarr
 from ckapipe import store
 from ckapipe.atomic import atomic_path, describe_os_error
 from ckapipe.errors import CkapipeError, StoreError
-from ckapipe.locks import lock_dir, writer_lock
+from ckapipe.store.locks import lock_dir, writer_lock
 from tests import REPO
 from tests.numpy_runs import make_run, random_layers
 
@@ -149,7 +149,7 @@ def test_overlapping_chunk_ranges_are_refused_and_disjoint_ones_proceed(cache, l
 
 HOLD_LOCK = """
 import sys, time
-from ckapipe.locks import writer_lock
+from ckapipe.store.locks import writer_lock
 with writer_lock(sys.argv[1], range(0, 4)):
     print("locked", flush=True)
     time.sleep(600)
