@@ -13,7 +13,7 @@ Results store (a Zarr v3 group written by xarray: ``xarray.open_zarr(OUT)`` open
     OUT/
       zarr.json        attrs["ckapipe_results"]: runs (name, slug, key, path,
                        layers), m, pairing, minibatches used, notes, versions;
-                       the seal (ckapipe.integrity): arrays (dtype, shape, chunks),
+                       the seal (ckapipe.store.integrity): arrays (dtype, shape, chunks),
                        key (sha256 of the record), checksums (every chunk's tag);
                        consolidated metadata of the arrays
       hsic             float64 (minibatch, a, b): HSIC_1 of every pair of the L layers
@@ -56,21 +56,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd  # xarray's own dependency
 import xarray as xr
-import zarr
 
 from ckapipe.analyze import labelled
 
 from ckapipe.analyze.measures import DEFAULT, SUMS, measure_values, minibatch_values, parse_measure
 from ckapipe.analyze.stats import MIN_INTERVAL, Resampling, bootstrap_bounds, minibatch_count
-from ckapipe.atomic import atomic_path
-from ckapipe.codecs import checksummed, compressors
-from ckapipe.errors import CkapipeError, StoreError, suggest
-from ckapipe.integrity import RESULTS_ATTRS, BadArrayChunk, first_undecodable, seal, seal_problems, sealed
-from ckapipe.store import library_versions, now
+from ckapipe.errors import CkapipeError, suggest
+from ckapipe.store.integrity import checksummed, compressors, seal
+from ckapipe.store.results import check_out, open_results_store, recorded_inputs, write_results_store  # noqa: F401 - check_out
+# and recorded_inputs belong to the results store; the analysis and studies take them from here
+from ckapipe.store.specs import library_versions, now
 
-ATTRS = RESULTS_ATTRS
 RESULTS_VERSION = 3  # 2: written by xarray, (run, layer) coordinates, "minibatch" instead of "minibatches"; 3: sealed
-RESULTS_CODECS = checksummed(compressors("zstd1"))  # every chunk ends with its crc32c (ckapipe.codecs)
+RESULTS_CODECS = checksummed(compressors("zstd1"))  # every chunk ends with its crc32c (ckapipe.store.integrity)
 ANALYSIS_LIBRARIES = ("ckapipe", "numpy", "zarr", "dask", "xarray", "cupy-cuda12x")
 COLUMNS = ["run_a", "layer_a", "run_b", "layer_b", "cka", "hsic_ab", "hsic_aa", "hsic_bb"]
 
@@ -538,22 +536,24 @@ class Results:
 
 
 def write_results(results: Results, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write the results store, seal it, then swap it into place (a half-written store is never visible)."""
-    out = Path(out)
+    """Write the results store (ckapipe.store.results): the arrays through xarray (dimension names,
+    coordinates, consolidated metadata: ``xarray.open_zarr`` opens the directory), every chunk checksummed
+    and then tagged (ckapipe.store.integrity.seal), the exports beside them; swapped into place whole."""
     check_out(out, overwrite)
-    with atomic_path(out, replace=True) as tmp:
-        _write_store(results, tmp)
-    results.path = out
-    return out
+    per_minibatch = (1, *results.hsic.shape[1:])
+    chunks = {"hsic": per_minibatch, "minibatch_cka": per_minibatch, "measure_stats": (1, *per_minibatch)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant layers: said once, when the CKA was computed
+        dataset = labelled.stored(results.to_xarray())
+        exports = {"cka.json": results.to_json(), "cka.csv": results.to_csv(), "summary.txt": results.summary() + "\n"}
+    results.path = write_results_store(out, dataset, _record(results), exports, codecs=RESULTS_CODECS, chunks=chunks,
+                                       overwrite=overwrite, sealer=seal)
+    return results.path
 
 
-def _write_store(results: Results, tmp: Path) -> None:
-    """The arrays through xarray (dimension names, coordinates, consolidated metadata: ``xarray.open_zarr``
-    opens the directory), every chunk checksummed and then tagged (ckapipe.integrity.seal); the exports beside them."""
-    from ckapipe.analyze.labelled import stored
-
-    ds = stored(results.to_xarray())
-    ds.attrs = {ATTRS: {
+def _record(results: Results) -> dict:
+    """What the results store records beside the arrays: the runs, the inputs, notes, resampling, provenance."""
+    return {
         "results_version": RESULTS_VERSION,
         "runs": [r.to_dict() for r in results.runs],
         "inputs": results.inputs,
@@ -561,111 +561,29 @@ def _write_store(results: Results, tmp: Path) -> None:
         "resampling": results.resampling.to_dict(),
         "created": now(),
         "versions": library_versions(ANALYSIS_LIBRARIES),
-    }}
-    encoding = {name: {"compressors": RESULTS_CODECS} for name in ds.variables}
-    per_minibatch = (1, *results.hsic.shape[1:])
-    for name in ("hsic", "minibatch_cka"):
-        encoding[name]["chunks"] = per_minibatch
-    if "measure_stats" in ds:
-        encoding["measure_stats"]["chunks"] = (1, *per_minibatch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zarr: consolidated metadata is not (yet) in the Zarr v3 specification
-        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
-        seal(tmp, ATTRS)
-        results.to_json(tmp / "cka.json")
-        results.to_csv(tmp / "cka.csv")
-        (tmp / "summary.txt").write_text(results.summary() + "\n")
-
-
-def check_out(out: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse, before any work, an ``--out`` that exists (without overwrite), is a file, or cannot be written."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CkapipeError(f"output directory {out} exists: choose another --out or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise CkapipeError(f"output path {out} is a file, not a results directory")
-    parent = next(p for p in out.absolute().parents if p.exists())  # where out (or its first missing folder) goes
-    if not parent.is_dir():
-        raise CkapipeError(f"cannot write results to {out}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        why = "the file system is read-only" if os.statvfs(parent).f_flag & os.ST_RDONLY else "permission denied"
-        raise CkapipeError(f"cannot write results to {out}: {parent} is not writable ({why}); "
-                           f"choose another --out or fix its permissions")
+    }
 
 
 def load_results(path: str | os.PathLike) -> Results:
     """Open a results store written by ``analyze(..., out=path)``, refusing one that is damaged: an edited
     attribute, a missing array or chunk, a chunk changed or copied from elsewhere (one line naming it)."""
-    path = Path(path)
-    group, meta = _open_store(path)
-    _check_seal(path, group, meta)
+    store = open_results_store(path)
+    meta = store.record
     runs = [RunEntry(r["name"], r["slug"], r["key"], tuple(r["layers"]), r.get("path", ""), tuple(r.get("modules", ())))
             for r in meta["runs"]]
-    minibatches = _read(path, group, "minibatch" if "minibatch" in group else "minibatches")  # version 1: "minibatches"
-    stats = (dict(zip((str(name) for name in _read(path, group, "measure")), _read(path, group, "measure_stats")))
-             if "measure_stats" in group else {})
-    rankme = _read(path, group, "rankme") if "rankme" in group else None
-    hsic = _read(path, group, "hsic")
-    if not np.isfinite(hsic).all():  # a store without checksums whose hsic chunk was deleted reads as NaN
-        k = int(np.flatnonzero(~np.isfinite(hsic).all(axis=(1, 2)))[0])
-        raise StoreError(damaged(path, f"array 'hsic', chunk {k}.0.0: it holds NaN or inf (its file is missing, "
-                                       f"or its bytes were changed)"))
-    results = Results(runs, hsic, minibatches, meta["inputs"], list(meta["notes"]), path,
+    minibatches = store.read("minibatch" if "minibatch" in store else "minibatches")  # version 1: "minibatches"
+    stats = (dict(zip((str(name) for name in store.read("measure")), store.read("measure_stats")))
+             if "measure_stats" in store else {})
+    rankme = store.read("rankme") if "rankme" in store else None
+    hsic = store.read_finite("hsic")  # a store without checksums whose hsic chunk was deleted reads as NaN
+    results = Results(runs, hsic, minibatches, meta["inputs"], list(meta["notes"]), store.path,
                       measure_stats=stats, rankme=rankme)
-    _read_uncertainty(path, group, meta, results)
+    if "resampling" in meta and "cka_low" in store:  # a store written before them gets intervals drawn on first use
+        results.resampling = Resampling.from_dict(meta["resampling"])
+        results.bounds = np.stack([store.read("cka_low"), store.read("cka_high")])
+        p = store.read("p_value")
+        results.p_value_all = None if np.isnan(p).all() else p
     return results
-
-
-def _open_store(path: Path) -> tuple[zarr.Group, dict]:
-    try:
-        group = zarr.open_group(path, mode="r")
-        return group, group.attrs[ATTRS]
-    except Exception:  # noqa: BLE001
-        raise CkapipeError(f"{path} is not a ckapipe results directory (written by ckapipe analyze --out)") from None
-
-
-def _check_seal(path: Path, group: zarr.Group, meta: dict) -> None:
-    """The first problem of a sealed store (its tags: four bytes a chunk), as one line; nothing for an older store."""
-    if sealed(meta):
-        _, bad = seal_problems(path, group, meta)
-        if bad:
-            raise StoreError(damaged(path, bad[0].describe()))
-
-
-def _read(path: Path, group: zarr.Group, name: str) -> np.ndarray:
-    """One whole array; a chunk that fails to decode (its checksum, its codec) is one line naming it."""
-    try:
-        return group[name][:]
-    except Exception:  # noqa: BLE001 - codecs and stores raise many types
-        coords, why = first_undecodable(group[name])
-        raise StoreError(damaged(path, BadArrayChunk(name, coords, why).describe())) from None
-
-
-def damaged(path: Path, what: str) -> str:
-    """The one line for a damaged results store: where, what, and what to do."""
-    return (f"results directory {path} is damaged: {what}; `ckapipe verify {path}` names every bad chunk, "
-            f"and analysing again with --out {path} --overwrite rewrites it")
-
-
-def _read_uncertainty(path: Path, group, meta: dict, results: Results) -> None:
-    """The stored intervals and p-values (a store written before them gets intervals drawn on first use)."""
-    if "resampling" not in meta or "cka_low" not in group:
-        return
-    results.resampling = Resampling.from_dict(meta["resampling"])
-    results.bounds = np.stack([_read(path, group, "cka_low"), _read(path, group, "cka_high")])
-    p = _read(path, group, "p_value")
-    results.p_value_all = None if np.isnan(p).all() else p
-
-
-def recorded_inputs(path: str | os.PathLike) -> dict | None:
-    """The inputs an existing results store was computed from; None if unreadable or damaged (so that a
-    study analyses it again)."""
-    try:
-        group, meta = _open_store(Path(path))
-        _check_seal(Path(path), group, meta)
-        return meta["inputs"]
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def incompatibility(a: Results, b: Results) -> str | None:

@@ -22,7 +22,7 @@ from ckapipe.analyze import stats
 from ckapipe.analyze.grams import RunSource, plan_source, run_triangles
 from ckapipe.analyze.results import Results, check_combinable, load_results
 from ckapipe.blas import single_threaded_blas
-from ckapipe.integrity import is_results_store
+from ckapipe.store.integrity import is_results_store
 from ckapipe.errors import CkapipeError, StoreError, suggest
 from ckapipe.progress import Progress
 from ckapipe.store import open_run

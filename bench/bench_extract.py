@@ -3,7 +3,7 @@
 C. Compression of real activations (the trained zoo CNN ``cnn3`` and MLP
    ``mlp3`` on digits, every hidden stage, flattened, float32): bytes on disk
    against raw bytes, and write/read MB/s, for each codec ckapipe offers. This
-   table chose the default (``ckapipe.codecs.DEFAULT_COMPRESSION``).
+   table chose the default (``ckapipe.store.integrity.DEFAULT_COMPRESSION``).
 E. The same model over the same data, in one process: forward pass only, and a
    full extraction (hooks, clones, value checks, compression, writes) into a
    fresh cache with several codecs, interleaved for 3 rounds, the best time of
@@ -86,7 +86,7 @@ def measure_codec(name: str, arrays: dict[str, np.ndarray], dtype: str, workdir:
     import zarr
 
     from ckapipe import store
-    from ckapipe.codecs import compressors
+    from ckapipe.store.integrity import compressors
 
     data = {k: v.astype(dtype) for k, v in arrays.items()}
     raw = sum(a.nbytes for a in data.values())
@@ -110,7 +110,7 @@ def measure_codec(name: str, arrays: dict[str, np.ndarray], dtype: str, workdir:
 
 def compression_rows(workdir: Path, dtype: str = "float32") -> list[Row]:
     """One row per codec: bytes on disk against raw bytes, with its write and read rates."""
-    from ckapipe.codecs import COMPRESSION_CHOICES, DEFAULT_COMPRESSION
+    from ckapipe.store.integrity import COMPRESSION_CHOICES, DEFAULT_COMPRESSION
 
     workdir.mkdir(parents=True, exist_ok=True)
     arrays = zoo_activations(workdir / "zoo-cache")
@@ -164,7 +164,7 @@ def extraction(cache: Path, n_copies: int, compression: str) -> tuple[float, int
 
 def extraction_rows(workdir: Path, rounds: int = 3, compressions=E_COMPRESSIONS, n_copies: int = 1) -> list[Row]:
     """Forward-only and extraction rounds, interleaved; the best time of each (load comes and goes)."""
-    from ckapipe.codecs import DEFAULT_COMPRESSION
+    from ckapipe.store.integrity import DEFAULT_COMPRESSION
 
     digits_forward(1)  # warm-up: threads, allocator
     forwards, extractions = [], {c: [] for c in compressions}

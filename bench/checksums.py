@@ -70,6 +70,6 @@ def checksum_rows(workdir: Path, rounds: int = 3) -> list[Row]:
 
 
 def _verify(cache: Path):
-    from ckapipe.verify import verify
+    from ckapipe.store.verify import verify
 
     return verify(cache, progress=False)

@@ -1,4 +1,4 @@
-"""``ckapipe verify`` and ``ckapipe unlock``: thin over ckapipe.verify and ckapipe.locks (no torch)."""
+"""``ckapipe verify`` and ``ckapipe unlock``: thin over ckapipe.store.verify and ckapipe.store.locks (no torch)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from ckapipe.errors import StoreError
-from ckapipe.integrity import RESULTS_ATTRS, is_results_store
+from ckapipe.store.integrity import RESULTS_ATTRS, is_results_store
 from ckapipe.options import cache_option, quiet_option
-from ckapipe.verify import verify as verify_runs, verify_results
+from ckapipe.store.verify import verify as verify_runs, verify_results
 
 
 @click.command()
@@ -85,7 +85,7 @@ def describe(report) -> list[str]:
 @quiet_option
 def unlock(cache, runs, quiet):
     """Remove the writer locks of RUNS (their writers are known dead), refused while one runs on this host."""
-    from ckapipe.locks import unlock as unlock_run
+    from ckapipe.store.locks import unlock as unlock_run
     from ckapipe.store import find_runs
 
     for run in find_runs(cache, list(runs), check=False):

@@ -11,7 +11,7 @@ import json
 import click
 
 from ckapipe import store
-from ckapipe.codecs import COMPRESSION_CHOICES, DEFAULT_COMPRESSION
+from ckapipe.store.integrity import COMPRESSION_CHOICES, DEFAULT_COMPRESSION
 from ckapipe.options import batch_size_option, cache_option, device_option, quiet_option
 
 RANDOM_OPTION = click.option("--random-init", is_flag=True, help="Random weights (torchvision/timm/hf/zoo), reproducible from init_seed=0.")

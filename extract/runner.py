@@ -22,7 +22,7 @@ from torch import nn
 from ckapipe import store
 from ckapipe.atomic import describe_os_error
 from ckapipe.blas import single_threaded_blas
-from ckapipe.codecs import DEFAULT_COMPRESSION, compressors
+from ckapipe.store.integrity import DEFAULT_COMPRESSION, compressors
 from ckapipe.devices import resolve_device
 from ckapipe.errors import ActivationError, CkapipeError, DataError, LayerError, SpecError
 from ckapipe.extract.datasets import load_dataset
@@ -31,7 +31,7 @@ from ckapipe.extract.minibatches import Minibatches, minibatches, rows_of, sampl
 from ckapipe.extract.models import LoadedModel, code_hash, load_model, weights_hash
 from ckapipe.extract.writer import ChunkWriter, compute_grams, device_grams, write_grams
 from ckapipe.kernels import check_minibatch_size
-from ckapipe.locks import writer_lock
+from ckapipe.store.locks import writer_lock
 from ckapipe.progress import Progress
 
 PROBE_BATCH = 4

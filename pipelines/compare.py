@@ -47,7 +47,7 @@ from ckapipe.extract.runner import (
 )
 from ckapipe.extract.writer import ChunkWriter
 from ckapipe.kernels import PRODUCTS, hsic1_matrix, minibatch_grams, to_host, ucentered_from_centred, ucentered_gram
-from ckapipe.locks import writer_lock
+from ckapipe.store.locks import writer_lock
 from ckapipe.progress import Progress
 
 

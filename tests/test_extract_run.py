@@ -17,7 +17,7 @@ import torch
 
 from ckapipe.kernels import ucentered_gram
 from ckapipe import store
-from ckapipe.locks import writer_lock
+from ckapipe.store.locks import writer_lock
 from ckapipe.errors import CkapipeError
 from ckapipe.extract.runner import extract_run
 from ckapipe.extract.zoo import digits_tensors

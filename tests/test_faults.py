@@ -28,7 +28,7 @@ import ckapipe.analyze as analyze
 from ckapipe import store
 from ckapipe.errors import CkapipeError, StoreError
 from ckapipe.extract.runner import extract_run
-from ckapipe.locks import lock_dir, read_claim, writer_lock
+from ckapipe.store.locks import lock_dir, read_claim, writer_lock
 from tests.cli_calls import ckapipe_cli
 from tests.numpy_runs import make_run, random_layers
 from tests.reference import minibatch_cka_reference

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from ckapipe.errors import StoreError
-from ckapipe.locks import Claim, _take_over, lock_dir, lock_timeout, read_claim, writer_lock
+from ckapipe.store.locks import Claim, _take_over, lock_dir, lock_timeout, read_claim, writer_lock
 
 
 def test_the_lock_timeout_comes_from_the_environment(monkeypatch):

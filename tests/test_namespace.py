@@ -99,5 +99,5 @@ def test_the_wheel_installs_one_package_ckapipe(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"ckapipe"}
     for expected in ("ckapipe/extract/runner.py", "ckapipe/analyze/engine.py", "ckapipe/pipelines/default.yaml",
-                     "ckapipe/pipelines/examples/ensemble.yaml", "ckapipe/store.py"):
+                     "ckapipe/pipelines/examples/ensemble.yaml", "ckapipe/store/__init__.py"):
         assert expected in names

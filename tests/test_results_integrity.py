@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -328,3 +329,15 @@ def test_a_damaged_results_directory_is_out_of_date_so_a_study_analyses_it_again
     assert analyze.is_up_to_date(copy, built["cache"], runs)
     (copy / CHUNK).unlink()
     assert not analyze.is_up_to_date(copy, built["cache"], runs)
+
+
+def test_the_results_store_reads_back_as_numpy_without_the_analysis(built):
+    """ckapipe.store.results opens a results directory on its own: the record and every array as NumPy,
+    ckapipe.analyze never imported (the analysis builds its Results from what it returns)."""
+    code = ("import sys, numpy, zarr; from ckapipe.store.results import open_results_store; "
+            f"s = open_results_store({str(built['results'])!r}); g = zarr.open_group({str(built['results'])!r}, mode='r'); "
+            "assert all(numpy.array_equal(s.read(n), g[n][:]) for n in ('hsic', 'minibatch', 'cka_low', 'layer_a')); "
+            "assert s.record['inputs']['m'] == 16 and [r['slug'] for r in s.record['runs']] == ['small', 'big']; "
+            "print(sorted(m for m in sys.modules if m.startswith('ckapipe.analyze')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "[]\n", "")

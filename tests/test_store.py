@@ -18,7 +18,7 @@ import zarr
 from ckapipe import store
 from ckapipe.atomic import atomic_path, describe_os_error
 from ckapipe.errors import CkapipeError, StoreError
-from ckapipe.locks import lock_dir, writer_lock
+from ckapipe.store.locks import lock_dir, writer_lock
 from tests import REPO
 from tests.numpy_runs import make_run, random_layers
 
@@ -149,7 +149,7 @@ def test_overlapping_chunk_ranges_are_refused_and_disjoint_ones_proceed(cache, l
 
 HOLD_LOCK = """
 import sys, time
-from ckapipe.locks import writer_lock
+from ckapipe.store.locks import writer_lock
 with writer_lock(sys.argv[1], range(0, 4)):
     print("locked", flush=True)
     time.sleep(600)
@@ -284,3 +284,21 @@ def test_the_first_writer_wins_unless_replacing(tmp_path):
                                          (errno.EACCES, "permission denied"), (errno.EIO, os.strerror(errno.EIO))])
 def test_file_system_errors_in_a_few_words(code, words):
     assert describe_os_error(OSError(code, os.strerror(code))) == words
+
+
+def test_each_file_of_the_store_package_imports_only_those_above_it_in_its_map():
+    """ckapipe/store/__init__.py lists its files bottom first; each imports only files listed before it
+    (no cycle inside the package) and nothing of the stages (the store is their floor)."""
+    import ast
+    import re
+
+    package = REPO / "ckapipe" / "store"
+    order = re.findall(r"^    (\w+)\.py ", store.__doc__, flags=re.M)
+    assert sorted(order) == sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
+    for i, name in enumerate(order):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        inside = {m.removeprefix("ckapipe.store.") for m in imported if m.startswith("ckapipe.store.")}
+        assert inside <= set(order[:i]), f"store/{name}.py imports {sorted(inside - set(order[:i]))}, listed after it"
+        stages = {m for m in imported if m.split(".")[:2][-1] in ("extract", "analyze", "pipelines")}
+        assert not stages, f"store/{name}.py imports {sorted(stages)}"

@@ -9,7 +9,7 @@ exactly those. Stores of version 2 have no checksums: their chunks are
 decoded and checked to be finite, and the report says "no checksums".
 
 ``verify_results(path, attr)`` does the same for a results directory (a group sealed by
-ckapipe.integrity, its record in ``attrs[attr]``): every chunk of every array decoded and
+ckapipe.store.integrity, its record in ``attrs[attr]``): every chunk of every array decoded and
 its tag checked, the record checked against its key. Results written before checksums are
 decoded only, and reported as "no checksums".
 
@@ -28,14 +28,15 @@ import numpy as np
 import zarr
 
 from ckapipe.atomic import describe_os_error
-from ckapipe.codecs import compression_name
 from ckapipe.errors import StoreError
-from ckapipe.integrity import BadArrayChunk, chunk_coords, decode_problem, seal_problems, sealed
-from ckapipe.locks import writer_lock
 from ckapipe.progress import Progress
-from ckapipe.store import (
-    IN_PROGRESS, GramCache, Run, chunk_file, decode_failure, find_runs, list_runs, spans,
+from ckapipe.store.grams import GramCache, spans
+from ckapipe.store.integrity import (
+    BadArrayChunk, chunk_coords, chunk_file, compression_name, decode_failure, decode_problem, seal_problems, sealed,
 )
+from ckapipe.store.locks import writer_lock
+from ckapipe.store.lookup import find_runs, list_runs
+from ckapipe.store.run import IN_PROGRESS, Run
 
 
 @dataclass(frozen=True)

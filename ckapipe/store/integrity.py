@@ -1,8 +1,24 @@
-"""A sealed Zarr group: every chunk of every array checksummed and tagged, its attributes keyed.
+"""The one integrity layer of every store: what a chunk is on disk, the checksum that ends it, the tag
+that ties it to its place, the seal of a results store, and the one-line words for damage.
 
-The run stores tag one chunk per minibatch (ckapipe.store); a results store
-(ckapipe.analyze.results) holds arrays of any chunking and is written once, so
-it is sealed once, after writing, with the same two pieces:
+The default compression was chosen by measuring every codec on real
+activations (docs/benchmarks.md): ReLU outputs are 40–70 % exact zeros, which
+blosc-lz4 halves at almost the write speed of no compression; byte shuffling
+splits the zero runs and compresses worse. The codec is invisible to the
+values and not part of the run key.
+
+Every chunk of a store of version 3 ends with the crc32c of its bytes (Zarr
+v3's ``crc32c`` codec, after the compressor), so a flipped, truncated or
+overwritten byte fails to decode, in ckapipe and in plain ``zarr`` alike. A
+crc32c says the file is whole, not where it belongs, so beside the chunk
+the store records its tag, ``crc32c("<run key>/<array>/<k>" + the file's four
+crc32c bytes)``: a chunk file moved to another minibatch, layer or run no
+longer matches the tag of the place it lands in. The tag needs only the last
+four bytes of the file, never a second pass over the data.
+
+The run stores and their Gram caches tag one chunk per minibatch, in an array beside the chunks
+(``CHECKSUMS``; ckapipe.store.run, ckapipe.store.grams). A results store (ckapipe.store.results) holds
+arrays of any chunking and is written once, so it is sealed once, after writing, with the same two pieces:
 
 - each chunk file ends with its crc32c (``checksummed`` codecs), so a flipped,
   truncated or overwritten byte fails to decode;
@@ -21,13 +37,115 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c  # zarr's own dependency (its crc32c codec)
 import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from ckapipe.codecs import NO_TAG
-from ckapipe.store import decode_failure, file_problem, file_tag
+from ckapipe.errors import StoreError, suggest
+
+DEFAULT_COMPRESSION = "blosc-lz4"
+COMPRESSION_CHOICES = ("none", "zstd1", "zstd3", "blosc-lz4", "blosc-lz4-shuffle", "blosc-zstd-shuffle")
+CRC_BYTES = 4  # the crc32c codec appends 4 bytes to every chunk
+NO_TAG = -1  # the fill value of a store's tag arrays: nothing recorded
+CHECKSUMS = "checksums"  # the array of chunk tags, in a run and in each Gram cache
+
+
+def compressors(name: str) -> tuple:
+    """The Zarr v3 codec chain for a compression name (``--compression``)."""
+    chains = {
+        "none": (),
+        "zstd1": (ZstdCodec(level=1),),
+        "zstd3": (ZstdCodec(level=3),),
+        "blosc-lz4": (BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle"),),
+        "blosc-lz4-shuffle": (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),),
+        "blosc-zstd-shuffle": (BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"),),
+    }
+    if name not in chains:
+        raise StoreError(f"unknown compression {name!r}{suggest(name, list(chains))} (choose {', '.join(chains)})")
+    return chains[name]
+
+
+def checksummed(chain) -> tuple:
+    """The codec chain with Zarr v3's crc32c codec last: every chunk file ends with the crc32c of its bytes."""
+    return (*tuple(chain or ()), Crc32cCodec())
+
+
+def chunk_tag(run_key: str, array: str, k: int, crc: bytes) -> int:
+    """crc32c of ``"<run key>/<array>/<k>"`` followed by the chunk file's own crc32c (its last 4 bytes).
+
+    Recorded beside chunk k when it is written; a chunk file read at (array, k)
+    whose crc gives another tag was written somewhere else (or was replaced).
+    """
+    return google_crc32c.value(f"{run_key}/{array}/{k}".encode() + bytes(crc))
+
+
+def file_crc(path: str | os.PathLike) -> bytes | None:
+    """The last 4 bytes of a chunk file (its crc32c), or None when the file is missing or shorter."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-CRC_BYTES, os.SEEK_END)
+            return f.read(CRC_BYTES)
+    except OSError:  # missing, or fewer than 4 bytes (seek before the start)
+        return None
+
+
+def compression_name(chain) -> str | None:
+    """The ``--compression`` name of a stored array's codecs (its checksum aside); None when none matches."""
+
+    def form(codec) -> tuple:
+        d = codec.to_dict()
+        config = {k: v for k, v in (d.get("configuration") or {}).items() if k not in ("typesize", "blocksize")}
+        return d["name"], tuple(sorted(config.items()))
+
+    stored = [form(c) for c in chain if form(c)[0] != "crc32c"]
+    return next((name for name in COMPRESSION_CHOICES if [form(c) for c in compressors(name)] == stored), None)
+
+
+# --------------------------------------------------------------------------- chunk files and their tags
+
+
+def chunk_file(root: Path, array: zarr.Array, k: int) -> Path:
+    """The file of chunk k (along the first axis, the only axis chunked in two) of an array in a run's store."""
+    return chunk_path(root, array, (k,) + (0,) * (array.ndim - 1))
+
+
+def tag_problem(run_key: str, root: Path, array: zarr.Array, label: str, k: int, recorded: int) -> str | None:
+    """Why the file of chunk k of ``array`` is not the one whose tag was recorded there, or None."""
+    return file_problem(run_key, label, k, chunk_file(root, array, k), recorded)
+
+
+def file_tag(key: str, label: str, k: int, path: Path) -> int:
+    """The tag of the chunk file at ``path`` as chunk k of ``label`` (NO_TAG when it has no file)."""
+    crc = file_crc(path)
+    return NO_TAG if crc is None else chunk_tag(key, label, k, crc)
+
+
+def file_problem(key: str, label: str, k: int, path: Path, recorded: int) -> str | None:
+    """Why the chunk file at ``path`` is not the one tagged ``recorded`` as chunk k of ``label``, or None
+    (run stores and sealed results stores alike)."""
+    crc = file_crc(path)
+    if crc is None:
+        return "its file is missing or truncated"
+    if recorded == NO_TAG:
+        return "no checksum was recorded for it"
+    if chunk_tag(key, label, k, crc) != recorded:
+        return "its file is not the one written there (changed, or moved from another minibatch, layer or run)"
+    return None
+
+
+def decode_failure(err: Exception) -> str:
+    """A few words for a chunk that fails to decode: a checksum that does not match, or the codec's error."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if "checksum" in text.lower():
+        return "its bytes do not match their checksum (flipped, overwritten or truncated)"
+    return f"it does not decode ({type(err).__name__}{': ' + text[:120] if text else ''})"
+
+
+# --------------------------------------------------------------------------- sealed groups (results stores)
 
 
 @dataclass(frozen=True)
