@@ -106,6 +106,12 @@ def yaml_keys() -> dict[str, Any]:
     return {f.name: f.metadata["yaml"] for f in fields(RunSettings) if f.metadata["yaml"] is not None}
 
 
+def choices_of(name: str) -> tuple[str, ...] | None:
+    """The values setting ``name`` may take (None: any of its type, or no such setting)."""
+    setting = SETTING_FIELDS.get(name)
+    return setting.metadata["click"].get("choices") if setting else None
+
+
 def flag_args(setting_field, value) -> list[str]:
     """The command-line words that give one setting ``value``."""
     flags = setting_field.metadata["flags"]

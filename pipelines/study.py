@@ -54,8 +54,8 @@ import yaml
 
 from ckapipe.errors import CkapipeError, PipelineError, StoreError, suggest
 from ckapipe.kernels import MIN_MINIBATCH
-from ckapipe.settings import DEFAULT_BATCH, SETTING_FIELDS, RunSettings, yaml_keys
-from ckapipe.store import DTYPES, RUN_NAME, check_run_name, default_cache
+from ckapipe.settings import DEFAULT_BATCH, SETTING_FIELDS, RunSettings, choices_of, yaml_keys
+from ckapipe.store import RUN_NAME, check_run_name, default_cache
 
 
 # --------------------------------------------------------------------------- the model
@@ -346,8 +346,9 @@ def load_extract_value(source: Source, node: yaml.Node, where: str, key: str) ->
             raise source.error(node, where, "empty: name at least one layer or glob")
         return tuple(layers)
     value = source.typed(node, where, EXTRACT_KEYS[key])
-    if key == "dtype" and value not in DTYPES:
-        raise source.error(node, where, f"{value!r} is not one of {', '.join(DTYPES)}")
+    choices = choices_of(key)
+    if choices and value not in choices:
+        raise source.error(node, where, f"{value!r} is not one of {', '.join(choices)}")
     if key == "batch_size" and value < MIN_MINIBATCH:
         raise source.error(node, where, f"{value} is under {MIN_MINIBATCH}: the unbiased HSIC needs minibatches of "
                                         f"at least {MIN_MINIBATCH}")

@@ -15,6 +15,7 @@ from ckapipe.extract.cli import extract
 from ckapipe.extract.runner import extract_run
 from ckapipe.pipelines.slurm import plan_jobs
 from ckapipe.pipelines.study import load_study
+from ckapipe import settings
 from ckapipe.settings import RunSettings
 from tests import REPO
 from tests.cli_calls import ckapipe_cli
@@ -172,3 +173,18 @@ def test_no_function_is_over_50_lines(path):
     long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50]
     assert long == []
+
+
+def test_a_study_refuses_a_reduction_no_flag_takes_on_its_line(tmp_path):
+    path = write_study(tmp_path, "reduction: max")
+    with pytest.raises(PipelineError) as err:
+        load_study(path)
+    assert str(err.value) == f"{path}:3: extract.reduction: 'max' is not one of flatten, mean, cls"
+
+
+def test_the_settings_choices_are_those_the_store_takes():
+    from ckapipe import codecs, store
+
+    assert settings.DTYPES == store.DTYPES
+    assert (settings.COMPRESSION_CHOICES, settings.DEFAULT_COMPRESSION) == (codecs.COMPRESSION_CHOICES,
+                                                                           codecs.DEFAULT_COMPRESSION)
