@@ -25,7 +25,8 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 
 def batch_size_option(default: int | None = None, help: str = "Minibatch size m."):
     """``-b/--batch-size M``: the minibatch size m of the minibatch CKA, on every command that takes one."""
-    return click.option(*SETTING_FIELDS["batch_size"].metadata["flags"], "batch_size", type=int, default=default, show_default=default is not None, help=help)
+    return click.option(*SETTING_FIELDS["batch_size"].metadata["flags"], "batch_size", type=int, default=default,
+                        show_default=default is not None, help=help)
 
 
 def out_option(help: str, required: bool = False, dest: str = "out"):
@@ -36,7 +37,8 @@ def out_option(help: str, required: bool = False, dest: str = "out"):
 def device_option(choices: tuple[str, ...] | None = None):
     """``--device``: auto (CUDA when there is one), cpu, cuda (or cuda:i where the stage takes it)."""
     kind = click.Choice(list(choices)) if choices else str
-    return click.option(*SETTING_FIELDS["device"].metadata["flags"], "device", type=kind, default="auto", show_default=True,
+    return click.option(*SETTING_FIELDS["device"].metadata["flags"], "device", type=kind, default="auto",
+                        show_default=True,
                         help="auto (CUDA when there is one), cpu, cuda" + ("" if choices else " or cuda:i") + ".")
 
 

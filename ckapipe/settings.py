@@ -52,11 +52,13 @@ class RunSettings:
                              help="Default reduction of every layer.")
     limit: int | None = setting(None, ("--limit",), yaml=(int, type(None)), type=int,
                                 help="Keep the first N samples of the permutation.")
-    grams: bool = setting(False, ("--grams",), yaml=bool, is_flag=True, help="Also fill the Gram cache for m = batch size.")
+    grams: bool = setting(False, ("--grams",), yaml=bool, is_flag=True,
+                          help="Also fill the Gram cache for m = batch size.")
     grams_only: bool = setting(False, ("--grams-only",), yaml=bool, is_flag=True,
                                help="Keep only the Gram cache, no activations (linear CKA at m = batch size only).")
     name: str | None = setting(None, ("--name",), help="Readable run name (default MODEL-OPTIONS@DATASET).")
-    chunks: tuple[int, int] | None = setting(None, ("--chunks",), help="Extract minibatches A:B only (disjoint ranges run side by side).")
+    chunks: tuple[int, int] | None = setting(None, ("--chunks",),
+                                             help="Extract minibatches A:B only (disjoint ranges run side by side).")
     share: tuple[int, int] | None = setting(None)  # (i, n): the i-th of n disjoint shares (a SLURM array task)
     random_init: bool = setting(False, ("--random-init",), is_flag=True,
                                 help="Random weights (torchvision/timm/hf/zoo), reproducible from init_seed=0.")

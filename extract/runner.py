@@ -67,7 +67,8 @@ def extract_run(model: str | nn.Module, dataset, layers: Sequence[str] | str | N
     device = torch.device(resolve_device(settings.device, "torch"))
     run, recorder = create_run_store(cache, loaded, feed, device, settings, codecs)
     warn_unproven_reuse(loaded, run)
-    span = store.share_range(*settings.share, run.n_chunks) if settings.share else chunk_range(settings.chunks, run.n_chunks)
+    span = (store.share_range(*settings.share, run.n_chunks) if settings.share
+            else chunk_range(settings.chunks, run.n_chunks))
     want_grams = settings.grams or settings.grams_only
     try:
         if _is_cached(run, span, want_grams):
@@ -112,8 +113,9 @@ def create_run_store(cache, loaded: LoadedModel, feed: Minibatches, device: torc
     check_inputs(probe, feed.given)
     module = loaded.module.to(device)
     check_devices(module, device, loaded.spec)
-    recorder, infos = runs_on(lambda: probe_layers(module, settings.layers, settings.reduction, to_device(probe, device)),
-                              loaded.spec, f"the inputs of {feed.given}", "check that the model and dataset fit")
+    recorder, infos = runs_on(
+        lambda: probe_layers(module, settings.layers, settings.reduction, to_device(probe, device)),
+        loaded.spec, f"the inputs of {feed.given}", "check that the model and dataset fit")
     spec = run_spec(loaded, feed, tuple(recorder.specs[n] for n in infos), dtype=settings.dtype,
                     grams_only=settings.grams_only, name=settings.name)
     run = store.create_run(cache, spec, feed.sample_ids, infos, compressors=codecs, checksums=settings.checksums)

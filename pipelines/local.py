@@ -47,7 +47,8 @@ def extract_one(study: Study, task: ExtractTask, *, progress: bool = True) -> Pa
 
     run = study.runs[task.run]
     share = (task.part, task.parts) if task.parts > 1 else None
-    store = extract_run(run.model, run.dataset, cache=study.cache, progress=progress, settings=run.settings, share=share)
+    store = extract_run(run.model, run.dataset, cache=study.cache, progress=progress, settings=run.settings,
+                        share=share)
     record_store(study, run, store)
     return Path(store)
 

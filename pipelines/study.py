@@ -13,7 +13,7 @@ The schema (every section but ``runs`` is optional)::
     cache: DIR                       # default: cache
     results: DIR                     # default: results
     extract:   {dataset, layers, batch_size, order_seed, dtype, device,
-                reduction, limit, grams, grams_only}      # defaults of every run
+                reduction, limit, grams, grams_only}      # defaults of every run (settings.RunSettings)
     runs:      {RUN: MODEL-SPEC | {model: SPEC, <any extract key>}}
     comparisons:
       NAME: {runs: [RUN, ...] | all}                      # all pairs among them

@@ -100,7 +100,8 @@ def test_the_flags_defaults_are_the_settings_defaults():
     params = extract.make_context("extract", ["-m", "zoo:mlp2"]).params
     flagged = {f.name: f.default for f in fields(RunSettings) if f.metadata["flags"]}
     assert set(params) - set(NOT_SETTINGS) == set(flagged)
-    assert {key: params[key] for key in flagged if key != "layers"} == {k: v for k, v in flagged.items() if k != "layers"}
+    assert {key: params[key] for key in flagged if key != "layers"} == {
+        key: default for key, default in flagged.items() if key != "layers"}
     assert params["layers"] == () and from_flags([]) == RunSettings()  # no --layers: every leaf module (None)
 
 
@@ -188,3 +189,16 @@ def test_the_settings_choices_are_those_the_store_takes():
     assert settings.DTYPES == store.DTYPES
     assert (settings.COMPRESSION_CHOICES, settings.DEFAULT_COMPRESSION) == (codecs.COMPRESSION_CHOICES,
                                                                            codecs.DEFAULT_COMPRESSION)
+
+
+def test_a_study_run_keeps_the_fingerprint_its_manifest_recorded():
+    """The fingerprint (pipelines/manifest.py) hashes the run's name, model, dataset and the keys that
+    make its store, as it did before the settings object: recorded stores are still found."""
+    import hashlib
+    import json
+
+    for run in load_study(REPO / "pipelines" / "default.yaml").runs.values():
+        made = dict(name=run.name, model=run.model, dataset=run.dataset, layers=run.layers, batch_size=run.batch_size,
+                    order_seed=run.order_seed, dtype=run.dtype, reduction=run.reduction, limit=run.limit,
+                    grams_only=run.grams_only)
+        assert run.fingerprint == hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:12]
