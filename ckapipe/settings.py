@@ -38,7 +38,11 @@ def setting(default: Any, flags: tuple[str, ...] = (), *, yaml: Any = None, help
 
 @dataclass(frozen=True)
 class RunSettings:
-    """How one run is extracted: everything ``extract_run`` takes besides model, data and cache."""
+    """How one run is extracted: everything ``extract_run`` takes besides model, data and cache.
+
+    ``batch_size`` is the minibatch size m of the minibatch CKA (Nguyen et al. 2021), one stored chunk
+    each; ``order_seed`` permutes the samples once (NumPy ``default_rng``), so every run of one data
+    and seed meets the same minibatches."""
 
     layers: tuple[str, ...] | None = setting(
         None, ("-l", "--layers"), yaml=list, multiple=True,
@@ -89,7 +93,7 @@ class RunSettings:
 
     def changed(self) -> dict[str, Any]:
         """The settings that differ from the defaults, by field name."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+        return {name: getattr(self, name) for name, f in SETTING_FIELDS.items() if getattr(self, name) != f.default}
 
     def cli_args(self) -> list[str]:
         """``ckapipe extract``'s flags for these settings (defaults left out); a Python-only setting
@@ -117,7 +121,7 @@ def choices_of(name: str) -> tuple[str, ...] | None:
 def flag_args(setting_field, value) -> list[str]:
     """The command-line words that give one setting ``value``."""
     flags = setting_field.metadata["flags"]
-    if not flags:
+    if not flags or value is None:  # None: a value no flag spells (order_seed=None: the data's own order)
         raise CkapipeError(f"{setting_field.name}={value!r} has no command-line flag")
     flag, click = flags[-1], setting_field.metadata["click"]
     if click.get("is_flag"):

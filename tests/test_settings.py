@@ -202,3 +202,9 @@ def test_a_study_run_keeps_the_fingerprint_its_manifest_recorded():
                     order_seed=run.order_seed, dtype=run.dtype, reduction=run.reduction, limit=run.limit,
                     grams_only=run.grams_only)
         assert run.fingerprint == hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def test_the_data_s_own_order_has_no_flag():
+    with pytest.raises(CkapipeError) as err:
+        RunSettings(order_seed=None).cli_args()
+    assert str(err.value) == "order_seed=None has no command-line flag"
