@@ -2,12 +2,15 @@
 
 ``--cache`` defaults to ``$CKAPIPE_CACHE``, else ``./cache``; ``-q/--quiet``
 turns off progress and notes (errors and the results asked for still print).
+A run setting's flag (``setting_options``) is made from its field in
+ckapipe.settings: its spelling, default, type and help are written there once.
 """
 
 from __future__ import annotations
 
 import click
 
+from ckapipe.settings import SETTING_FIELDS
 from ckapipe.store import CACHE_ENV
 
 
@@ -22,7 +25,8 @@ quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar
 
 def batch_size_option(default: int | None = None, help: str = "Minibatch size m."):
     """``-b/--batch-size M``: the minibatch size m of the minibatch CKA, on every command that takes one."""
-    return click.option("-b", "--batch-size", type=int, default=default, show_default=default is not None, help=help)
+    return click.option(*SETTING_FIELDS["batch_size"].metadata["flags"], "batch_size", type=int, default=default,
+                        show_default=default is not None, help=help)
 
 
 def out_option(help: str, required: bool = False, dest: str = "out"):
@@ -33,7 +37,8 @@ def out_option(help: str, required: bool = False, dest: str = "out"):
 def device_option(choices: tuple[str, ...] | None = None):
     """``--device``: auto (CUDA when there is one), cpu, cuda (or cuda:i where the stage takes it)."""
     kind = click.Choice(list(choices)) if choices else str
-    return click.option("--device", type=kind, default="auto", show_default=True,
+    return click.option(*SETTING_FIELDS["device"].metadata["flags"], "device", type=kind, default="auto",
+                        show_default=True,
                         help="auto (CUDA when there is one), cpu, cuda" + ("" if choices else " or cuda:i") + ".")
 
 
@@ -45,3 +50,37 @@ def deprecated_alias(old: str, dest: str, new: str, **kwargs):
         return value
 
     return click.option(old, dest, hidden=True, default=None, callback=warn, **kwargs)
+
+
+def parse_chunks(ctx, param, value):
+    """``A:B`` -> (A, B)."""
+    if value is None:
+        return None
+    start, sep, stop = value.partition(":")
+    if not sep or not start.isdigit() or not stop.isdigit():
+        raise click.BadParameter("use A:B, minibatches A to B-1")
+    return int(start), int(stop)
+
+
+CALLBACKS = {"chunks": parse_chunks}
+
+
+def setting_option(name: str):
+    """The click option of run setting ``name`` (a field of settings.RunSettings), its value in parameter ``name``."""
+    setting = SETTING_FIELDS[name]
+    kwargs = dict(setting.metadata["click"])
+    if "choices" in kwargs:
+        kwargs["type"] = click.Choice(list(kwargs.pop("choices")))
+    kwargs.setdefault("show_default", setting.default is not None and not kwargs.get("is_flag"))
+    return click.option(*setting.metadata["flags"], name, default=setting.default, callback=CALLBACKS.get(name),
+                        help=setting.metadata["help"] or None, **kwargs)
+
+
+def setting_options(*names: str):
+    """The options of these run settings, in this order in ``--help``."""
+    def apply(command):
+        for name in reversed(names):
+            command = setting_option(name)(command)
+        return command
+
+    return apply

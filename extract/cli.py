@@ -11,10 +11,8 @@ import json
 import click
 
 from ckapipe import store
-from ckapipe.store.integrity import COMPRESSION_CHOICES, DEFAULT_COMPRESSION
-from ckapipe.options import batch_size_option, cache_option, device_option, quiet_option
-
-RANDOM_OPTION = click.option("--random-init", is_flag=True, help="Random weights (torchvision/timm/hf/zoo), reproducible from init_seed=0.")
+from ckapipe.options import cache_option, quiet_option, setting_options
+from ckapipe.settings import RunSettings
 
 
 def require_torch():
@@ -29,7 +27,7 @@ def require_torch():
 @click.argument("patterns", nargs=-1)
 @click.option("--dataset", default=None, help="Take example inputs from this dataset spec.")
 @cache_option()
-@RANDOM_OPTION
+@setting_options("random_init")
 @quiet_option
 def layers(model, patterns, dataset, cache, random_init, quiet):
     """List MODEL's hookable layers (per call) with their per-sample output shapes; with PATTERNS, only
@@ -43,46 +41,20 @@ def layers(model, patterns, dataset, cache, random_init, quiet):
         click.echo(f"{name:<{width}}  {kind:<20}  {shape}")
 
 
-def parse_chunks(ctx, param, value):
-    """``A:B`` -> (A, B)."""
-    if value is None:
-        return None
-    start, sep, stop = value.partition(":")
-    if not sep or not start.isdigit() or not stop.isdigit():
-        raise click.BadParameter("use A:B, minibatches A to B-1")
-    return int(start), int(stop)
-
-
 @click.command()
 @click.option("--model", "-m", required=True, help="zoo:NAME?seed=S, torchvision:NAME, timm:NAME, hf:NAME, package.module:factory or a checkpoint.")
 @click.option("--dataset", "-d", default="digits", show_default=True, help="digits, NAME:ROOT, imagefolder:DIR, hf:DIR, FILE.npy, STORE.zarr, package.module:callable.")
-@click.option("--layers", "-l", "layer_items", multiple=True, help="PATTERN[@SELECT][:REDUCTION], repeatable or comma-separated; default: every leaf module (*).")
-@batch_size_option(256, help="Minibatch size m = chunk rows (>= 4).")
+@setting_options("layers", "batch_size")
 @cache_option()
-@click.option("--order-seed", default=0, show_default=True, type=int, help="Seed of the sample permutation.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(store.DTYPES))
-@device_option()
-@click.option("--reduction", default="flatten", show_default=True, type=click.Choice(["flatten", "mean", "cls"]), help="Default reduction of every layer.")
-@click.option("--name", default=None, help="Readable run name (default MODEL-OPTIONS@DATASET).")
-@click.option("--limit", default=None, type=int, help="Keep the first N samples of the permutation.")
-@click.option("--chunks", default=None, callback=parse_chunks, help="Extract minibatches A:B only (disjoint ranges run side by side).")
-@click.option("--grams", is_flag=True, help="Also fill the Gram cache for m = batch size.")
-@click.option("--grams-only", is_flag=True, help="Keep only the Gram cache, no activations (linear CKA at m = batch size only).")
-@click.option("--compression", default=DEFAULT_COMPRESSION, show_default=True, type=click.Choice(COMPRESSION_CHOICES))
-@click.option("--workers", default=0, show_default=True, type=int, help="DataLoader worker processes for map-style datasets.")
-@RANDOM_OPTION
+@setting_options("order_seed", "dtype", "device", "reduction", "name", "limit", "chunks", "grams", "grams_only",
+                 "compression", "workers", "random_init")
 @quiet_option
-def extract(model, dataset, layer_items, batch_size, cache, order_seed, dtype, device, reduction, name, limit, chunks,
-            grams, grams_only, compression, workers, random_init, quiet):
+def extract(model, dataset, cache, quiet, **settings):
     """Run MODEL over DATASET once and cache per-layer minibatch activations (resumable; a rerun is a cache hit)."""
     require_torch()
     from ckapipe.extract.runner import extract_run
 
-    path = extract_run(
-        model, dataset, list(layer_items) or None, cache=cache, batch_size=batch_size, order_seed=order_seed,
-        dtype=dtype, device=device, reduction=reduction, name=name, limit=limit, chunks=chunks, grams=grams,
-        grams_only=grams_only, progress=not quiet, random_init=random_init, compression=compression, workers=workers,
-    )
+    path = extract_run(model, dataset, cache=cache, progress=not quiet, settings=RunSettings(**settings))
     run = store.open_run(path)
     click.echo(f"{run.name}: {run.status}, {int(run.done().sum())}/{run.n_chunks} minibatches, {len(run.layer_names)} layers")
 

@@ -34,9 +34,9 @@ import torch
 from ckapipe.errors import CkapipeError, DataError
 from ckapipe.extract.datasets import LABEL_COLUMNS, LoadedDataset, in_memory, in_memory_kind, load_dataset
 from ckapipe.kernels import check_minibatch_size
+from ckapipe.settings import DEFAULT_BATCH, check_integers
 
 BY_SPEC, BY_NAME, BY_HASH = "spec", "name", "sha256 of every minibatch's inputs (dtype, shape, bytes) in stream order"
-DEFAULT_BATCH = 256  # minibatch size of data that does not come in batches (not a DataLoader)
 STREAMED = "as streamed"  # the transform of data given as an object: whatever the object applies, inside its identity
 
 
@@ -163,16 +163,6 @@ def minibatches(
     given = f"{kind} {type(data).__name__}" if kind == "dataset" else f"{kind} {'x'.join(map(str, data.shape))} {data.dtype}"
     feed = _indexed(given, in_memory(given, data), None, STREAMED, m, order_seed, limit, drop_ragged, workers)
     return named(feed, name)
-
-
-def check_integers(**options) -> None:
-    """A one-line error for an option given through the Python API that is not an integer (the
-    command line's types see to it there), or a negative number of workers."""
-    for option, value in options.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
-            raise CkapipeError(f"{option}={value!r} is not an integer")
-    if options.get("workers", 0) < 0:
-        raise CkapipeError(f"workers={options['workers']} is negative: give 0 (load in this process) or more")
 
 
 def named(feed: Minibatches, name: str | None) -> Minibatches:

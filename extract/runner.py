@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,7 +23,7 @@ from torch import nn
 from ckapipe import store
 from ckapipe.atomic import describe_os_error
 from ckapipe.blas import single_threaded_blas
-from ckapipe.store.integrity import DEFAULT_COMPRESSION, compressors
+from ckapipe.store.integrity import compressors
 from ckapipe.devices import resolve_device
 from ckapipe.errors import ActivationError, CkapipeError, DataError, LayerError, SpecError
 from ckapipe.extract.datasets import load_dataset
@@ -30,77 +31,45 @@ from ckapipe.extract.layers import default_selection, observe, parse_selection, 
 from ckapipe.extract.minibatches import Minibatches, minibatches, rows_of, sample_order  # noqa: F401 - sample_order: API
 from ckapipe.extract.models import LoadedModel, code_hash, load_model, weights_hash
 from ckapipe.extract.writer import ChunkWriter, compute_grams, device_grams, write_grams
-from ckapipe.kernels import check_minibatch_size
 from ckapipe.store.locks import writer_lock
 from ckapipe.progress import Progress
+from ckapipe.settings import SETTING_FIELDS, RunSettings, check_order_seed  # noqa: F401 - check_order_seed: compare's
 
 PROBE_BATCH = 4
 
 
-def extract_run(
-    model: str | nn.Module,
-    dataset,
-    layers: Sequence[str] | str | None = None,
-    *,
-    cache: str | os.PathLike,
-    batch_size: int | None = None,
-    order_seed: int = 0,
-    dtype: str = "float32",
-    device: str = "auto",
-    reduction: str = "flatten",
-    name: str | None = None,
-    limit: int | None = None,
-    chunks: tuple[int, int] | None = None,
-    share: tuple[int, int] | None = None,
-    grams: bool = False,
-    grams_only: bool = False,
-    progress: bool = True,
-    random_init: bool = False,
-    compression: str = DEFAULT_COMPRESSION,
-    workers: int = 0,
-    writer_threads: int = 2,
-    checksums: bool = True,
-    data_name: str | None = None,
-) -> Path:
+def extract_run(model: str | nn.Module, dataset, layers: Sequence[str] | str | None = None, *,
+                cache: str | os.PathLike, progress: bool = True, settings: RunSettings | None = None,
+                **options) -> Path:
     """Extract (or resume, or find cached) one run; return the path of its store.
 
     ``dataset``: a dataset spec, or a DataLoader, map-style Dataset, tensor or array
-    (see ckapipe.extract.minibatches; ``data_name`` names such data, else its key holds
-    the sha256 of its inputs, one pass over the data). ``batch_size`` defaults to a
-    DataLoader's, else 256.
-    ``layers``: selection items ``PATTERN[@SELECT][:REDUCTION]`` (see extract.layers),
-    default every leaf module (``"*"``). ``chunks=(A, B)`` extracts minibatches
-    A..B-1 only (disjoint ranges may run side by side); ``share=(i, n)`` extracts
-    the i-th of n disjoint shares of the run's minibatches (a SLURM array task). ``grams`` fills the Gram
-    cache for m = batch_size while the activations are in memory; ``grams_only``
-    keeps only the Grams (no activation arrays), never the default. ``checksums=False``
-    writes a store without checksums (store version 2), for the bench to measure their cost.
+    (see ckapipe.extract.minibatches). ``settings`` (a ckapipe.settings.RunSettings) and
+    ``options`` (its fields as keywords, over ``settings``) say how: ``batch_size`` defaults to a
+    DataLoader's, else 256; ``layers``: selection items ``PATTERN[@SELECT][:REDUCTION]`` (see
+    extract.layers), default every leaf module (``"*"``); ``data_name`` names data given as an
+    object, else its key holds the sha256 of its inputs (one pass over the data). ``chunks=(A, B)``
+    extracts minibatches A..B-1 only (disjoint ranges may run side by side); ``share=(i, n)`` the
+    i-th of n disjoint shares of the run's minibatches (a SLURM array task). ``grams`` fills the
+    Gram cache for m = batch_size while the activations are in memory; ``grams_only`` keeps only
+    the Grams (no activation arrays), never the default. ``checksums=False`` writes a store without
+    checksums (store version 2), for the bench to measure their cost.
 
     Returns only when every minibatch of the range asked for is written (and its
     Grams, when asked); anything less is an error, never a partial run returned.
     """
-    if batch_size is not None:
-        check_minibatch_size(batch_size)
-    store.check_dtype(dtype)
-    check_order_seed(order_seed)
-    if name is not None:
-        store.check_run_name(name)
-    codecs = compressors(compression)
+    settings = run_settings(settings, layers, options)
+    codecs = check_store_settings(settings)
     store.ensure_cache(cache)  # an unwritable cache fails before any model is loaded
-    loaded = resolve_model(model, cache, random_init)
-    feed = minibatches(dataset, batch_size, order_seed=order_seed, limit=limit, name=data_name, workers=workers)
-    device = torch.device(resolve_device(device, "torch"))
-    probe = feed.probe(PROBE_BATCH)
-    check_inputs(probe, feed.given)
-    module = loaded.module.to(device)
-    check_devices(module, device, loaded.spec)
-    recorder, infos = runs_on(lambda: probe_layers(module, layers, reduction, to_device(probe, device)),
-                              loaded.spec, f"the inputs of {feed.given}", "check that the model and dataset fit")
-    spec = run_spec(loaded, feed, tuple(recorder.specs[n] for n in infos), dtype=dtype, grams_only=grams_only, name=name)
-    run = store.create_run(cache, spec, feed.sample_ids, infos, compressors=codecs, checksums=checksums)
+    loaded = resolve_model(model, cache, settings.random_init)
+    feed = minibatches(dataset, settings.batch_size, order_seed=settings.order_seed, limit=settings.limit,
+                       name=settings.data_name, workers=settings.workers)
+    device = torch.device(resolve_device(settings.device, "torch"))
+    run, recorder = create_run_store(cache, loaded, feed, device, settings, codecs)
     warn_unproven_reuse(loaded, run)
-    want_grams = grams or grams_only
-    span = store.share_range(*share, run.n_chunks) if share else chunk_range(chunks, run.n_chunks)
+    span = (store.share_range(*settings.share, run.n_chunks) if settings.share
+            else chunk_range(settings.chunks, run.n_chunks))
+    want_grams = settings.grams or settings.grams_only
     try:
         if _is_cached(run, span, want_grams):
             run.refresh_status()  # a process killed after its last marker left the status behind
@@ -108,12 +77,49 @@ def extract_run(
         with writer_lock(run.path, span) as lock:
             if "data" not in run.meta:
                 run.set_meta(data=feed.provenance())
-            _extract_chunks(run, recorder, feed, span, device, dtype, want_grams, progress, writer_threads, lock)
+            _extract_chunks(run, recorder, feed, span, device, settings.dtype, want_grams, progress,
+                            settings.writer_threads, lock)
     except OSError as err:  # a full disk or a read-only store outside the chunk writes (markers, status, Grams)
         raise store.StoreError(f"cannot write run {run.name}: {describe_os_error(err)}; completed chunks are kept, "
                                f"rerun to resume") from None
     check_written(run, span, want_grams)
     return run.path
+
+
+def run_settings(settings: RunSettings | None, layers, options: dict) -> RunSettings:
+    """extract_run's settings: ``options`` (and ``layers``, when given) over ``settings``, checked once."""
+    unknown = sorted(set(options) - set(SETTING_FIELDS))
+    if unknown:
+        raise TypeError(f"extract_run() got an unexpected keyword argument {unknown[0]!r}")
+    if layers is not None:
+        options = {**options, "layers": layers}
+    return replace(settings, **options) if settings is not None else RunSettings(**options)
+
+
+def check_store_settings(settings: RunSettings) -> tuple:
+    """The settings the store rules on, checked before anything is loaded: the dtype a layer array
+    holds, the run name (a directory), the compression; returns the compression's codecs."""
+    store.check_dtype(settings.dtype)
+    if settings.name is not None:
+        store.check_run_name(settings.name)
+    return compressors(settings.compression)
+
+
+def create_run_store(cache, loaded: LoadedModel, feed: Minibatches, device: torch.device, settings: RunSettings,
+                     codecs: tuple) -> tuple[store.Run, Any]:
+    """One probe forward on ``device`` (inputs, devices and layers checked), then the run's store,
+    made or found in ``cache``: (run, its Recorder)."""
+    probe = feed.probe(PROBE_BATCH)
+    check_inputs(probe, feed.given)
+    module = loaded.module.to(device)
+    check_devices(module, device, loaded.spec)
+    recorder, infos = runs_on(
+        lambda: probe_layers(module, settings.layers, settings.reduction, to_device(probe, device)),
+        loaded.spec, f"the inputs of {feed.given}", "check that the model and dataset fit")
+    spec = run_spec(loaded, feed, tuple(recorder.specs[n] for n in infos), dtype=settings.dtype,
+                    grams_only=settings.grams_only, name=settings.name)
+    run = store.create_run(cache, spec, feed.sample_ids, infos, compressors=codecs, checksums=settings.checksums)
+    return run, recorder
 
 
 def probe_layers(module: nn.Module, layers, reduction: str, probe_inputs):
@@ -220,15 +226,6 @@ def check_inputs(inputs: Any, given: str) -> None:
         if tensor.dtype in HALF:
             raise DataError(f"{where} holds {str(tensor.dtype).removeprefix('torch.')} inputs: ckapipe runs models "
                             f"in float32; give the inputs as float32 (inputs.float())")
-
-
-def check_order_seed(order_seed: int | None) -> int | None:
-    """The order seed (None: the data's own order), or a one-line error: NumPy seeds are non-negative integers."""
-    if order_seed is None:
-        return None
-    if isinstance(order_seed, bool) or not isinstance(order_seed, (int, np.integer)) or order_seed < 0:
-        raise CkapipeError(f"--order-seed {order_seed} is not a non-negative integer")
-    return int(order_seed)
 
 
 def runs_on(forward, model: str, inputs: str, remedy: str):

@@ -46,10 +46,9 @@ def extract_one(study: Study, task: ExtractTask, *, progress: bool = True) -> Pa
     from ckapipe.extract import extract_run
 
     run = study.runs[task.run]
-    layers = list(run.layers) if run.layers else None
     share = (task.part, task.parts) if task.parts > 1 else None
-    store = extract_run(run.model, run.dataset, layers, cache=study.cache, share=share, progress=progress,
-                        **run.extract_kwargs())
+    store = extract_run(run.model, run.dataset, cache=study.cache, progress=progress, settings=run.settings,
+                        share=share)
     record_store(study, run, store)
     return Path(store)
 

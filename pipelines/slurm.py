@@ -37,9 +37,9 @@ from typing import Callable
 from ckapipe.pipelines.local import ExtractTask, extract_tasks, study_stores
 from ckapipe.pipelines.manifest import recorded_store
 from ckapipe.errors import PipelineError, StoreError
-from ckapipe.pipelines.study import Study
+from ckapipe.pipelines.study import SLURM_JOB_KEYS, RunConfig, Study
 
-JOB_KEYS = ("partition", "account", "time", "mem", "gres", "cpus_per_task")
+JOB_KEYS = tuple(key for key in SLURM_JOB_KEYS if key not in ("extra", "setup"))  # one #SBATCH line each
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,11 @@ def job_name(study: Study, kind: str) -> str:
     return f"ckapipe-{kind}-{study.name}"
 
 
-def script_text(study: Study, name: str, settings: dict, header: list[str], command: str) -> str:
+def script_text(study: Study, name: str, settings: dict, header: list[str], command: str,
+                notes: list[str] | None = None) -> str:
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name(study, name)}", *header, *directives(settings),
              "", "# written by `ckapipe run --slurm`; resubmitting the study resubmits what did not finish",
+             *(notes or []),
              "set -euo pipefail",
              "export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-1}  # also for Dask worker processes (ckapipe.cli.one_malloc_arena)",
              *settings.get("setup", []), f"cd {shlex.quote(str(Path.cwd()))}",
@@ -123,8 +125,23 @@ def extract_script(study: Study, tasks: list[int], overrides: dict) -> JobScript
     array = array_spec(tasks)
     header = [f"#SBATCH --array={array}", f"#SBATCH --output={logs}/extract-%A_%a.out"]
     command = run_command(study, "extract", [], shell_tail=' --task "$SLURM_ARRAY_TASK_ID"')
-    return JobScript("extract", script_dir(study) / "extract.sh", script_text(study, "extract", settings, header, command),
-                     array)
+    text = script_text(study, "extract", settings, header, command, extract_notes(study, tasks))
+    return JobScript("extract", script_dir(study) / "extract.sh", text, array)
+
+
+def extract_notes(study: Study, tasks: list[int]) -> list[str]:
+    """Comment lines: each run the tasks extract, as the ``ckapipe extract`` command of its settings
+    (what to run by hand to redo one)."""
+    every = extract_tasks(study)
+    runs = dict.fromkeys(every[i].run for i in tasks if 0 <= i < len(every))
+    return ["# the runs of these tasks as single commands (a task of a split run extracts a share of it):",
+            *(f"#   {extract_command(study, study.runs[run])}" for run in runs)]
+
+
+def extract_command(study: Study, run: RunConfig) -> str:
+    """``ckapipe extract`` with a study run's model, dataset, cache and settings."""
+    args = ["-m", run.model, "-d", run.dataset, "--cache", str(study.cache), *run.settings.cli_args()]
+    return "ckapipe extract " + " ".join(shlex.quote(arg) for arg in args)
 
 
 def analyze_script(study: Study, overrides: dict, dask_args: list[str]) -> JobScript:

@@ -13,7 +13,7 @@ The schema (every section but ``runs`` is optional)::
     cache: DIR                       # default: cache
     results: DIR                     # default: results
     extract:   {dataset, layers, batch_size, order_seed, dtype, device,
-                reduction, limit, grams, grams_only}      # defaults of every run
+                reduction, limit, grams, grams_only}      # defaults of every run (settings.RunSettings)
     runs:      {RUN: MODEL-SPEC | {model: SPEC, <any extract key>}}
     comparisons:
       NAME: {runs: [RUN, ...] | all}                      # all pairs among them
@@ -54,42 +54,31 @@ import yaml
 
 from ckapipe.errors import CkapipeError, PipelineError, StoreError, suggest
 from ckapipe.kernels import MIN_MINIBATCH
-from ckapipe.store import DTYPES, RUN_NAME, check_run_name, default_cache
+from ckapipe.settings import DEFAULT_BATCH, SETTING_FIELDS, RunSettings, choices_of, yaml_keys
+from ckapipe.store import RUN_NAME, check_run_name, default_cache
 
 
 # --------------------------------------------------------------------------- the model
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    """One extraction run of the study: the arguments of ``extract.extract_run``."""
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(RunSettings):
+    """One extraction run of the study: ``model`` over ``dataset`` with its settings (its name the run's)."""
 
-    name: str
     model: str
     dataset: str
-    layers: tuple[str, ...] | None = None  # None: every leaf module
-    batch_size: int = 256
-    order_seed: int = 0
-    dtype: str = "float32"
-    device: str = "auto"
-    reduction: str = "flatten"
-    limit: int | None = None
-    grams: bool = False
-    grams_only: bool = False
+    batch_size: int = DEFAULT_BATCH  # a study's data are specs: m is never a DataLoader's
 
-    def extract_kwargs(self) -> dict:
-        """Keyword arguments of ``extract_run`` besides model, dataset, layers and cache."""
-        return dict(
-            batch_size=self.batch_size, order_seed=self.order_seed, dtype=self.dtype, device=self.device,
-            reduction=self.reduction, name=self.name, limit=self.limit, grams=self.grams,
-            grams_only=self.grams_only,
-        )
+    @property
+    def settings(self) -> RunSettings:
+        """What ``extract_run`` is given besides model, dataset and cache."""
+        return RunSettings(**{name: getattr(self, name) for name in SETTING_FIELDS})
 
     @property
     def fingerprint(self) -> str:
         """Hash of what determines the run's store (device excluded): a changed run is noticed."""
-        d = {k: v for k, v in self.__dict__.items() if k not in ("device", "grams")}
-        blob = json.dumps(d, sort_keys=True, default=list).encode()
+        keys = ("name", "model", "dataset", *(key for key in yaml_keys() if key not in ("device", "grams")))
+        blob = json.dumps({key: getattr(self, key) for key in keys}, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -163,10 +152,7 @@ class Study:
 
 # --------------------------------------------------------------------------- schema
 
-EXTRACT_KEYS: dict[str, type | tuple] = {
-    "dataset": str, "layers": list, "batch_size": int, "order_seed": int, "dtype": str, "device": str,
-    "reduction": str, "limit": (int, type(None)), "grams": bool, "grams_only": bool,
-}
+EXTRACT_KEYS: dict[str, type | tuple] = {"dataset": str, **yaml_keys()}  # the run settings a study sets
 KINDS = ("runs", "teacher", "ensemble", "pairs", "trajectory")
 ANALYZE_KEYS = {"batch_size": (int, type(None)), "device": str, "completed_only": bool, "use_gram_cache": bool,
                 "measures": list}
@@ -360,8 +346,9 @@ def load_extract_value(source: Source, node: yaml.Node, where: str, key: str) ->
             raise source.error(node, where, "empty: name at least one layer or glob")
         return tuple(layers)
     value = source.typed(node, where, EXTRACT_KEYS[key])
-    if key == "dtype" and value not in DTYPES:
-        raise source.error(node, where, f"{value!r} is not one of {', '.join(DTYPES)}")
+    choices = choices_of(key)
+    if choices and value not in choices:
+        raise source.error(node, where, f"{value!r} is not one of {', '.join(choices)}")
     if key == "batch_size" and value < MIN_MINIBATCH:
         raise source.error(node, where, f"{value} is under {MIN_MINIBATCH}: the unbiased HSIC needs minibatches of "
                                         f"at least {MIN_MINIBATCH}")
@@ -396,7 +383,15 @@ def load_run(source: Source, name: str, key_node, node: yaml.Node, defaults: dic
         if required not in merged:
             raise source.error(node, where, f"no {required}: give it here or in the extract section")
     check_checkpoint(source, *merged["model"], f"{where}.model")
-    return RunConfig(name=name, **{key: value for key, (_, value) in merged.items()})
+    return run_config(source, node, where, name, merged)
+
+
+def run_config(source: Source, node: yaml.Node, where: str, name: str, merged: dict) -> RunConfig:
+    """The run of these settings (key -> (node, value)), or the settings' one-line error at its place."""
+    try:
+        return RunConfig(name=name, **{key: value for key, (_, value) in merged.items()})
+    except CkapipeError as err:
+        raise source.error(node, where, str(err)) from None
 
 
 def check_checkpoint(source: Source, node: yaml.Node, model: str, where: str) -> None:
@@ -569,7 +564,7 @@ def load_trajectory(source: Source, comparison: str, node: yaml.Node, where: str
             if "dataset" not in merged:
                 raise source.error(node, where, "no dataset for the checkpoints: give it in the extract section")
             check_checkpoint(source, patterns_node, model, here)
-            new_runs.append(RunConfig(name=run, **{key: value for key, (_, value) in merged.items()}))
+            new_runs.append(run_config(source, patterns_node, here, run, merged))
             points.append((step, run))
         series.append((label, tuple(points)))
     return Trajectory(tuple(series), reference, rankme), new_runs

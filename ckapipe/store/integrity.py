@@ -46,9 +46,8 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from ckapipe.errors import StoreError, suggest
+from ckapipe.settings import COMPRESSION_CHOICES, DEFAULT_COMPRESSION  # noqa: F401 - DEFAULT_COMPRESSION: the store's API
 
-DEFAULT_COMPRESSION = "blosc-lz4"
-COMPRESSION_CHOICES = ("none", "zstd1", "zstd3", "blosc-lz4", "blosc-lz4-shuffle", "blosc-zstd-shuffle")
 CRC_BYTES = 4  # the crc32c codec appends 4 bytes to every chunk
 NO_TAG = -1  # the fill value of a store's tag arrays: nothing recorded
 CHECKSUMS = "checksums"  # the array of chunk tags, in a run and in each Gram cache

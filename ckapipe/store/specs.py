@@ -20,8 +20,7 @@ from urllib.parse import parse_qsl
 
 from ckapipe.errors import StoreError
 from ckapipe.kernels import check_minibatch_size
-
-DTYPES = ("float32", "float16", "float64")  # what a layer array may hold
+from ckapipe.settings import DTYPES
 
 
 def check_dtype(dtype: str) -> str:
