@@ -1,5 +1,5 @@
 """The statistics of ``ckapipe.analyze.stats`` applied to analysis results: permutation p-values
-read from the runs' U-centred Gram triangles, and paired differences named by ``run:layer``.
+read from the runs' U-centered Gram triangles, and paired differences named by ``run:layer``.
 
     from ckapipe.analyze import load_results, diff
     diff("results/default", a=("cnn3-s0:head", "cnn3-s1:head"), b=("cnn3-s0:head", "cnn2-s0:head"))

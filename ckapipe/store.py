@@ -59,7 +59,7 @@ from ckapipe.atomic import atomic_path
 from ckapipe.codecs import DEFAULT_COMPRESSION, NO_TAG, checksummed, chunk_tag, compressors as compression_chain, file_crc
 from ckapipe.errors import StoreError, suggest
 from ckapipe.globs import RUN_SEPARATORS, glob_match, is_glob
-from ckapipe.kernels import check_minibatch_size, ucentered_from_centred
+from ckapipe.kernels import check_minibatch_size, u_centered_triangle_from_packed
 
 STORE_VERSION = 3  # 3: chunks end with their crc32c, tags recorded; Gram caches keep centred Grams with the diagonal
 CHECKSUMS = "checksums"  # the array of chunk tags, in a run and in each Gram cache
@@ -584,7 +584,7 @@ class GramCache:
         what linear CKA reads, from either layout, into ``out`` when given (see ``read_centred``)."""
         if self.layout == 2:
             return self._read(self._rows, ks, out)
-        triangles = ucentered_from_centred(self.read_centred(ks))
+        triangles = u_centered_triangle_from_packed(self.read_centred(ks))
         if out is None:
             return triangles
         out[...] = triangles

@@ -7,7 +7,7 @@
 Each minibatch is loaded once and given to every model in turn. The extraction stage's forward
 hooks (``Recorder``) hand a model's features of the minibatch to the analysis kernels where they
 are (a CUDA tensor reaches CuPy through DLPack without a copy, a CPU tensor is a NumPy view); the
-U-centred Gram triangle of every layer is computed there (``kernels.ucentered_gram``) and the
+U-centered Gram triangle of every layer is computed there (``kernels.u_centered_triangle_from_features``) and the
 features are dropped. One product of the stacked triangles of every layer of every model gives the
 minibatch's HSIC_1 matrix (``kernels.hsic1_matrix``), kept per minibatch. Memory: one model's
 activations of one minibatch, whatever N; the numbers: those of ``extract`` + ``analyze`` of the
@@ -46,7 +46,7 @@ from ckapipe.extract.runner import (
     runs_on, to_device, warn_unproven_reuse,
 )
 from ckapipe.extract.writer import ChunkWriter
-from ckapipe.kernels import PRODUCTS, hsic1_matrix, minibatch_grams, to_host, ucentered_from_centred, ucentered_gram
+from ckapipe.kernels import PRODUCTS, hsic1_matrix, minibatch_grams, to_host, u_centered_triangle_from_packed, u_centered_triangle_from_features
 from ckapipe.locks import writer_lock
 from ckapipe.progress import Progress
 
@@ -114,7 +114,7 @@ def compare(
     ``cache``: also leave a grams-only run per model in this cache (``keep_activations``: a full run),
     and reuse complete runs found there instead of running their models. Data given as an object is
     identified by ``data_name`` (one per data) or else by the sha256 of its minibatches (one extra pass
-    that loads them, made only with a cache). ``precision="float32"`` multiplies the centred features in float32
+    that loads them, made only with a cache). ``precision="float32"`` multiplies the centered features in float32
     (faster on CPUs, about 1e-9 off in CKA; never cached). ``out``: write the results store there.
     """
     named_models, named, data = split_arguments(models_and_data, data)
@@ -393,7 +393,7 @@ def one_pass(members: list[Member], feed: PairedMinibatches, device, precision: 
 
 @contextlib.contextmanager
 def layer_grams(xp, precision: str):
-    """The Gram work of a pass (``GramPool``): each layer's ``kernel`` (default: its U-centred Gram triangle;
+    """The Gram work of a pass (``GramPool``): each layer's ``kernel`` (default: its U-centered Gram triangle;
     ``kernels.minibatch_grams`` for a run's Gram cache) of a list of features, or of features queued as they arrive.
 
     On the GPU the kernels are queued on the stream one layer after another. On the CPU, where cores are
@@ -426,7 +426,7 @@ class GramPool:
     pool: ThreadPoolExecutor | None
     queues: bool  # the hooks queue each layer's Gram on the pool as the forward goes on
 
-    def __call__(self, arrays: list, kernel=ucentered_gram) -> list:
+    def __call__(self, arrays: list, kernel=u_centered_triangle_from_features) -> list:
         """``kernel`` of each array (m × D): the largest first, so that the workers' shares are even."""
         if self.pool is None:
             return [kernel(x, self.precision) for x in arrays]
@@ -435,8 +435,8 @@ class GramPool:
         return [done[i] for i in range(len(arrays))]
 
     def queue(self, features: torch.Tensor) -> Future:
-        """The U-centred Gram triangle of one layer's features (a CPU tensor the caller no longer changes), on a worker."""
-        return self.pool.submit(ucentered_gram, features.numpy(), self.precision)
+        """The U-centered Gram triangle of one layer's features (a CPU tensor the caller no longer changes), on a worker."""
+        return self.pool.submit(u_centered_triangle_from_features, features.numpy(), self.precision)
 
 
 def queued_grams(running: list[Member], grams: GramPool):
@@ -451,7 +451,7 @@ def queued_grams(running: list[Member], grams: GramPool):
 
 
 def member_triangles(m: Member, k: int, inputs, batch: int, xp, grams: GramPool):
-    """(layers, m(m-1)/2) U-centred Gram triangles of one model's layers for minibatch k, on the device:
+    """(layers, m(m-1)/2) U-centered Gram triangles of one model's layers for minibatch k, on the device:
     read from its cached run, or from its forward pass (queued by its hooks, or handed to its run's writer)."""
     if not m.runs_model:
         return run_triangles(m.source, [k], batch, xp)[0]
@@ -463,11 +463,11 @@ def member_triangles(m: Member, k: int, inputs, batch: int, xp, grams: GramPool)
     del arrays
     if m.writer is None:
         return xp.stack(grams(layers))
-    rows = grams(layers, minibatch_grams)  # what the run's Gram cache keeps: the U-centred triangles follow from it
-    centred = xp.stack([c for c, _ in rows])
+    rows = grams(layers, minibatch_grams)  # what the run's Gram cache keeps: the U-centered triangles follow from it
+    centered = xp.stack([c for c, _ in rows])
     host = [(to_host(c), to_host(a)) for c, a in rows]
     m.writer.submit(k, features if m.keep_activations else {}, dict(zip(m.layers, host)))
-    return ucentered_from_centred(centred)
+    return u_centered_triangle_from_packed(centered)
 
 
 def feature_arrays(features: dict[str, torch.Tensor], xp=np) -> dict:
