@@ -6,11 +6,16 @@ the minibatch's HSIC_1 block (Song et al. 2012, eq. 5; docs/design.md, "The anal
     GramPool(arrays)                        each layer's U-centered triangle of one minibatch's features
     GramPool.queue(array)                   the same for one layer, queued as its hook records it
     cache_rows_and_triangles(pool, arrays)  the Gram cache's rows and the triangles that follow from them
+    stacked_run_triangles(sources, ks, m)   the triangles of every layer of runs read, not run (their Grams)
     minibatch_hsic1(triangles, xp)          the L × L HSIC_1 block of one minibatch, on the host
 
-A run's cached Grams give their triangles through ``ckapipe.analyze.grams.run_triangles``. Arrays in,
-arrays out: no torch here (``import ckapipe.analyze`` stays torch-free); the features come from the
-extraction's feature source (``ckapipe.extract.features``) as NumPy or CuPy arrays.
+``compare`` stacks a minibatch's triangles of every model, the permutation test
+(``analyze.uncertainty``) those of every analysed run. The analysis engine's linear HSIC_1 comes from
+the centered Grams as read, without U-centering them (``measures.linear_hsic1``: faster, and another
+order of operations), so it does not go through ``minibatch_hsic1``.
+
+Arrays in, arrays out: no torch here (``import ckapipe.analyze`` stays torch-free); the features come
+from the extraction's feature source (``ckapipe.extract.features``) as NumPy or CuPy arrays.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from __future__ import annotations
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
+from ckapipe.analyze.grams import RunSource, run_triangles
 from ckapipe.blas import single_threaded_blas
 from ckapipe.kernels import (
     hsic1_matrix, minibatch_grams, to_host, u_centered_triangle_from_features, u_centered_triangle_from_packed,
@@ -79,10 +86,16 @@ def cache_rows_and_triangles(grams: GramPool, arrays: list, xp):
     return host, u_centered_triangle_from_packed(centered)
 
 
+def stacked_run_triangles(sources: Sequence[RunSource], ks: Sequence[int], m: int, xp=np):
+    """(len(ks), L, m(m-1)/2) U-centered triangles of every layer of every run (in order) of minibatches ks,
+    from the runs' Grams (``grams.run_triangles``: the Gram cache, or the activations)."""
+    return xp.concatenate([run_triangles(source, ks, m, xp) for source in sources], axis=1)
+
+
 def minibatch_hsic1(triangles: list, xp) -> np.ndarray:
     """(L, L) HSIC_1 of every pair of layers of one minibatch, on the host, from the stacked (L_i, m(m-1)/2)
     U-centered triangles of each model or run (``kernels.hsic1_matrix``: one product, Song et al. 2012)."""
     return to_host(hsic1_matrix(xp.concatenate(triangles)))
 
 
-__all__ = ["GramPool", "gram_pool", "cache_rows_and_triangles", "minibatch_hsic1"]
+__all__ = ["GramPool", "gram_pool", "cache_rows_and_triangles", "stacked_run_triangles", "minibatch_hsic1"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,11 +23,11 @@ from ckapipe.atomic import describe_os_error
 from ckapipe.blas import single_threaded_blas
 from ckapipe.codecs import DEFAULT_COMPRESSION, compressors
 from ckapipe.devices import resolve_device
-from ckapipe.errors import ActivationError, CkapipeError, DataError, LayerError, SpecError
+from ckapipe.errors import ActivationError, CkapipeError, DataError, SpecError
 from ckapipe.extract.datasets import load_dataset
 from ckapipe.extract.features import HALF, FeatureSource, feature_source, probe_inputs, runs_on
-from ckapipe.extract.layers import default_selection, observe, parse_selection, prepare, selected_rows
-from ckapipe.extract.minibatches import Minibatches, minibatches, rows_of, sample_order  # noqa: F401 - sample_order: API
+from ckapipe.extract.layers import observe, selected_rows
+from ckapipe.extract.minibatches import Minibatches, minibatches, sample_order  # noqa: F401 - sample_order: API
 from ckapipe.extract.models import LoadedModel, code_hash, load_model, weights_hash
 from ckapipe.extract.writer import ChunkWriter, compute_grams, device_grams, write_grams
 from ckapipe.kernels import check_minibatch_size

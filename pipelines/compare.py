@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from ckapipe import store
-from ckapipe.analyze.accumulate import cache_rows_and_triangles, gram_pool, minibatch_hsic1
-from ckapipe.analyze.grams import RunSource, create_gram_caches, plan_source, run_triangles
+from ckapipe.analyze.accumulate import cache_rows_and_triangles, gram_pool, minibatch_hsic1, stacked_run_triangles
+from ckapipe.analyze.grams import RunSource, create_gram_caches, plan_source
 from ckapipe.analyze.results import Results, RunEntry, check_out, write_results
 from ckapipe.devices import resolve_device
 from ckapipe.errors import ActivationError, CkapipeError, DataError, StoreError
@@ -403,7 +403,7 @@ def member_triangles(m: Member, k: int, inputs, batch: int, xp, grams):
     """(layers, m(m-1)/2) U-centered Gram triangles of one model's layers for minibatch k, on the device:
     read from its cached run, or from its forward pass (queued by its hooks, or handed to its run's writer)."""
     if not m.runs_model:
-        return run_triangles(m.cached, [k], batch, xp)[0]
+        return stacked_run_triangles([m.cached], [k], batch, xp)[0]
     features = m.features.features(inputs)
     if m.features.queued:
         return xp.stack([features[name].result() for name in m.layers])
