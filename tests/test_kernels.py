@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from ckapipe.kernels import (
-    u_center, cka, gram_linear, hsic1_matrix, square_from_triangle, sub_triangles, u_centered_triangle_from_features, upper_triangle,
+    cka, double_center, gram_linear, hsic1_matrix, square_from_triangle, sub_triangles, u_center, u_centered_triangle,
+    u_centered_triangle_from_features, u_centered_triangle_from_packed, upper_triangle,
 )
-from tests.reference import hsic1_reference, minibatch_cka_reference, u_centered_reference
+from tests.reference import double_centered_reference, hsic1_reference, minibatch_cka_reference, u_centered_reference
 
 M = 32
 
@@ -81,7 +82,7 @@ def test_a_large_constant_offset_changes_nothing(xy):
     np.testing.assert_allclose(u_centered_triangle_from_features(x[:M] + 1e4), u_centered_triangle_from_features(x[:M]), atol=1e-6 * np.abs(u_centered_triangle_from_features(x[:M])).max())
 
 
-def test_ucentered_gram_is_the_triangle_of_a_zero_diagonal_u_centred_matrix(xy):
+def test_u_centered_triangle_from_features_is_the_triangle_of_a_zero_diagonal_u_centered_matrix(xy):
     """u_centered_triangle_from_features(X) = the strict upper triangle, row by row, of U(X Xᵀ) computed element by
     element from Székely & Rizzo's formula; U's rows sum to zero and its diagonal is zero."""
     x, _ = xy
@@ -93,6 +94,36 @@ def test_ucentered_gram_is_the_triangle_of_a_zero_diagonal_u_centred_matrix(xy):
         np.testing.assert_allclose(u_centered_triangle_from_features(rows), u[i, j], rtol=1e-9, atol=1e-9 * np.abs(u).max())
     u = u_center(gram_linear(x[:M]))
     np.testing.assert_allclose(square_from_triangle(upper_triangle(u)), u)
+
+
+def test_u_center_and_its_triangles_are_szekely_and_rizzo_element_by_element():
+    """u_center(K), u_centered_triangle(K) and u_centered_triangle_from_packed of a centered Gram's upper
+    triangle with its diagonal: all three are Székely & Rizzo's U-centering of the float64 reference."""
+    rng = np.random.default_rng(7)
+    for m in (4, 9, M):
+        x = rng.standard_normal((m, 6)) + 3.0
+        gram = x @ x.T
+        u = u_centered_reference(gram)
+        i, j = np.triu_indices(m, k=1)
+        scale = np.abs(u).max()
+        assert np.abs(u_center(gram) - u).max() <= 1e-12 * scale
+        assert np.abs(u_centered_triangle(gram) - u[i, j]).max() <= 1e-12 * scale
+        centered = x - x.mean(axis=0)  # U(C) = U(X Xᵀ): U-centering removes every a_i + a_j
+        packed = (centered @ centered.T)[np.triu_indices(m, k=0)]
+        assert np.abs(u_centered_triangle_from_packed(packed) - u[i, j]).max() <= 1e-12 * scale
+
+
+def test_double_center_is_gretton_et_al_h_k_h():
+    """double_center(K) = H K H with H = I - 11ᵀ/m (the biased HSIC_0's centering), for one Gram and a
+    stack of them; it is not the U-centering (whose diagonal is zero)."""
+    rng = np.random.default_rng(8)
+    grams = np.stack([gram_linear(rng.standard_normal((M, 5)) + 2.0) for _ in range(3)])
+    ours = double_center(grams)
+    for gram, mine in zip(grams, ours):
+        reference = double_centered_reference(gram)
+        assert np.abs(mine - reference).max() <= 1e-12 * np.abs(reference).max()
+        assert np.abs(np.diag(reference)).min() > 0  # H K H keeps a diagonal; U(K) has none
+    assert np.abs(double_center(grams[0]) - double_centered_reference(grams[0])).max() <= 1e-12 * np.abs(grams[0]).max()
 
 
 def test_sub_triangles_equal_grams_of_the_sub_minibatches(xy):
