@@ -19,7 +19,6 @@ call (consecutive analysis minibatches inside one chunk share the read).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -30,8 +29,8 @@ import numpy as np
 from ckapipe.atomic import describe_os_error
 from ckapipe.errors import StoreError
 from ckapipe.kernels import (
-    gram_parts, square_from_triangle, strict_in_diagonal_triangle, sub_gram_parts, sub_triangles, to_host,
-    u_centered_triangle_from_packed, upper_triangle,
+    diagonal_positions, gram_parts, minibatch_size, square_from_triangle, strict_in_diagonal_triangle, sub_gram_parts,
+    sub_triangles, to_host, u_centered_triangle_from_packed, upper_triangle,
 )
 from ckapipe.store import GramCache, Run, open_run
 
@@ -160,17 +159,8 @@ def run_grams(source: RunSource, ks: Sequence[int], m: int, xp=np, product: str 
     return rows
 
 
-@functools.lru_cache(maxsize=16)
-def diagonal_positions(xp, m: int):
-    """Positions of the diagonal in an upper triangle with the diagonal (row-major): i(2m - i + 1)/2."""
-    i = np.arange(m)
-    return xp.asarray(i * (2 * m - i + 1) // 2)
-
-
 def _legacy_rows(triangles, xp) -> GramRows:
     """Version-2 rows (U-centered strict triangles) in the layout of version 3 (zero diagonal, zero sums)."""
-    from ckapipe.kernels import minibatch_size
-
     n, n_layers, width = triangles.shape
     m = minibatch_size(width)
     wide = xp.zeros((n, n_layers, m * (m + 1) // 2))
@@ -272,4 +262,4 @@ def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: 
 
 
 __all__ = ["RunSource", "GramRows", "plan_source", "create_gram_caches", "run_grams", "run_triangles",
-           "minibatch_features", "checked_chunk", "diagonal_positions"]
+           "minibatch_features", "checked_chunk"]

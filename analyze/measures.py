@@ -39,7 +39,7 @@ import numpy as np
 
 from ckapipe.errors import CkapipeError, suggest
 from ckapipe.kernels import (
-    array_module, biased_triangles, cknna_hsic, cknna_parts, cosine_gram, double_center, hsic0_matrix,
+    array_module, biased_triangles, cknna_hsic, cknna_parts, cosine_gram, diagonal_positions, double_center, hsic0_matrix,
     hsic1_matrix, knn_mask, mutual_knn_matrix, rankme, raw_gram, rbf_gram, singular_values_from_gram,
     square_from_triangle, u_centered_triangle,
 )
@@ -152,8 +152,6 @@ def layer_features(measure: Measure, rows) -> dict:
     """One run's features for ``measure`` from its ``GramRows`` (n minibatches × L layers)."""
     if measure.kind == "linear":
         m = rows.sums.shape[-1]
-        from ckapipe.analyze.grams import diagonal_positions
-
         xp = array_module(rows.centered)
         return {"rows": rows.centered, "diagonal": rows.centered[..., diagonal_positions(xp, m)], "sums": rows.sums}
     centered = square_from_triangle(rows.centered, diagonal=True)  # (n, L, m, m)

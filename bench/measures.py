@@ -72,7 +72,7 @@ def _full_rankme_rows(study: Study, cache: Path, names: list[str], runs) -> list
 
 def _conversion_rows(workload: str, runs, m: int) -> list[Row]:
     """Why linear HSIC is computed from the centered Grams as read: U-centering each on read costs more."""
-    from ckapipe.analyze.grams import diagonal_positions
+    from ckapipe.kernels import diagonal_positions
     from ckapipe.analyze.measures import linear_hsic1
     from ckapipe.kernels import hsic1_matrix
 

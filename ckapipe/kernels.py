@@ -185,6 +185,13 @@ def strict_in_diagonal_triangle(xp, m: int):
     return xp.asarray(np.flatnonzero(i != j))
 
 
+@functools.lru_cache(maxsize=16)
+def diagonal_positions(xp, m: int):
+    """Positions of the diagonal in an upper triangle with the diagonal (row-major): i(2m - i + 1)/2."""
+    i = np.arange(m)
+    return xp.asarray(i * (2 * m - i + 1) // 2)
+
+
 FEATURE_BLOCK = 4096  # columns centered and multiplied at a time on the CPU (256 × 4096 float64 = 8 MiB)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 import ckapipe.analyze as analyze
 import ckapipe.kernels as kernels
 from ckapipe import compare
-from ckapipe.analyze.grams import diagonal_positions
+from ckapipe.kernels import diagonal_positions
 from tests.reference import minibatch_cka_matrix_reference
 
 M, N = 16, 100  # two_runs: 6 full minibatches of 16 (a ragged tail of 4 left out)
