@@ -92,8 +92,8 @@ def plan_analysis(
     for measure in chosen:
         measure.check(m)
     pairing = plan_pairing(resolved, m, pair_by_position, completed_only)
-    centred = rankme or any(measure.centred for measure in chosen)
-    sources = tuple(plan_source(run, m, use_gram_cache, fill_cache=precision == "float64", centred=centred,
+    centered = rankme or any(measure.centered for measure in chosen)
+    sources = tuple(plan_source(run, m, use_gram_cache, fill_cache=precision == "float64", centered=centered,
                                 minibatches=pairing.minibatches) for run in resolved)
     tasks = task_groups(pairing.minibatches, m, [r.batch_size for r in resolved], per_task(m, resolved, chosen))
     return Plan(tuple(resolved), pairing, sources, tasks, precision, chosen, bool(rankme))
@@ -366,7 +366,7 @@ def analyze(
     ``runs`` are names or globs resolved in ``cache`` (see ``extract.store.find_runs``).
     Writes the results store to ``out`` when given (refusing an existing one unless
     ``overwrite``) and returns the results. ``precision="float32"`` computes the
-    Gram products of the (float64-centred) features in float32: up to ~2x faster
+    Gram products of the (float64-centered) features in float32: up to ~2x faster
     products on CPUs, about 1e-9 off in CKA; such Grams are not cached.
     ``measures``: ``"linear,rbf:0.5,mutual_knn:10"`` or a list (``analyze.measures``); the
     first is ``results.cka``, every one is ``results.cka(a, b, measure=...)``. ``rankme``:

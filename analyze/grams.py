@@ -3,12 +3,12 @@ activations, filling the cache on the way.
 
 The cache is the run's ``grams/m<m>`` group (``ckapipe.store.GramCache``): row k
 holds, for every layer of full minibatch k, the upper triangle with the diagonal
-of the centred Gram C = X̃ X̃ᵀ and the mean products [c_i·μ, μ·μ], in one chunk,
+of the centered Gram C = X̃ X̃ᵀ and the mean products [c_i·μ, μ·μ], in one chunk,
 and a marker set after the row. It is stamped with the run's key and layer list
 when created, so a run never gets another's Grams. Every measure of
 ``ckapipe.analyze.measures`` is computed from these rows (``GramRows``).
 
-A cache of store version 2 holds U-centred strict triangles only: it still serves
+A cache of store version 2 holds U-centered strict triangles only: it still serves
 linear CKA (``legacy`` rows); a measure that needs more fills a version-3 cache
 beside it from the activations.
 
@@ -19,7 +19,6 @@ call (consecutive analysis minibatches inside one chunk share the read).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import warnings
 from dataclasses import dataclass
@@ -30,8 +29,8 @@ import numpy as np
 from ckapipe.atomic import describe_os_error
 from ckapipe.errors import StoreError
 from ckapipe.kernels import (
-    gram_parts, square_from_triangle, strict_in_diagonal_triangle, sub_gram_parts, sub_triangles, to_host,
-    ucentered_from_centred, upper_triangle,
+    diagonal_positions, gram_parts, minibatch_size, square_from_triangle, strict_in_diagonal_triangle, sub_gram_parts,
+    sub_triangles, to_host, u_centered_triangle_from_packed, upper_triangle,
 )
 from ckapipe.store import GramCache, Run, open_run
 
@@ -52,26 +51,26 @@ class RunSource:
 class GramRows(NamedTuple):
     """The Grams of one run's minibatches, every layer: what every measure is computed from.
 
-    ``centred``: (n, L, m(m+1)/2) upper triangles with the diagonal of C = X̃ X̃ᵀ;
+    ``centered``: (n, L, m(m+1)/2) upper triangles with the diagonal of C = X̃ X̃ᵀ;
     ``means``: (n, L, m + 1) mean products [c_i·μ, μ·μ], None for version-2 rows;
     ``sums``: (n, L, m) row sums of C with its diagonal zeroed (the unbiased HSIC's
-    r_i): -C_ii, since the rows of a centred Gram sum to 0 (float64 rounding apart),
+    r_i): -C_ii, since the rows of a centered Gram sum to 0 (float64 rounding apart),
     so that cached and freshly computed Grams give the same numbers; summed exactly
     for float32 products, whose rounding is not negligible.
-    Version-2 rows (``means`` None) are the U-centred triangles, diagonal and sums 0:
+    Version-2 rows (``means`` None) are the U-centered triangles, diagonal and sums 0:
     they serve the unbiased linear HSIC only.
     """
 
-    centred: object
+    centered: object
     means: object
     sums: object
 
 
-def plan_source(run: Run, m: int, use_gram_cache: bool, fill_cache: bool = True, centred: bool = False,
+def plan_source(run: Run, m: int, use_gram_cache: bool, fill_cache: bool = True, centered: bool = False,
                 minibatches: Sequence[int] = ()) -> RunSource:
     """How to get the run's Grams at m, deciding without writing anything.
 
-    ``centred``: the measures need the version-3 rows (centred Grams with their
+    ``centered``: the measures need the version-3 rows (centered Grams with their
     diagonal and mean products), not only the unbiased linear HSIC. A version-2
     cache serves linear CKA when every minibatch is in it; otherwise a version-3
     cache is filled beside it. A grams-only run must have the Grams it needs cached
@@ -84,16 +83,16 @@ def plan_source(run: Run, m: int, use_gram_cache: bool, fill_cache: bool = True,
         cache = run.grams(m) if use_gram_cache else None  # refuses a foreign cache
         writable = use_gram_cache and fill_cache and os.access(run.path, os.W_OK)
         legacy = cache is not None and cache.layout == 2
-        if legacy and (centred or not cache.done(minibatches).all()):  # version 3 filled beside it, or computed here
+        if legacy and (centered or not cache.done(minibatches).all()):  # version 3 filled beside it, or computed here
             return RunSource(**common, read_cache=writable, write_cache=writable)
         return RunSource(**common, read_cache=use_gram_cache, write_cache=writable and not legacy)
     sizes = [s for s in run.gram_sizes() if s % m == 0 and run.grams(s) is not None]
-    usable = [s for s in sizes if not centred or run.grams(s).layout == 3]
+    usable = [s for s in sizes if not centered or run.grams(s).layout == 3]
     if not usable:
         have = ", ".join(map(str, run.gram_sizes())) or "none"
         if sizes:
             raise StoreError(
-                f"run {run.name} stores Grams only, in the layout of ckapipe store version 2 (U-centred, without "
+                f"run {run.name} stores Grams only, in the layout of ckapipe store version 2 (U-centered, without "
                 f"the diagonal): it serves linear CKA only; extract it again with --grams-only for the other measures"
             )
         raise StoreError(
@@ -142,35 +141,26 @@ def run_grams(source: RunSource, ks: Sequence[int], m: int, xp=np, product: str 
     if from_cache:
         picked = [ks[i] for i in from_cache]
         if len(from_cache) == len(ks) and xp is np:
-            _read_cached(cache, picked, rows.centred)  # every Gram cached: straight into the task's array
+            _read_cached(cache, picked, rows.centered)  # every Gram cached: straight into the task's array
         else:
-            rows.centred[from_cache] = xp.asarray(_read_cached(cache, picked))
+            rows.centered[from_cache] = xp.asarray(_read_cached(cache, picked))
         rows.means[from_cache] = xp.asarray(_read_cached(cache, picked, means=True))
-        diagonal = rows.centred[from_cache][..., diagonal_positions(xp, m)]
+        diagonal = rows.centered[from_cache][..., diagonal_positions(xp, m)]
         rows.sums[from_cache] = -diagonal
     for li, layer in enumerate(source.layers):
         for i, x in zip(computed, minibatch_features(run, layer, [ks[i] for i in computed], m)):
             c, a, s = gram_parts(xp.asarray(x), product)
-            rows.centred[i, li] = upper_triangle(c, diagonal=True)
+            rows.centered[i, li] = upper_triangle(c, diagonal=True)
             rows.means[i, li, :m] = a
             rows.means[i, li, m] = s
             rows.sums[i, li] = (c.sum(axis=1) if product == "float32" else 0.0) - xp.diagonal(c)
     if source.write_cache and computed and cache is not None:  # created at execution's first step: version 3
-        fill_cache(cache, [ks[i] for i in computed], to_host(rows.centred[computed]), to_host(rows.means[computed]))
+        fill_cache(cache, [ks[i] for i in computed], to_host(rows.centered[computed]), to_host(rows.means[computed]))
     return rows
 
 
-@functools.lru_cache(maxsize=16)
-def diagonal_positions(xp, m: int):
-    """Positions of the diagonal in an upper triangle with the diagonal (row-major): i(2m - i + 1)/2."""
-    i = np.arange(m)
-    return xp.asarray(i * (2 * m - i + 1) // 2)
-
-
 def _legacy_rows(triangles, xp) -> GramRows:
-    """Version-2 rows (U-centred strict triangles) in the layout of version 3 (zero diagonal, zero sums)."""
-    from ckapipe.kernels import minibatch_size
-
+    """Version-2 rows (U-centered strict triangles) in the layout of version 3 (zero diagonal, zero sums)."""
     n, n_layers, width = triangles.shape
     m = minibatch_size(width)
     wide = xp.zeros((n, n_layers, m * (m + 1) // 2))
@@ -178,11 +168,11 @@ def _legacy_rows(triangles, xp) -> GramRows:
     return GramRows(wide, None, xp.zeros((n, n_layers, m)))
 
 
-def fill_cache(cache: GramCache, ks: Sequence[int], centred: np.ndarray, means: np.ndarray) -> None:
+def fill_cache(cache: GramCache, ks: Sequence[int], centered: np.ndarray, means: np.ndarray) -> None:
     """Store computed Grams; a full disk or a read-only store only leaves them uncached (rows
     are marked done after they are written, so a failed write leaves no row marked)."""
     try:
-        cache.write(ks, centred, means)
+        cache.write(ks, centered, means)
     except OSError as err:
         warnings.warn(f"the Gram cache of run {cache.run_name} (m={cache.m}) was not filled: "
                       f"{describe_os_error(err)}; the analysis goes on without it")
@@ -223,7 +213,7 @@ def checked_chunk(run: Run, layer: str, j: int) -> np.ndarray:
 
 
 def _read_cached(cache: GramCache, ks: Sequence[int], out: np.ndarray | None = None, means: bool = False) -> np.ndarray:
-    """Rows ks of the Gram cache (centred triangles, or version 2's U-centred ones, into ``out`` when
+    """Rows ks of the Gram cache (centered triangles, or version 2's U-centered ones, into ``out`` when
     given; or the mean products), refusing NaN in a row marked done."""
     if means:
         tri = cache.read_means(ks)
@@ -239,7 +229,7 @@ def _read_cached(cache: GramCache, ks: Sequence[int], out: np.ndarray | None = N
 
 def _from_coarser(run: Run, source: RunSource, ks: Sequence[int], m: int, xp) -> GramRows:
     """Grams at m from a Gram cache at a multiple m' of m: the diagonal blocks of the coarser Grams,
-    centred again on their own rows (kernels.sub_gram_parts; version 2: sub_triangles)."""
+    centered again on their own rows (kernels.sub_gram_parts; version 2: sub_triangles)."""
     big = source.coarser
     ratio = big // m
     cache = run.grams(big)
@@ -257,9 +247,9 @@ def _from_coarser(run: Run, source: RunSource, ks: Sequence[int], m: int, xp) ->
         return _legacy_rows(subs[picks[0], :, picks[1]], xp)
     sub_c, sub_means = sub_gram_parts(square_from_triangle(rows, diagonal=True),
                                       xp.asarray(_read_cached(cache, parents, means=True)), m)
-    centred = sub_c[picks[0], :, picks[1]]  # (n, L, m, m)
-    sums = centred.sum(axis=-1) - xp.diagonal(centred, axis1=-2, axis2=-1)
-    return GramRows(upper_triangle(centred, diagonal=True), sub_means[picks[0], :, picks[1]], sums)
+    centered = sub_c[picks[0], :, picks[1]]  # (n, L, m, m)
+    sums = centered.sum(axis=-1) - xp.diagonal(centered, axis1=-2, axis2=-1)
+    return GramRows(upper_triangle(centered, diagonal=True), sub_means[picks[0], :, picks[1]], sums)
 
 
 def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: str = "float64"):
@@ -267,9 +257,9 @@ def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: 
     HSIC's rows), from whatever ``run_grams`` gives."""
     rows = run_grams(source, ks, m, xp, product)
     if rows.means is None:
-        return rows.centred[..., strict_in_diagonal_triangle(xp, m)]
-    return ucentered_from_centred(rows.centred)
+        return rows.centered[..., strict_in_diagonal_triangle(xp, m)]
+    return u_centered_triangle_from_packed(rows.centered)
 
 
 __all__ = ["RunSource", "GramRows", "plan_source", "create_gram_caches", "run_grams", "run_triangles",
-           "minibatch_features", "checked_chunk", "diagonal_positions"]
+           "minibatch_features", "checked_chunk"]

@@ -39,9 +39,9 @@ import numpy as np
 
 from ckapipe.errors import CkapipeError, suggest
 from ckapipe.kernels import (
-    array_module, biased_triangles, cknna_hsic, cknna_parts, cosine_gram, double_center, hsic0_matrix,
+    array_module, biased_triangles, cknna_hsic, cknna_parts, cosine_gram, diagonal_positions, double_center, hsic0_matrix,
     hsic1_matrix, knn_mask, mutual_knn_matrix, rankme, raw_gram, rbf_gram, singular_values_from_gram,
-    square_from_triangle, ucentered_triangle,
+    square_from_triangle, u_centered_triangle,
 )
 from ckapipe.kernels import cka as ratio_of_sums
 
@@ -75,8 +75,8 @@ class Measure:
         return KINDS[self.kind][2]
 
     @property
-    def centred(self) -> bool:
-        """Needs the centred Grams with their diagonal (store version 3), not only U-centred ones."""
+    def centered(self) -> bool:
+        """Needs the centered Grams with their diagonal (store version 3), not only U-centered ones."""
         return self.kind != "linear"
 
     @property
@@ -152,26 +152,24 @@ def layer_features(measure: Measure, rows) -> dict:
     """One run's features for ``measure`` from its ``GramRows`` (n minibatches × L layers)."""
     if measure.kind == "linear":
         m = rows.sums.shape[-1]
-        from ckapipe.analyze.grams import diagonal_positions
-
-        xp = array_module(rows.centred)
-        return {"rows": rows.centred, "diagonal": rows.centred[..., diagonal_positions(xp, m)], "sums": rows.sums}
-    centred = square_from_triangle(rows.centred, diagonal=True)  # (n, L, m, m)
+        xp = array_module(rows.centered)
+        return {"rows": rows.centered, "diagonal": rows.centered[..., diagonal_positions(xp, m)], "sums": rows.sums}
+    centered = square_from_triangle(rows.centered, diagonal=True)  # (n, L, m, m)
     if measure.kind == "linear_biased":
-        return {"rows": biased_triangles(centred)}
+        return {"rows": biased_triangles(centered)}
     if measure.kind == "rbf":
-        return {"rows": ucentered_triangle(rbf_gram(centred, measure.param))}
+        return {"rows": u_centered_triangle(rbf_gram(centered, measure.param))}
     if measure.kind == "rbf_biased":
-        return {"rows": biased_triangles(double_center(rbf_gram(centred, measure.param)))}
-    cosine = cosine_gram(raw_gram(centred, rows.means))
+        return {"rows": biased_triangles(double_center(rbf_gram(centered, measure.param)))}
+    cosine = cosine_gram(raw_gram(centered, rows.means))
     features = knn_mask(cosine, measure.param) if measure.kind == "mutual_knn" else cknna_parts(cosine, measure.param)
-    features[~(rows.centred != 0).any(axis=-1)] = np.nan  # every row equal: no neighbours, only ties (NaN, as CKA)
+    features[~(rows.centered != 0).any(axis=-1)] = np.nan  # every row equal: no neighbours, only ties (NaN, as CKA)
     return {"masks" if measure.kind == "mutual_knn" else "parts": features}
 
 
 def layer_rankme(rows, size: int | None = None):
     """(n, L) RankMe of each minibatch's features (m × D), from the singular values of its raw Gram."""
-    raw = raw_gram(square_from_triangle(rows.centred, diagonal=True), rows.means)
+    raw = raw_gram(square_from_triangle(rows.centered, diagonal=True), rows.means)
     return rankme(singular_values_from_gram(raw, size))
 
 
@@ -192,12 +190,12 @@ def pair_statistics(measure: Measure, fa: dict, fb: dict):
 
 
 def linear_hsic1(fa: dict, fb: dict):
-    """HSIC_1 of every pair of layers from centred Grams C, without U-centring them (Song et al. 2012, eq. 5):
+    """HSIC_1 of every pair of layers from centered Grams C, without U-centering them (Song et al. 2012, eq. 5):
 
     m(m-3) HSIC_1 = 2 (T_a·T_b - d_a·d_b) + (Σr_a)(Σr_b)/((m-1)(m-2)) - 2/(m-2) r_a·r_b,
 
     T the upper triangles with the diagonal d, r the row sums of C with its diagonal zeroed.
-    Products of the cached rows as they are read: U-centring every Gram first would cost
+    Products of the cached rows as they are read: U-centering every Gram first would cost
     more than the product itself.
     """
     m = fa["sums"].shape[-1]

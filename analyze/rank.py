@@ -1,7 +1,7 @@
 """RankMe of every layer of a run (Garrido et al. 2023), on all its samples and per minibatch.
 
 RankMe(X) = exp(-Σ_k p_k log p_k), p = σ / Σ σ, σ the singular values of the N × D
-features as stored (un-centred, as Garrido et al. define it): the effective rank,
+features as stored (uncentered, as Garrido et al. define it): the effective rank,
 between 1 and min(N, D). The singular values come from the eigenvalues of a Gram:
 
 - **full data, QR route** (D ≤ COVARIANCE_MAX_DIM and D ≤ N): the R factor of
@@ -176,7 +176,7 @@ def minibatch_rankme(run: Run, m: int, device: str = "cpu", use_gram_cache: bool
     from ckapipe.analyze.engine import array_namespace, per_task, task_groups
 
     pairing = plan_pairing([run], m)
-    source = plan_source(run, m, use_gram_cache, centred=True, minibatches=pairing.minibatches)
+    source = plan_source(run, m, use_gram_cache, centered=True, minibatches=pairing.minibatches)
     (source,) = create_gram_caches([source], m)
     groups = task_groups(pairing.minibatches, m, [run.batch_size], per_task(m, [run]))
     sizes = feature_sizes(run, m)

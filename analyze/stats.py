@@ -17,7 +17,7 @@ matrices H_k (n_minibatches × L × L; Nguyen, Raghu & Kornblith 2021):
   minibatches have correlated noise, which the difference cancels.
 - **Permutation test** of "no relation": within minibatch k, permute the samples of
   the later run, HSIC^π = 2 <triu U_a, triu(P U_b Pᵀ)> / (m(m-3)) from the cached
-  U-centred Gram triangles (U(P K Pᵀ) = P U(K) Pᵀ, so permuting the cached triangle
+  U-centered Gram triangles (U(P K Pᵀ) = P U(K) Pᵀ, so permuting the cached triangle
   is exact). S_aa and S_bb do not change under P, so CKA^π ≥ CKA exactly when
   S^π_ab ≥ S_ab, and p = (1 + #{S^π_ab ≥ S_ab}) / (R + 1).
 """
@@ -329,7 +329,7 @@ def permuted_positions(perms: np.ndarray) -> np.ndarray:
 def permuted_hsic(triangles_a: np.ndarray, triangles_b: np.ndarray, perms: np.ndarray) -> np.ndarray:
     """(R, La, Lb): HSIC_1(U_a, P_r U_b P_rᵀ) of one minibatch for every permutation r.
 
-    ``triangles_a`` (La, w) and ``triangles_b`` (Lb, w) are the U-centred Gram
+    ``triangles_a`` (La, w) and ``triangles_b`` (Lb, w) are the U-centered Gram
     triangles of one minibatch. <U_a, P U_b Pᵀ> = <Pᵀ U_a P, U_b>, so the side with
     fewer layers is the one gathered (a by the inverse permutations): the gathers,
     not the products, are most of the cost.

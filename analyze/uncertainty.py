@@ -1,5 +1,5 @@
 """The statistics of ``ckapipe.analyze.stats`` applied to analysis results: permutation p-values
-read from the runs' U-centred Gram triangles, and paired differences named by ``run:layer``.
+read from the runs' U-centered Gram triangles, and paired differences named by ``run:layer``.
 
     from ckapipe.analyze import load_results, diff
     diff("results/default", a=("cnn3-s0:head", "cnn3-s1:head"), b=("cnn3-s0:head", "cnn2-s0:head"))
@@ -19,7 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from ckapipe.analyze import stats
-from ckapipe.analyze.grams import RunSource, plan_source, run_triangles
+from ckapipe.analyze.accumulate import stacked_run_triangles
+from ckapipe.analyze.grams import RunSource, plan_source
 from ckapipe.analyze.results import Results, check_combinable, load_results
 from ckapipe.blas import single_threaded_blas
 from ckapipe.store.integrity import is_results_store
@@ -50,7 +51,7 @@ def permutation_test(results: Results, permutations: int = 1000, seed: int = 0, 
     bar = Progress(len(ks), "permutations", "minibatches", enabled=progress and len(ks) > 1)
 
     def group_sums(group: tuple[int, ...]) -> np.ndarray:
-        triangles = np.concatenate([run_triangles(s, group, results.m) for s in sources], axis=1)
+        triangles = stacked_run_triangles(sources, group, results.m)
         sums = stats.permuted_sums(zip(group, triangles), sizes, permutations, seed)
         bar.update(len(group))
         return sums

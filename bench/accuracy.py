@@ -33,9 +33,9 @@ def last_blocks(cache: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ckapipe_cka(a: np.ndarray, b: np.ndarray) -> float:
-    from ckapipe.kernels import cka, hsic1_matrix, ucentered_gram
+    from ckapipe.kernels import cka, hsic1_matrix, u_centered_triangle_from_features
 
-    s = sum(hsic1_matrix(np.stack([ucentered_gram(a[k:k + BATCH]), ucentered_gram(b[k:k + BATCH])]))
+    s = sum(hsic1_matrix(np.stack([u_centered_triangle_from_features(a[k:k + BATCH]), u_centered_triangle_from_features(b[k:k + BATCH])]))
             for k in range(0, len(a), BATCH))
     return float(cka(s[:1, 1:], s[:1, 0], s[1:, 1])[0, 0])
 
@@ -60,7 +60,7 @@ def torch_cka_cka(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ckatorch_cka(a: np.ndarray, b: np.ndarray) -> float:
-    """ckatorch 1.0.3's ``cka_batch`` (casts to float64, does not centre the features)."""
+    """ckatorch 1.0.3's ``cka_batch`` (casts to float64, does not center the features)."""
     import torch
     from ckatorch import cka_batch
 

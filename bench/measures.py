@@ -71,8 +71,8 @@ def _full_rankme_rows(study: Study, cache: Path, names: list[str], runs) -> list
 
 
 def _conversion_rows(workload: str, runs, m: int) -> list[Row]:
-    """Why linear HSIC is computed from the centred Grams as read: U-centring each on read costs more."""
-    from ckapipe.analyze.grams import diagonal_positions
+    """Why linear HSIC is computed from the centered Grams as read: U-centering each on read costs more."""
+    from ckapipe.kernels import diagonal_positions
     from ckapipe.analyze.measures import linear_hsic1
     from ckapipe.kernels import hsic1_matrix
 
@@ -93,14 +93,14 @@ def _conversion_rows(workload: str, runs, m: int) -> list[Row]:
 
     t_u, _ = timed(u_on_read, repeat=2)
     t_read, _ = timed(as_read, repeat=2)
-    return [Row(workload, "linear HSIC from the cache: U-centring each Gram on read vs from the centred Grams as read",
+    return [Row(workload, "linear HSIC from the cache: U-centering each Gram on read vs from the centered Grams as read",
                 "U on read", t_u, "as read", t_read, note="each run's own layers, every minibatch, one thread each")]
 
 
 def _size_rows(workload: str, runs, m: int) -> list[Row]:
     dims = {(run.name, layer): int(run.layer(layer).shape[1]) for run in runs for layer in run.layer_names}
     small, large = min(dims, key=dims.get), max(dims, key=dims.get)
-    per_layer = (m * (m + 1) // 2 + m + 1) * 8  # centred triangle and mean products, float64
+    per_layer = (m * (m + 1) // 2 + m + 1) * 8  # centered triangle and mean products, float64
     files = [f for run in runs for f in (Path(run.path) / "grams" / f"m{m}").rglob("*") if f.is_file()]
     cache_bytes = sum(f.stat().st_size for f in files)
     activations = sum(run.layer(layer).nbytes for run in runs for layer in run.layer_names)

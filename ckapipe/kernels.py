@@ -6,6 +6,9 @@ computed in float64.
 
 References
 ----------
+- Gretton, Bousquet, Smola, Schölkopf (2005), "Measuring statistical dependence
+  with Hilbert-Schmidt norms", ALT: the biased estimator HSIC_0 and its double
+  centering H K H.
 - Song, Smola, Gretton, Bedo, Borgwardt (2012), "Feature selection via
   dependence maximization", JMLR 13: the unbiased estimator HSIC_1.
 - Székely & Rizzo (2014), "Partial distance correlation with methods for
@@ -55,7 +58,8 @@ def array_module(x):
 
 
 def center_features(x):
-    """X - 1 meanᵀ in float64 (m × D).
+    """X - 1 μᵀ in float64 (m × D → m × D), μ the column means: the centering of features that
+    Kornblith et al. (2019) apply before linear CKA.
 
     U-centering is invariant to a constant added to the features, so removing
     the column means first changes no HSIC and removes the cancellation that
@@ -63,13 +67,13 @@ def center_features(x):
     before the mean so that a constant column becomes exactly zero (a constant
     layer then has HSIC(K, K) = 0 exactly, not a rounding residue).
     """
-    return centered_and_mean(x)[0]
+    return center_features_and_mean(x)[0]
 
 
-def centered_and_mean(x):
-    """(X - 1 μᵀ, μ) in float64: the centred features (m × D) and their column means μ (D,).
+def center_features_and_mean(x):
+    """(X - 1 μᵀ, μ) in float64: the centered features (m × D) and their column means μ (D,).
 
-    See ``center_features``; μ is what the un-centred Gram needs besides the centred one.
+    See ``center_features``; μ is what the uncentered Gram needs besides the centered one.
     """
     xp = array_module(x)
     if x.dtype.itemsize < 8:
@@ -91,10 +95,10 @@ PRODUCTS = ("float64", "float32")
 
 
 def gram_linear(x, product="float64"):
-    """Linear-kernel Gram matrix K = X Xᵀ (m × m), returned in float64.
+    """Linear-kernel Gram matrix K = X Xᵀ (m × D → m × m), returned in float64 (Kornblith et al. 2019's ``gram_linear``).
 
     ``product="float32"`` multiplies in float32 (up to ~2x faster on CPUs). Only
-    for centred features, where the products carry no large common offset:
+    for centered features, where the products carry no large common offset:
     the rounding is then relative to the signal (about 1e-9 in CKA on ResNet
     features); the U-centering and HSIC stay in float64.
     """
@@ -105,13 +109,13 @@ def gram_linear(x, product="float64"):
     return x @ x.T
 
 
-def center_gram(gram):
-    """U-centred Gram matrix U(K) (Székely & Rizzo 2014, eq. 3.1):
+def u_center(gram):
+    """U-centering U(K) of Grams K (…, m, m) → (…, m, m), float64 (Székely & Rizzo 2014, eq. 3.1):
 
     U_ij = K_ij - r_i/(m-2) - r_j/(m-2) + t/((m-1)(m-2)) for i != j, U_ii = 0,
 
-    with the diagonal of K zeroed first, r_i its row sums and t its total.
-    Needs m >= 4. ``gram`` may stack several (…, m, m).
+    with the diagonal of K zeroed first, r_i its row sums and t its total; then
+    <U(K), U(L)> / (m (m - 3)) is the unbiased HSIC_1 of Song et al. (2012). Needs m >= 4.
     """
     xp = array_module(gram)
     m = check_minibatch_size(gram.shape[-1])
@@ -126,8 +130,9 @@ def center_gram(gram):
 
 
 def double_center(gram):
-    """H K H with H = I - 11ᵀ/m (Gretton et al. 2005): the centring of the biased HSIC_0,
-    as Kornblith et al. (2019) centre a Gram. ``gram`` may stack several (…, m, m)."""
+    """Double centering H K H of Grams K (…, m, m) → (…, m, m), float64, with H = I - 11ᵀ/m
+    (Gretton et al. 2005): the centering of the biased HSIC_0 = <H K H, H L H> / (m-1)², Kornblith
+    et al. (2019)'s ``center_gram``."""
     xp = array_module(gram)
     k = xp.array(gram, dtype=xp.float64, copy=True)
     means = k.mean(axis=-2)
@@ -146,8 +151,8 @@ def _zero_diagonal(u) -> None:
 def upper_triangle(u, diagonal: bool = False):
     """The upper triangle of symmetric matrices (…, m, m), row by row, flattened (…, width).
 
-    Strict (m(m-1)/2 numbers, for zero-diagonal U-centred Grams: <U, V> = 2 <triu(U), triu(V)>),
-    or with the ``diagonal`` (m(m+1)/2 numbers, the Gram cache's centred Grams).
+    Strict (m(m-1)/2 numbers, for zero-diagonal U-centered Grams: <U, V> = 2 <triu(U), triu(V)>),
+    or with the ``diagonal`` (m(m+1)/2 numbers, the Gram cache's centered Grams).
     """
     xp = array_module(u)
     m = u.shape[-1]
@@ -180,28 +185,27 @@ def strict_in_diagonal_triangle(xp, m: int):
     return xp.asarray(np.flatnonzero(i != j))
 
 
-FEATURE_BLOCK = 4096  # columns centred and multiplied at a time on the CPU (256 × 4096 float64 = 8 MiB)
+@functools.lru_cache(maxsize=16)
+def diagonal_positions(xp, m: int):
+    """Positions of the diagonal in an upper triangle with the diagonal (row-major): i(2m - i + 1)/2."""
+    i = np.arange(m)
+    return xp.asarray(i * (2 * m - i + 1) // 2)
 
 
-def centered_gram(x, product="float64", block=FEATURE_BLOCK):
-    """Gram matrix of the centred features, (X - 1 meanᵀ)(X - 1 meanᵀ)ᵀ, in float64.
-
-    The same numbers as ``gram_linear(center_features(x), product)`` up to the
-    order of the float64 sums, but ``block`` columns at a time, so the float64
-    copy stays in the CPU cache instead of costing three passes over an m × D
-    array. Centring is per column, so blocks of columns are centred independently.
-    CuPy arrays go in one block (the GPU has the memory bandwidth).
-    """
-    return gram_parts(x, product, block)[0]
+FEATURE_BLOCK = 4096  # columns centered and multiplied at a time on the CPU (256 × 4096 float64 = 8 MiB)
 
 
 def gram_parts(x, product="float64", block=FEATURE_BLOCK):
-    """(C, a, s) of features X (m × D), in float64, with c_i the centred rows and μ the column mean:
+    """(C, a, s) of features X (m × D), in float64, with c_i the centered rows and μ the column mean:
 
     C = [c_i·c_j] (m × m), a = [c_i·μ] (m,), s = μ·μ,
 
     so that the Gram of the raw features is X Xᵀ = C + a 1ᵀ + 1 aᵀ + s exactly, without the
-    cancellation of an un-centred product. Column blocks as ``centered_gram``.
+    cancellation of an uncentered product. C is ``gram_linear(center_features(x), product)`` up to
+    the order of the float64 sums, but ``block`` columns at a time, so the float64 copy stays in the
+    CPU cache instead of costing three passes over an m × D array (centering is per column, so
+    blocks of columns are centered independently). CuPy arrays go in one block (the GPU has the
+    memory bandwidth).
     """
     xp = array_module(x)
     m, d = x.shape
@@ -210,40 +214,41 @@ def gram_parts(x, product="float64", block=FEATURE_BLOCK):
     a = xp.zeros(m, dtype=xp.float64)
     s = xp.zeros((), dtype=xp.float64)  # on the device: a float() here would wait for the GPU per layer
     for start in range(0, d, step):
-        centred, mean = centered_and_mean(x[:, start:start + step])
-        c += gram_linear(centred, product)
-        a += centred @ mean
+        centered, mean = center_features_and_mean(x[:, start:start + step])
+        c += gram_linear(centered, product)
+        a += centered @ mean
         s += mean @ mean
     return c, a, s
 
 
-def ucentered_gram(x, product="float64"):
-    """Features (m × D) -> strict upper triangle of U(X Xᵀ), float64, length m(m-1)/2.
+def u_centered_triangle_from_features(x, product="float64"):
+    """Features X (m × D) → strict upper triangle of U(X Xᵀ), float64, (m(m-1)/2,): one layer's row of
+    ``hsic1_matrix`` (Song et al. 2012; U-centering of Székely & Rizzo 2014).
 
-    The features are centred in float64 first; ``product`` is the precision of
-    the Gram product (see gram_linear).
+    The composition ``u_centered_triangle(C)`` of the Gram C of the features centered in float64
+    (``gram_parts``; U(C) = U(X Xᵀ)); ``product`` is the precision of the Gram product (see gram_linear).
     """
-    return ucentered_triangle(centered_gram(x, product))
+    return u_centered_triangle(gram_parts(x, product)[0])
 
 
-def ucentered_triangle(gram):
+def u_centered_triangle(gram):
     """Strict upper triangle of U(K), (…, m(m-1)/2), from Grams K (…, m, m), without forming U(K):
 
     U_ij = K_ij - r_i/(m-2) - r_j/(m-2) + t/((m-1)(m-2)) for i < j,
 
     r the row sums of K with its diagonal zeroed and t their total (Székely & Rizzo 2014, eq. 3.1):
-    center_gram's numbers from one pass over K and a pass over the triangle, not five over K.
+    ``u_center``'s numbers from one pass over K and a pass over the triangle, not five over K.
     """
     xp = array_module(gram)
     gram = xp.asarray(gram, dtype=xp.float64)
     m = check_minibatch_size(gram.shape[-1])
     rows = gram.sum(axis=-2) - xp.diagonal(gram, axis1=-2, axis2=-1)
-    return _ucentre(upper_triangle(gram), rows, m)
+    return _u_center_off_diagonal(upper_triangle(gram), rows, m)
 
 
-def _ucentre(off, rows, m: int):
-    """U-centre strict upper triangles ``off`` (…, m(m-1)/2) of Grams whose zero-diagonal row sums are ``rows`` (…, m),
-    in center_gram's order of operations (a constant Gram gives exact zeros, as there)."""
+def _u_center_off_diagonal(off, rows, m: int):
+    """U-center strict upper triangles ``off`` (…, m(m-1)/2) of Grams whose zero-diagonal row sums are ``rows`` (…, m),
+    in u_center's order of operations (a constant Gram gives exact zeros, as there)."""
     i, j = triangle_indices(array_module(off), m)
     means = rows / (m - 2)
     means -= means.sum(axis=-1, keepdims=True) / (2 * (m - 1))
@@ -256,7 +261,7 @@ def minibatch_grams(x, product="float64"):
 
     Every measure of ckapipe is a function of these: U(C) = U(X Xᵀ) for the unbiased HSIC,
     C = H X Xᵀ H for the biased one, the distances C_ii + C_jj - 2 C_ij for RBF kernels,
-    and the raw Gram C + a 1ᵀ + 1 aᵀ + s for neighbours of the L2-normalised features and ranks.
+    and the raw Gram C + a 1ᵀ + 1 aᵀ + s for neighbours of the L2-normalized features and ranks.
     """
     xp = array_module(x)
     c, a, s = gram_parts(x, product)
@@ -279,10 +284,11 @@ def square_from_triangle(t, diagonal: bool = False):
     return u + xp.swapaxes(u, -1, -2)
 
 
-def ucentered_from_centred(t):
-    """Strict upper triangles of U(C) from triangles with the diagonal of centred Grams C (…, m(m+1)/2).
+def u_centered_triangle_from_packed(t):
+    """Strict upper triangles of U(C), (…, m(m-1)/2), from the upper triangles with the diagonal
+    ("packed", row by row) of centered Grams C (…, m(m+1)/2) (Székely & Rizzo 2014, eq. 3.1).
 
-    U-centring removes every a_i + a_j term, so U(C) = U(X Xᵀ): the Gram cache keeps C with its
+    U-centering removes every a_i + a_j term, so U(C) = U(X Xᵀ): the Gram cache keeps C with its
     diagonal and the unbiased HSIC's triangles are derived on read.
     """
     xp = array_module(t)
@@ -291,51 +297,51 @@ def ucentered_from_centred(t):
     half[..., triangle_positions(xp, m, True)] = t
     half = half.reshape(*t.shape[:-1], m, m)
     rows = half.sum(axis=-1) + half.sum(axis=-2) - 2 * xp.diagonal(half, axis1=-2, axis2=-1)
-    return _ucentre(t.take(strict_in_diagonal_triangle(xp, m), axis=-1), rows, m)
+    return _u_center_off_diagonal(t.take(strict_in_diagonal_triangle(xp, m), axis=-1), rows, m)
 
 
-def raw_gram(centred, mean_products):
-    """X Xᵀ = C + a 1ᵀ + 1 aᵀ + s from the square centred Grams C (…, m, m) and mean products [a, s] (…, m + 1).
+def raw_gram(centered, mean_products):
+    """X Xᵀ = C + a 1ᵀ + 1 aᵀ + s from the square centered Grams C (…, m, m) and mean products [a, s] (…, m + 1).
 
     a_i + a_j is added before C, so the result is exactly symmetric.
     """
     a, s = mean_products[..., :-1], mean_products[..., -1:, None]
-    return centred + ((a[..., :, None] + a[..., None, :]) + s)
+    return centered + ((a[..., :, None] + a[..., None, :]) + s)
 
 
-def sub_gram_parts(centred, mean_products, m_sub: int):
-    """Centred Grams (…, m/m_sub, m_sub, m_sub) and mean products (…, m/m_sub, m_sub + 1) of the
+def sub_gram_parts(centered, mean_products, m_sub: int):
+    """Centered Grams (…, m/m_sub, m_sub, m_sub) and mean products (…, m/m_sub, m_sub + 1) of the
     consecutive sub-minibatches of m_sub rows, from those of the whole minibatch (…, m, m) and (…, m + 1).
 
-    A sub-minibatch's rows c_i are centred on the whole minibatch's mean μ; on its own mean
+    A sub-minibatch's rows c_i are centered on the whole minibatch's mean μ; on its own mean
     μ' = μ + c̄ they are c_i - c̄, so with r = C_b 1/m_sub, t = mean(r) (C_b the diagonal block):
     C' = J C_b J, c'_i·μ' = a_i + r_i - mean(a) - t and μ'·μ' = s + 2 mean(a) + t.
     A Gram cached at m serves every analysis minibatch size that divides m, for every measure.
     """
-    xp = array_module(centred)
-    m = centred.shape[-1]
+    xp = array_module(centered)
+    m = centered.shape[-1]
     if m % m_sub:
         raise ValueError(f"{m_sub} does not divide {m}")
     n = m // m_sub
     starts = range(0, m, m_sub)
-    blocks = xp.stack([centred[..., s:s + m_sub, s:s + m_sub] for s in starts], axis=-3)
+    blocks = xp.stack([centered[..., s:s + m_sub, s:s + m_sub] for s in starts], axis=-3)
     a = mean_products[..., :-1].reshape(*mean_products.shape[:-1], n, m_sub)
     s = mean_products[..., -1:, None]
     r = blocks.mean(axis=-1)
     t = r.mean(axis=-1, keepdims=True)
     a_mean = a.mean(axis=-1, keepdims=True)
-    sub_centred = double_center(blocks)
+    sub_centered = double_center(blocks)
     sub_a = a + r - a_mean - t
     sub_s = s + 2 * a_mean + t
-    return sub_centred, xp.concatenate([sub_a, sub_s], axis=-1)
+    return sub_centered, xp.concatenate([sub_a, sub_s], axis=-1)
 
 
 def sub_triangles(t, m_sub: int):
-    """U-centred Grams of the m/m_sub consecutive sub-minibatches of one minibatch.
+    """U-centered Grams of the m/m_sub consecutive sub-minibatches of one minibatch.
 
     U-centering removes every term of the form a_i + a_j (Székely & Rizzo 2014,
     Sec. 3), and U(K)_ij = K_ij - a_i - a_j + c, so a diagonal block of U(K),
-    U-centred again, equals U of the same block of K: a Gram cached at m serves
+    U-centered again, equals U of the same block of K: a Gram cached at m serves
     every analysis minibatch size that divides m, without the activations.
     Returns (m // m_sub) × m_sub(m_sub-1)/2.
     """
@@ -345,7 +351,7 @@ def sub_triangles(t, m_sub: int):
     if m % m_sub:
         raise ValueError(f"{m_sub} does not divide {m}")
     blocks = [u[s:s + m_sub, s:s + m_sub] for s in range(0, m, m_sub)]
-    return ucentered_triangle(xp.stack(blocks))
+    return u_centered_triangle(xp.stack(blocks))
 
 
 def gram_size(n_triangle: int) -> int:
@@ -367,7 +373,7 @@ def minibatch_size(n_triangle: int) -> int:
 def hsic1_matrix(triangles, others=None):
     """HSIC_1 of every pair of rows: 2 T Tᵀ / (m (m - 3)), or 2 T Sᵀ / (m (m - 3)) with ``others`` S.
 
-    ``triangles`` stacks ucentered_gram of every layer (of every run) of one
+    ``triangles`` stacks u_centered_triangle_from_features of every layer (of every run) of one
     minibatch (L × m(m-1)/2); one matrix product gives the L × L unbiased HSIC
     matrix (Song et al. 2012, eq. 5), each layer with itself on the diagonal.
     ``others`` (L' × m(m-1)/2, the same minibatch) gives the L × L' block
@@ -402,16 +408,16 @@ def cka(hsic_ab, hsic_aa, hsic_bb, names_a=None, names_b=None):
 # --------------------------------------------------------------------------- the biased HSIC_0
 
 
-def biased_triangles(centred):
+def biased_triangles(centered):
     """Rows whose dot product is <H K H, H L H>: the upper triangles with the diagonal of
-    double-centred Grams (…, m, m), the off-diagonal entries times √2 (…, m(m+1)/2).
+    double-centered Grams (…, m, m), the off-diagonal entries times √2 (…, m(m+1)/2).
 
     HSIC_0(K, L) = <H K H, H L H> / (m-1)² (Gretton et al. 2005), Kornblith et al.'s
     original CKA; a product of these rows gives it for every pair of layers at once.
     """
-    xp = array_module(centred)
-    t = upper_triangle(centred, diagonal=True)
-    return t * _triangle_weights(xp, centred.shape[-1])
+    xp = array_module(centered)
+    t = upper_triangle(centered, diagonal=True)
+    return t * _triangle_weights(xp, centered.shape[-1])
 
 
 @functools.lru_cache(maxsize=16)
@@ -421,7 +427,8 @@ def _triangle_weights(xp, m: int):
 
 
 def hsic0_matrix(rows, others=None):
-    """HSIC_0 of every pair of ``biased_triangles`` rows (L × m(m+1)/2): R Sᵀ / (m-1)²."""
+    """HSIC_0 of every pair of ``biased_triangles`` rows R (L × m(m+1)/2) [and S (L' × m(m+1)/2)]:
+    R Sᵀ / (m-1)² (L × L'), the biased HSIC_0 = <H K H, H L H> / (m-1)² of Gretton et al. (2005)."""
     m = gram_size(rows.shape[-1])
     return rows @ (rows if others is None else others).T / (m - 1) ** 2
 
@@ -432,7 +439,7 @@ def hsic0_matrix(rows, others=None):
 def squared_distances(gram):
     """|x_i - x_j|² = G_ii + G_jj - 2 G_ij from a Gram of the rows (…, m, m), clipped at 0.
 
-    Distances do not change under translation, so the centred Gram serves (and loses no digits).
+    Distances do not change under translation, so the centered Gram serves (and loses no digits).
     """
     xp = array_module(gram)
     diag = xp.diagonal(gram, axis1=-2, axis2=-1)
@@ -464,9 +471,9 @@ NORM_EPS = 1e-12  # torch.nn.functional.normalize's eps: a zero row stays a zero
 
 
 def cosine_gram(raw):
-    """Gram of the L2-normalised rows, x_i / max(|x_i|, 1e-12), from the raw Gram X Xᵀ (…, m, m).
+    """Gram of the L2-normalized rows, x_i / max(|x_i|, 1e-12), from the raw Gram X Xᵀ (…, m, m).
 
-    Huh et al. normalise the raw (un-centred) features before their neighbour measures,
+    Huh et al. normalize the raw (uncentered) features before their neighbour measures,
     as torch.nn.functional.normalize does.
     """
     xp = array_module(raw)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,17 +24,17 @@ from ckapipe.atomic import describe_os_error
 from ckapipe.blas import single_threaded_blas
 from ckapipe.store.integrity import compressors
 from ckapipe.devices import resolve_device
-from ckapipe.errors import ActivationError, CkapipeError, DataError, LayerError, SpecError
+from ckapipe.errors import ActivationError, CkapipeError, DataError, SpecError
 from ckapipe.extract.datasets import load_dataset
-from ckapipe.extract.layers import default_selection, observe, parse_selection, prepare, selected_rows
-from ckapipe.extract.minibatches import Minibatches, minibatches, rows_of, sample_order  # noqa: F401 - sample_order: API
+from ckapipe.extract.features import HALF, FeatureSource, feature_source, probe_inputs, runs_on
+from ckapipe.extract.layers import observe, selected_rows
+from ckapipe.extract.minibatches import Minibatches, minibatches, sample_order  # noqa: F401 - sample_order: API
 from ckapipe.extract.models import LoadedModel, code_hash, load_model, weights_hash
 from ckapipe.extract.writer import ChunkWriter, compute_grams, device_grams, write_grams
 from ckapipe.store.locks import writer_lock
 from ckapipe.progress import Progress
 from ckapipe.settings import SETTING_FIELDS, RunSettings, check_order_seed  # noqa: F401 - check_order_seed: compare's
 
-PROBE_BATCH = 4
 
 
 def extract_run(model: str | nn.Module, dataset, layers: Sequence[str] | str | None = None, *,
@@ -65,7 +64,7 @@ def extract_run(model: str | nn.Module, dataset, layers: Sequence[str] | str | N
     feed = minibatches(dataset, settings.batch_size, order_seed=settings.order_seed, limit=settings.limit,
                        name=settings.data_name, workers=settings.workers)
     device = torch.device(resolve_device(settings.device, "torch"))
-    run, recorder = create_run_store(cache, loaded, feed, device, settings, codecs)
+    run, source = create_run_store(cache, loaded, feed, device, settings, codecs)
     warn_unproven_reuse(loaded, run)
     span = (store.share_range(*settings.share, run.n_chunks) if settings.share
             else chunk_range(settings.chunks, run.n_chunks))
@@ -77,8 +76,8 @@ def extract_run(model: str | nn.Module, dataset, layers: Sequence[str] | str | N
         with writer_lock(run.path, span) as lock:
             if "data" not in run.meta:
                 run.set_meta(data=feed.provenance())
-            _extract_chunks(run, recorder, feed, span, device, settings.dtype, want_grams, progress,
-                            settings.writer_threads, lock)
+            _extract_chunks(run, source, feed, span, settings.dtype, want_grams, progress, settings.writer_threads,
+                            lock)
     except OSError as err:  # a full disk or a read-only store outside the chunk writes (markers, status, Grams)
         raise store.StoreError(f"cannot write run {run.name}: {describe_os_error(err)}; completed chunks are kept, "
                                f"rerun to resume") from None
@@ -106,42 +105,15 @@ def check_store_settings(settings: RunSettings) -> tuple:
 
 
 def create_run_store(cache, loaded: LoadedModel, feed: Minibatches, device: torch.device, settings: RunSettings,
-                     codecs: tuple) -> tuple[store.Run, Any]:
-    """One probe forward on ``device`` (inputs, devices and layers checked), then the run's store,
-    made or found in ``cache``: (run, its Recorder)."""
-    probe = feed.probe(PROBE_BATCH)
-    check_inputs(probe, feed.given)
-    module = loaded.module.to(device)
-    check_devices(module, device, loaded.spec)
-    recorder, infos = runs_on(
-        lambda: probe_layers(module, settings.layers, settings.reduction, to_device(probe, device)),
-        loaded.spec, f"the inputs of {feed.given}", "check that the model and dataset fit")
-    spec = run_spec(loaded, feed, tuple(recorder.specs[n] for n in infos), dtype=settings.dtype,
-                    grams_only=settings.grams_only, name=settings.name)
-    run = store.create_run(cache, spec, feed.sample_ids, infos, compressors=codecs, checksums=settings.checksums)
-    return run, recorder
-
-
-def probe_layers(module: nn.Module, layers, reduction: str, probe_inputs):
-    """The selection checked against the module, then one probe forward: a Recorder and the layers' shapes.
-
-    The probe's few samples run on one CPU thread: they gain nothing from more, and on a busy
-    machine every operator's thread barrier costs more than the operator.
-    """
-    selections = parse_selection([layers] if isinstance(layers, str) else layers, reduction) if layers else default_selection(reduction)
-    with torch_threads(1):
-        return prepare(module, selections, probe_inputs, rows_of(probe_inputs))
-
-
-@contextmanager
-def torch_threads(n: int):
-    """torch's CPU threads set to n inside the block (torch's setting is the process's), restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+                     codecs: tuple) -> tuple[store.Run, FeatureSource]:
+    """The model's feature source on ``device`` (inputs, devices and layers checked by one probe forward),
+    then the run's store, made or found in ``cache``: (run, its feature source)."""
+    source = feature_source(loaded, settings.layers, settings.reduction, probe_inputs(feed, device), device,
+                            loaded.spec, f"the inputs of {feed.given}", "check that the model and dataset fit")
+    spec = run_spec(loaded, feed, source.layer_specs, dtype=settings.dtype, grams_only=settings.grams_only,
+                    name=settings.name)
+    run = store.create_run(cache, spec, feed.sample_ids, source.infos, compressors=codecs, checksums=settings.checksums)
+    return run, source
 
 
 def run_spec(loaded: LoadedModel, feed: Minibatches, layers: tuple[store.LayerSpec, ...], *, dtype: str = "float32",
@@ -178,9 +150,6 @@ def list_layers(model: str | nn.Module, dataset: str | None = None, *, cache: st
 # --------------------------------------------------------------------------- steps
 
 
-HALF = (torch.float16, torch.bfloat16)  # too coarse for the Grams' sums; CPUs run few of their operators
-
-
 def check_model(module: nn.Module, model: str) -> None:
     """A one-line SpecError for weights no forward can use as ckapipe runs it: on the meta device
     (never loaded) or in float16/bfloat16 (ckapipe computes in float32 and up)."""
@@ -193,50 +162,6 @@ def check_model(module: nn.Module, model: str) -> None:
                             f"runs models in float32; pass model.float() (the activations are stored as --dtype says)")
 
 
-def check_devices(module: nn.Module, device: torch.device, model: str) -> None:
-    """A one-line SpecError for a tensor kept as a plain attribute of a submodule (not a parameter or
-    buffer) on another device than the model's: ``module.to(device)`` does not move it."""
-    for path, sub in module.named_modules():
-        for attr, value in vars(sub).items():
-            if isinstance(value, torch.Tensor) and not attr.startswith("_") and not same_device(value.device, device):
-                where = f"{path}.{attr}" if path else attr
-                raise SpecError(f"model {model} keeps tensor {where} on {value.device}, not on the model's device "
-                                f"{device} (module.to does not move plain attributes): register it as a buffer "
-                                f"(self.register_buffer({attr!r}, tensor))")
-
-
-def same_device(a: torch.device, b: torch.device) -> bool:
-    """``cuda`` and ``cuda:0`` are one device when 0 is the current one."""
-    return a.type == b.type and device_index(a) == device_index(b)
-
-
-def device_index(device: torch.device) -> int | None:
-    return torch.cuda.current_device() if device.type == "cuda" and device.index is None else device.index
-
-
-def check_inputs(inputs: Any, given: str) -> None:
-    """A one-line DataError for inputs no forward can use: on the meta device (no data) or in float16/bfloat16."""
-    tensors = inputs.items() if isinstance(inputs, dict) else [("", inputs)]
-    for key, tensor in tensors:
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        where = f"the {given}" + (f" (input {key!r})" if key else "")
-        if tensor.is_meta:
-            raise DataError(f"{where} is on the meta device and holds no data: give tensors with their values")
-        if tensor.dtype in HALF:
-            raise DataError(f"{where} holds {str(tensor.dtype).removeprefix('torch.')} inputs: ckapipe runs models "
-                            f"in float32; give the inputs as float32 (inputs.float())")
-
-
-def runs_on(forward, model: str, inputs: str, remedy: str):
-    """``forward()``, with a model that fails on the inputs given reported in one line."""
-    try:
-        return forward()
-    except CkapipeError:
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as err:
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise LayerError(f"model {model} cannot run on {inputs} ({type(err).__name__}: {first}): {remedy}") from None
 
 
 def check_written(run, span: range, want_grams: bool) -> None:
@@ -264,13 +189,7 @@ def chunk_range(chunks: tuple[int, int] | None, n_chunks: int) -> range:
     return range(start, min(stop, n_chunks))  # may be empty: a share of a split run with nothing left
 
 
-def to_device(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, dict):
-        return {k: to_device(v, device) for k, v in inputs.items()}
-    return inputs.to(device, non_blocking=True) if isinstance(inputs, torch.Tensor) else inputs
-
-
-def _extract_chunks(run, recorder, feed: Minibatches, span, device, dtype, want_grams, progress, threads,
+def _extract_chunks(run, source: FeatureSource, feed: Minibatches, span, dtype, want_grams, progress, threads,
                     lock) -> None:
     """Forward every missing minibatch of ``span`` and hand it to the writers."""
     if run.status == store.FAILED:
@@ -285,9 +204,9 @@ def _extract_chunks(run, recorder, feed: Minibatches, span, device, dtype, want_
     bar = Progress(rows, f"extract {run.slug}", "samples", enabled=progress)
     writer = ChunkWriter(run, dtype=dtype, grams=gram_cache, threads=threads, progress=bar, lock=lock)
     try:
-        with recorder.hooked(), single_threaded_blas(gram_cache is not None):
+        with source.hooked(), single_threaded_blas(gram_cache is not None):
             for k, inputs in feed.batches(todo, verify=True):
-                features = recorder.forward(to_device(inputs, device))
+                features = source.features(inputs)
                 writer.submit(k, features, device_grams(features, dtype) if gram_cache is not None else None)
         writer.close()
     except (ActivationError, DataError) as err:

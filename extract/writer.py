@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ckapipe import kernels
 from ckapipe.devices import cupy_module
 from ckapipe.errors import ActivationError, StoreError
 from ckapipe.progress import Progress
@@ -181,10 +182,8 @@ class _Aborted(Exception):
 
 def compute_grams(features: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The Gram cache's row of one minibatch, per layer: (upper triangle with the diagonal of the
-    centred Gram, mean products), see kernels.minibatch_grams (NumPy or CuPy in, host out)."""
-    from ckapipe.kernels import minibatch_grams, to_host
-
-    return {name: tuple(to_host(part) for part in minibatch_grams(x)) for name, x in features.items()}
+    centered Gram, mean products), see kernels.minibatch_grams (NumPy or CuPy in, host out)."""
+    return {name: tuple(kernels.to_host(part) for part in kernels.minibatch_grams(x)) for name, x in features.items()}
 
 
 def device_grams(features: dict[str, torch.Tensor], dtype: str = "float32") -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
@@ -201,9 +200,9 @@ def device_grams(features: dict[str, torch.Tensor], dtype: str = "float32") -> d
 
 def write_grams(cache, k: int, grams: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
     """Gram row k of every layer (a store.GramCache), then its marker."""
-    centred = np.stack([grams[name][0] for name in cache.layers])[None]
+    centered = np.stack([grams[name][0] for name in cache.layers])[None]
     means = np.stack([grams[name][1] for name in cache.layers])[None]
-    cache.write([k], centred, means)
+    cache.write([k], centered, means)
 
 
 def _explain(err: BaseException, k: int, run: Run) -> BaseException:

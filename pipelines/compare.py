@@ -4,17 +4,19 @@
     res = compare(model_a, model_b, loader)                        # nn.Modules or model specs
     res = compare({"r18": m1, "r34": m2, "r50": m3}, loader, layers="layer*.?")   # every pair, one pass
 
-Each minibatch is loaded once and given to every model in turn. The extraction stage's forward
-hooks (``Recorder``) hand a model's features of the minibatch to the analysis kernels where they
-are (a CUDA tensor reaches CuPy through DLPack without a copy, a CPU tensor is a NumPy view); the
-U-centred Gram triangle of every layer is computed there (``kernels.ucentered_gram``) and the
-features are dropped. One product of the stacked triangles of every layer of every model gives the
-minibatch's HSIC_1 matrix (``kernels.hsic1_matrix``), kept per minibatch. Memory: one model's
-activations of one minibatch, whatever N; the numbers: those of ``extract`` + ``analyze`` of the
-same models and samples (docs/design.md, "The analysis algorithm").
+Each minibatch is loaded once and given to every model in turn. ``compare`` is built from the two
+stages' pieces: the extraction's feature source (``ckapipe.extract.features``: hooks, device, dtype)
+gives each model's features of the minibatch where they are (a CUDA tensor reaches CuPy through DLPack
+without a copy, a CPU tensor is a NumPy view), and the analysis's Gram accumulator
+(``ckapipe.analyze.accumulate``) makes every layer's U-centered Gram triangle there, drops the features,
+and stacks the triangles of every layer of every model into the minibatch's HSIC_1 matrix, kept per
+minibatch. Memory: one model's activations of one minibatch, whatever N; the numbers: those of
+``extract`` + ``analyze`` of the same models and samples (docs/design.md, "The analysis algorithm").
+What is left here is what is specific to running without a store: the arguments, the members, and the
+one pass that wires the two pieces.
 
-With ``cache=DIR`` the same pass leaves a grams-only run per model (``keep_activations``: a full
-run) under the run's usual key; a later compare, analyze or extract including that model reuses it
+With ``cache=DIR`` the same pass leaves a grams-only run per model (``keep_activations``: a full run)
+under the run's usual key; a later compare, analyze or extract including that model reuses it
 instead of running the model.
 """
 
@@ -24,7 +26,6 @@ import contextlib
 import dataclasses
 import os
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -33,20 +34,19 @@ import torch
 from torch import nn
 
 from ckapipe import store
-from ckapipe.analyze.grams import RunSource, create_gram_caches, plan_source, run_triangles
+from ckapipe.analyze.accumulate import cache_rows_and_triangles, gram_pool, minibatch_hsic1, stacked_run_triangles
+from ckapipe.analyze.grams import RunSource, create_gram_caches, plan_source
 from ckapipe.analyze.results import Results, RunEntry, check_out, write_results
-from ckapipe.blas import single_threaded_blas
-from ckapipe.devices import cupy_module, resolve_device
+from ckapipe.devices import resolve_device
 from ckapipe.errors import ActivationError, CkapipeError, DataError, StoreError
-from ckapipe.extract.layers import Recorder
-from ckapipe.extract.minibatches import Minibatches, PairedMinibatches, minibatches, paired
-from ckapipe.extract.models import LoadedModel
-from ckapipe.extract.runner import (
-    PROBE_BATCH, check_devices, check_inputs, check_order_seed, probe_layers, resolve_model, run_spec,
-    runs_on, to_device, warn_unproven_reuse,
+from ckapipe.extract.features import (
+    FeatureSource, device_arrays, feature_arrays, feature_source, probe_inputs, spare_cores, to_device,
 )
+from ckapipe.extract.minibatches import PairedMinibatches, minibatches, paired
+from ckapipe.extract.models import LoadedModel
+from ckapipe.extract.runner import check_order_seed, resolve_model, run_spec, warn_unproven_reuse
 from ckapipe.extract.writer import ChunkWriter
-from ckapipe.kernels import PRODUCTS, hsic1_matrix, minibatch_grams, to_host, ucentered_from_centred, ucentered_gram
+from ckapipe.kernels import PRODUCTS, to_host
 from ckapipe.store.locks import writer_lock
 from ckapipe.progress import Progress
 
@@ -57,70 +57,72 @@ ALL = "every model"  # the name of data that every model reads
 @dataclass
 class Member:
     """One model of a compare and where its Gram triangles of each minibatch come from: its forward
-    pass (``recorder``), or a cached run (``source``)."""
+    pass (``features``), or a cached run (``cached``)."""
 
     label: str
     named: bool  # by the user: the name of its run in the cache too
     loaded: LoadedModel
-    recorder: Recorder
-    infos: dict[str, store.LayerInfo]  # recorded layers, in forward order, with their shapes
+    features: FeatureSource  # recorded layers, in forward order, with their shapes
     run: store.Run | None = None  # its run in the cache, when there is one
-    source: RunSource | None = None  # a complete cached run: read, the model is not run
+    cached: RunSource | None = None  # a complete cached run: read, the model is not run
     writer: ChunkWriter | None = field(default=None, repr=False)  # filling its run as the pass goes
     keep_activations: bool = False
     feed: str = ALL  # the name of the data it reads in the compare's PairedMinibatches
 
     @property
     def layers(self) -> list[str]:
-        return list(self.infos)
+        return self.features.layers
 
     @property
     def runs_model(self) -> bool:
-        return self.source is None
+        return self.cached is None
 
 
-def compare(
-    *models_and_data,
-    data=None,
-    layers: str | Sequence[str] | Mapping[str, Any] | None = None,
-    batch_size: int | None = None,
-    cache: str | os.PathLike | None = None,
-    keep_activations: bool = False,
-    data_name: str | None = None,
-    order_seed: int | None = 0,
-    limit: int | None = None,
-    reduction: str = "flatten",
-    device: str = "auto",
-    precision: str = "float64",
-    out: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    random_init: bool = False,
-    workers: int = 0,
-    progress: bool = True,
-) -> Results:
+def compare(*models_and_data, data=None, layers: str | Sequence[str] | Mapping[str, Any] | None = None,
+            batch_size: int | None = None, cache: str | os.PathLike | None = None, keep_activations: bool = False,
+            data_name: str | None = None, order_seed: int | None = 0, limit: int | None = None,
+            reduction: str = "flatten", device: str = "auto", precision: str = "float64",
+            out: str | os.PathLike | None = None, overwrite: bool = False, random_init: bool = False,
+            workers: int = 0, progress: bool = True) -> Results:
     """Minibatch CKA of every pair of layers of the models (each with itself too), in one pass over the data.
 
-    ``compare(model_a, model_b, data)`` or ``compare({"name": model, ...}, data)``: models are
-    ``nn.Module``s or model specs (``zoo:cnn3?seed=0``, ``torchvision:resnet18``, ...), named by the
-    dict's keys, else by spec or class name. ``data``: a DataLoader (its batches are the minibatches
-    unless ``batch_size`` is given), a map-style Dataset, a tensor or array of inputs, or a dataset
-    spec (see ckapipe.extract.minibatches); a last minibatch shorter than m is dropped, with a note.
-    One data per model (``compare(a, b, loader_a, loader_b)``, ``data=[...]`` in the models' order or
-    ``data={name: ...}``): the same samples in another form, paired by position, checked to be as many
-    and to carry the same labels or ids (extract.minibatches.paired).
-    ``layers``: a selection for every model (``"layer*.?"``; ``"*"`` every leaf module; see
-    ckapipe.extract.layers) or one per name (a dict); default every leaf module of each model (``"*"``, as torch-cka).
-
-    ``cache``: also leave a grams-only run per model in this cache (``keep_activations``: a full run),
-    and reuse complete runs found there instead of running their models. Data given as an object is
-    identified by ``data_name`` (one per data) or else by the sha256 of its minibatches (one extra pass
-    that loads them, made only with a cache). ``precision="float32"`` multiplies the centred features in float32
-    (faster on CPUs, about 1e-9 off in CKA; never cached). ``out``: write the results store there.
+    ``compare(model_a, model_b, data)`` or ``compare({"name": model, ...}, data)``: models are ``nn.Module``s
+    or model specs (``zoo:cnn3?seed=0``, ``torchvision:resnet18``, ...), named by the dict's keys, else by spec
+    or class name. ``data``: a DataLoader (its batches are the minibatches unless ``batch_size`` is given), a
+    map-style Dataset, a tensor or array of inputs, or a dataset spec (ckapipe.extract.minibatches); one data
+    per model (``compare(a, b, loader_a, loader_b)``, ``data=[...]`` or ``data={name: ...}``) pairs the same
+    samples by position. ``layers``: one selection for every model or one per name (a dict); default every
+    leaf module (``"*"``). ``cache``: leave a grams-only run per model there (``keep_activations``: a full
+    run) and reuse complete runs found there; object data is named by ``data_name`` or else hashed.
+    ``precision="float32"``: float32 Gram products (never cached). ``out``: write the results store there.
+    docs/compare.md says every option in full.
     """
     named_models, named, data = split_arguments(models_and_data, data)
     check_order_seed(order_seed)
     data = per_model(data, named_models)
     data_names = names_of_data(data_name, data)
+    check_options(precision, cache, keep_activations, out, overwrite)
+    feed = paired({who: minibatches(one, batch_size, order_seed=order_seed, limit=limit, name=data_names[who],
+                                    workers=workers) for who, one in data.items()})
+    selections = layer_selections(layers, list(named_models))
+    torch_device = torch.device(resolve_device(device, "torch"))
+    members = make_members(named_models, named, selections, reduction, feed, data, torch_device, cache, random_init)
+    if progress:
+        for note in feed.notes:
+            print(f"ckapipe: note: {note}", file=sys.stderr)
+    with contextlib.ExitStack() as locks:
+        if cache is not None:
+            check_distinct_runs(members, feed)
+            attach_runs(members, feed, cache, keep_activations, locks)
+        hsic = one_pass(members, feed, torch_device, precision, progress)
+    results = compare_results(members, hsic, feed, precision)
+    if out is not None:
+        write_results(results, out, overwrite=overwrite)
+    return results
+
+
+def check_options(precision: str, cache, keep_activations: bool, out, overwrite: bool) -> None:
+    """One-line errors for options that do not go together, before any model is loaded; the cache made."""
     if precision not in PRODUCTS:
         raise CkapipeError(f"precision {precision!r} is not one of {', '.join(PRODUCTS)}")
     if cache is not None and precision != "float64":
@@ -131,34 +133,19 @@ def compare(
         check_out(out, overwrite)
     if cache is not None:
         store.ensure_cache(cache)
-    feed = paired({who: minibatches(one, batch_size, order_seed=order_seed, limit=limit, name=data_names[who],
-                                    workers=workers) for who, one in data.items()})
-    selections = layer_selections(layers, list(named_models))
-    torch_device = torch.device(resolve_device(device, "torch"))
-    probes = {who: checked_probe(one, torch_device) for who, one in feed.feeds.items()}
-    members = [
-        member(label, named, model, selections.get(label), reduction, probes[who], torch_device, cache, random_init,
-               feed.feeds[who].given, who)
-        for (label, model), who in zip(named_models.items(), feed_of(data, named_models))
-    ]
-    if progress:
-        for note in feed.notes:
-            print(f"ckapipe: note: {note}", file=sys.stderr)
-    with contextlib.ExitStack() as locks:
-        if cache is not None:
-            check_distinct_runs(members, feed)
-            attach_runs(members, feed, cache, keep_activations, locks)
-        hsic = one_pass(members, feed, torch_device, precision, progress)
+
+
+def compare_results(members: list[Member], hsic: np.ndarray, feed: PairedMinibatches, precision: str) -> Results:
+    """The results of the pass, as ``analyze`` gives them; warns once about constant layers (CKA undefined,
+    NaN) and, as analyze, when too few minibatches enter the bootstrap intervals."""
     results = Results(
         [entry(m) for m in members], hsic, np.arange(len(hsic)),
         {"runs": [{"name": entry(m).name, "key": entry(m).key} for m in members], "m": feed.m,
          "pairing": "sample_ids", "minibatches": list(range(len(hsic))), "precision": precision, "data": feed.given},
         list(feed.notes),
     )
-    results.cka()  # warns once about constant layers (CKA undefined, NaN)
-    results.interval()  # the bootstrap intervals, as analyze: warns once when too few minibatches enter
-    if out is not None:
-        write_results(results, out, overwrite=overwrite)
+    results.cka()
+    results.interval()
     return results
 
 
@@ -266,29 +253,24 @@ def layer_selections(layers, names: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- models and runs
 
 
-def member(label, named, model, layers, reduction, probe_inputs, device, cache, random_init, given,
-           feed=ALL) -> Member:
+def make_members(named_models: Mapping[str, Any], named: bool, selections: dict, reduction: str,
+                 feed: PairedMinibatches, data: dict, device, cache, random_init: bool) -> list[Member]:
+    """Every model ready to hand its features to the Gram accumulator, each probed on its data's first inputs."""
+    probes = {who: probe_inputs(one, device) for who, one in feed.feeds.items()}
+    return [
+        member(label, named, model, selections.get(label), reduction, probes[who], device, cache, random_init,
+               feed.feeds[who].given, who)
+        for (label, model), who in zip(named_models.items(), feed_of(data, named_models))
+    ]
+
+
+def member(label, named, model, layers, reduction, probe, device, cache, random_init, given, feed=ALL) -> Member:
     """A model ready to hand its features to the kernels: loaded, on the device, its layers checked and probed."""
     loaded = resolve_model(model, cache if cache is not None else store.default_cache(), random_init,
                            hash_weights=cache is not None, label=label)
-    module = loaded.module.to(device)
-    check_devices(module, device, label)
-
-    def probe():
-        try:
-            return probe_layers(module, layers, reduction, probe_inputs)
-        except CkapipeError as err:
-            raise type(err)(f"model {label}: {err}") from None
-
-    recorder, infos = runs_on(probe, label, f"the inputs of the {given}", "check that the model and the data fit")
-    return Member(label, named, loaded, recorder, infos, feed=feed)
-
-
-def checked_probe(feed: Minibatches, device):
-    """The first inputs of a feed, checked (dtype, device) and on the device: what each model is probed with."""
-    probe = feed.probe(PROBE_BATCH)
-    check_inputs(probe, feed.given)
-    return to_device(probe, device)
+    features = feature_source(loaded, layers, reduction, probe, device, label, f"the inputs of the {given}",
+                              "check that the model and the data fit", name_errors=True)
+    return Member(label, named, loaded, features, feed=feed)
 
 
 def check_distinct_runs(members: list[Member], feeds: PairedMinibatches) -> None:
@@ -296,7 +278,7 @@ def check_distinct_runs(members: list[Member], feeds: PairedMinibatches) -> None
     would write one store twice; a one-line error names them."""
     seen: dict[str, str] = {}
     for m in members:
-        key = run_spec(m.loaded, feeds.feeds[m.feed], tuple(m.recorder.specs[name] for name in m.layers)).key
+        key = run_spec(m.loaded, feeds.feeds[m.feed], m.features.layer_specs).key
         if key in seen:
             raise CkapipeError(f"models {seen[key]!r} and {m.label!r} are the same model (same weights, code and "
                                f"layers): with a cache each name is one run; compare it once")
@@ -308,15 +290,14 @@ def attach_runs(members: list[Member], feeds: PairedMinibatches, cache, keep_act
     one (grams-only, or full with ``keep_activations``) that the pass fills, under a writer lock."""
     for m in members:
         feed = feeds.feeds[m.feed]
-        layer_specs = tuple(m.recorder.specs[name] for name in m.layers)
-        full = run_spec(m.loaded, feed, layer_specs, name=m.label if m.named else None)
+        full = run_spec(m.loaded, feed, m.features.layer_specs, name=m.label if m.named else None)
         cached = reusable_run(cache, [full, dataclasses.replace(full, grams_only=True)], feed.m)
         if cached is not None:
-            m.run, m.source = cached
+            m.run, m.cached = cached
             warn_unproven_reuse(m.loaded, m.run)
             continue
         spec = full if keep_activations else dataclasses.replace(full, grams_only=True)
-        m.run = store.create_run(cache, spec, feed.sample_ids, m.infos)
+        m.run = store.create_run(cache, spec, feed.sample_ids, m.features.infos)
         warn_unproven_reuse(m.loaded, m.run)
         locks.enter_context(writer_lock(m.run.path, range(m.run.n_chunks)))
         if "data" not in m.run.meta:
@@ -324,9 +305,9 @@ def attach_runs(members: list[Member], feeds: PairedMinibatches, cache, keep_act
         if m.run.status == store.FAILED:
             m.run.set_meta(status=store.IN_PROGRESS, error=None)
         m.keep_activations = keep_activations
-    reused = [m for m in members if m.source is not None]
-    for m, source in zip(reused, create_gram_caches([m.source for m in reused], feeds.m)):
-        m.source = source
+    reused = [m for m in members if m.cached is not None]
+    for m, source in zip(reused, create_gram_caches([m.cached for m in reused], feeds.m)):
+        m.cached = source
 
 
 def reusable_run(cache, specs: list[store.RunSpec], m: int):
@@ -350,41 +331,27 @@ def reusable_run(cache, specs: list[store.RunSpec], m: int):
 
 
 def one_pass(members: list[Member], feed: PairedMinibatches, device, precision: str, progress: bool) -> np.ndarray:
-    """(n_minibatches, L, L) HSIC_1 of every pair of layers of every model, minibatch by minibatch."""
+    """(n_minibatches, L, L) HSIC_1 of every pair of layers of every model, minibatch by minibatch: the feature
+    sources' forwards handing their features to the Gram accumulator."""
     running = [m for m in members if m.runs_model]
     n, size = feed.n_chunks, sum(len(m.layers) for m in members)
     hsic = np.empty((n, size, size))
     xp = device_arrays(device)
     bar = Progress(n * feed.m, "compare", "samples", enabled=progress)
     try:
-        for m in running:
-            if m.run is not None:
-                m.writer = ChunkWriter(m.run, dtype="float32", grams=m.run.grams(feed.m, create=True))
+        open_writers(running, feed.m)
         batches = feed.batches(verify=True) if running else ((k, None) for k in range(n))
-        with contextlib.ExitStack() as hooks:
-            if xp is not np:  # CuPy's kernels on the features' GPU
-                hooks.enter_context(xp.cuda.Device(device.index or 0))
-            grams = hooks.enter_context(layer_grams(xp, precision))
-            for m in running:
-                hooks.enter_context(m.recorder.hooked())
-            hooks.enter_context(queued_grams(running, grams))
+        with forwards(running, xp, device, precision) as grams:
             for k, inputs in batches:
                 inputs = to_device(inputs, device) if running else None
                 parts = [member_triangles(m, k, inputs and inputs[m.feed], feed.m, xp, grams) for m in members]
-                hsic[k] = to_host(hsic1_matrix(xp.concatenate(parts)))
+                hsic[k] = minibatch_hsic1(parts, xp)
                 if not np.isfinite(hsic[k]).all():
                     raise ActivationError(not_finite(members, parts, k))
                 bar.update(feed.m)
-        for m in running:
-            if m.writer is not None:
-                m.writer.close()
-                m.run.refresh_status()
+        close_writers(running)
     except BaseException as err:
-        for m in running:
-            if m.writer is not None:
-                m.writer.abort()
-                if isinstance(err, (ActivationError, DataError)):
-                    m.run.set_meta(status=store.FAILED, error=str(err))
+        abort_writers(running, err)
         raise
     finally:
         bar.close()
@@ -392,96 +359,62 @@ def one_pass(members: list[Member], feed: PairedMinibatches, device, precision: 
 
 
 @contextlib.contextmanager
-def layer_grams(xp, precision: str):
-    """The Gram work of a pass (``GramPool``): each layer's ``kernel`` (default: its U-centred Gram triangle;
-    ``kernels.minibatch_grams`` for a run's Gram cache) of a list of features, or of features queued as they arrive.
-
-    On the GPU the kernels are queued on the stream one layer after another. On the CPU, where cores are
-    left beside torch's intra-op threads, a layer's Gram is queued on one of them as soon as its hook has
-    copied the features, so the products run while the forward goes on. Where torch's threads take every
-    core, the Grams wait for the end of each forward and then take torch's cores: a worker beside the forward
-    deschedules one of torch's threads, and every operator of the forward waits at its barrier for it
-    (docs/benchmarks.md, "compare against the forward passes"). Each worker has one BLAS thread: a
-    multi-threaded BLAS call waits for all its threads at every step.
-    """
-    if xp is not np:
-        yield GramPool(precision, None, queues=False)
-        return
-    spare = spare_cores()
-    with single_threaded_blas(True), ThreadPoolExecutor(spare or torch.get_num_threads(), "ckapipe-gram") as pool:
-        yield GramPool(precision, pool, queues=spare > 0)
-
-
-def spare_cores() -> int:
-    """Cores this process may use that torch's intra-op threads leave free."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, cores - torch.get_num_threads())
-
-
-@dataclass
-class GramPool:
-    """Where a pass's Gram kernels run: on this thread (a GPU's stream), or on a pool of CPU workers."""
-
-    precision: str
-    pool: ThreadPoolExecutor | None
-    queues: bool  # the hooks queue each layer's Gram on the pool as the forward goes on
-
-    def __call__(self, arrays: list, kernel=ucentered_gram) -> list:
-        """``kernel`` of each array (m × D): the largest first, so that the workers' shares are even."""
-        if self.pool is None:
-            return [kernel(x, self.precision) for x in arrays]
-        order = sorted(range(len(arrays)), key=lambda i: -arrays[i].size)
-        done = dict(zip(order, self.pool.map(lambda i: kernel(arrays[i], self.precision), order)))
-        return [done[i] for i in range(len(arrays))]
-
-    def queue(self, features: torch.Tensor) -> Future:
-        """The U-centred Gram triangle of one layer's features (a CPU tensor the caller no longer changes), on a worker."""
-        return self.pool.submit(ucentered_gram, features.numpy(), self.precision)
-
-
-def queued_grams(running: list[Member], grams: GramPool):
-    """A context in which the hooks of the models whose features go nowhere else queue their Grams as they record."""
-    stack = contextlib.ExitStack()
-    if grams.queues:
+def forwards(running: list[Member], xp, device, precision: str):
+    """The pass's context: CuPy's kernels on the features' GPU, the Gram pool (``gram_pool``, on the cores
+    torch's threads leave free), every running model's hooks, and the hooks of the models whose features go
+    nowhere else queueing their Grams as they record."""
+    with contextlib.ExitStack() as stack:
+        if xp is not np:
+            stack.enter_context(xp.cuda.Device(device.index or 0))
+        grams = stack.enter_context(gram_pool(xp, precision, spare_cores(), torch.get_num_threads()))
         for m in running:
-            if m.writer is None:
-                m.recorder.take = grams.queue
-                stack.callback(setattr, m.recorder, "take", None)
-    return stack
+            stack.enter_context(m.features.hooked())
+        for m in running:
+            if grams.queues and m.writer is None:
+                stack.enter_context(m.features.taking(grams.queue))
+        yield grams
 
 
-def member_triangles(m: Member, k: int, inputs, batch: int, xp, grams: GramPool):
-    """(layers, m(m-1)/2) U-centred Gram triangles of one model's layers for minibatch k, on the device:
+def open_writers(running: list[Member], m: int) -> None:
+    """A writer for each model whose run in the cache the pass fills (its Gram cache at m)."""
+    for member in running:
+        if member.run is not None:
+            member.writer = ChunkWriter(member.run, dtype="float32", grams=member.run.grams(m, create=True))
+
+
+def close_writers(running: list[Member]) -> None:
+    """Wait until every run is written, then record its status."""
+    for m in running:
+        if m.writer is not None:
+            m.writer.close()
+            m.run.refresh_status()
+
+
+def abort_writers(running: list[Member], err: BaseException) -> None:
+    """Stop the writers; a run whose features or data failed is marked failed, with the one-line reason."""
+    for m in running:
+        if m.writer is not None:
+            m.writer.abort()
+            if isinstance(err, (ActivationError, DataError)):
+                m.run.set_meta(status=store.FAILED, error=str(err))
+
+
+def member_triangles(m: Member, k: int, inputs, batch: int, xp, grams):
+    """(layers, m(m-1)/2) U-centered Gram triangles of one model's layers for minibatch k, on the device:
     read from its cached run, or from its forward pass (queued by its hooks, or handed to its run's writer)."""
     if not m.runs_model:
-        return run_triangles(m.source, [k], batch, xp)[0]
-    features = m.recorder.forward(inputs)
-    if m.recorder.take is not None:
+        return stacked_run_triangles([m.cached], [k], batch, xp)[0]
+    features = m.features.features(inputs)
+    if m.features.queued:
         return xp.stack([features[name].result() for name in m.layers])
     arrays = feature_arrays(features, xp)
     layers = [arrays[name] for name in m.layers]
     del arrays
     if m.writer is None:
         return xp.stack(grams(layers))
-    rows = grams(layers, minibatch_grams)  # what the run's Gram cache keeps: the U-centred triangles follow from it
-    centred = xp.stack([c for c, _ in rows])
-    host = [(to_host(c), to_host(a)) for c, a in rows]
+    host, triangles = cache_rows_and_triangles(grams, layers, xp)
     m.writer.submit(k, features if m.keep_activations else {}, dict(zip(m.layers, host)))
-    return ucentered_from_centred(centred)
-
-
-def feature_arrays(features: dict[str, torch.Tensor], xp=np) -> dict:
-    """Each layer's features as an array of ``xp``, the kernels' array module (``device_arrays``):
-    CuPy's through DLPack (no copy from a CUDA tensor), else a NumPy view of a CPU tensor (a copy
-    to the host for a CUDA tensor)."""
-    if xp is not np:
-        return {name: xp.from_dlpack(t) for name, t in features.items()}
-    return {name: t.numpy() if t.device.type == "cpu" else t.cpu().numpy() for name, t in features.items()}
-
-
-def device_arrays(device: torch.device):
-    """The array module of the Gram triangles: CuPy for a CUDA device when it is installed, else NumPy."""
-    return (cupy_module() or np) if device.type == "cuda" else np
+    return triangles
 
 
 def not_finite(members: list[Member], parts, k: int) -> str:
@@ -501,4 +434,4 @@ def entry(m: Member) -> RunEntry:
 
 def modules_of(m: Member) -> tuple[str, ...]:
     """Each recorded layer's module type, from the probe."""
-    return tuple(m.infos[name].module for name in m.layers)
+    return tuple(m.features.infos[name].module for name in m.layers)

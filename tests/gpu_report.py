@@ -76,12 +76,12 @@ def features(n: int = 4 * M, widths=(300, 64, 10), seed: int = 0) -> dict:
 def kernel_rows() -> list[dict]:
     import cupy
 
-    from ckapipe.kernels import hsic1_matrix, ucentered_gram
+    from ckapipe.kernels import hsic1_matrix, u_centered_triangle_from_features
 
     xs = [x[:M] for x in features().values()]
-    return [row("kernels: ucentered_gram + hsic1_matrix",
-                lambda: cupy.asnumpy(hsic1_matrix(cupy.stack([ucentered_gram(cupy.asarray(x)) for x in xs]))),
-                lambda: hsic1_matrix(np.stack([ucentered_gram(x) for x in xs])), 1e-9)]
+    return [row("kernels: u_centered_triangle_from_features + hsic1_matrix",
+                lambda: cupy.asnumpy(hsic1_matrix(cupy.stack([u_centered_triangle_from_features(cupy.asarray(x)) for x in xs]))),
+                lambda: hsic1_matrix(np.stack([u_centered_triangle_from_features(x) for x in xs])), 1e-9)]
 
 
 def extraction_rows() -> list[dict]:

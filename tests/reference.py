@@ -82,3 +82,11 @@ def linear_gram(x):
     """K = X Xᵀ in float64."""
     x = np.asarray(x, dtype=np.float64)
     return x @ x.T
+
+
+def double_centered_reference(k):
+    """Gretton et al. (2005): H K H with the centering matrix H = I - 11ᵀ/m written out, float64."""
+    k = np.array(k, dtype=np.float64)
+    m = k.shape[0]
+    h = np.eye(m) - np.ones((m, m)) / m
+    return h @ k @ h

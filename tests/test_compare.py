@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import ckapipe.analyze as analyze
 from ckapipe import compare, store
 from ckapipe.errors import ActivationError, CkapipeError, DataError
+from ckapipe.extract.features import spare_cores
 from ckapipe.extract.runner import extract_run
 from ckapipe.extract.zoo import digits_tensors
-from ckapipe.pipelines.compare import spare_cores
 from tests.reference import minibatch_cka_matrix_reference
 from tests.spec_factories import BlockNet, LoggedDataset, Poisoned
 
@@ -270,7 +270,7 @@ def test_bad_arguments_are_one_line_errors(digits, call, message):
 
 
 def test_gpu_path_has_a_cpu_twin_that_hands_views_to_the_kernels():
-    from ckapipe.pipelines.compare import device_arrays, feature_arrays
+    from ckapipe.extract.features import device_arrays, feature_arrays
 
     features = {"x": torch.randn(8, 5)}
     arrays = feature_arrays(features)

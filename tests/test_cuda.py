@@ -13,7 +13,7 @@ import torch
 
 from ckapipe import store
 from ckapipe.extract.runner import extract_run
-from ckapipe.kernels import ucentered_gram
+from ckapipe.kernels import u_centered_triangle_from_features
 
 pytestmark = pytest.mark.gpu
 
@@ -51,7 +51,7 @@ def test_extraction_on_cuda_with_device_grams_equals_the_cpu_run(zoo_cache, tmp_
     every = list(range(gpu.grams(64).n_minibatches))
     device_grams = gpu.grams(64).read(every)
     for k in every:
-        from_store = [ucentered_gram(gpu.read_chunk(layer, k)) for layer in gpu.layer_names]
+        from_store = [u_centered_triangle_from_features(gpu.read_chunk(layer, k)) for layer in gpu.layer_names]
         np.testing.assert_allclose(device_grams[k], from_store, rtol=1e-6, atol=1e-9 * np.abs(from_store).max())
     np.testing.assert_allclose(device_grams, cpu.grams(64).read(every), rtol=1e-3, atol=1e-4 * np.abs(device_grams).max())
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckapipe.kernels import ucentered_gram
+from ckapipe.kernels import u_centered_triangle_from_features
 from ckapipe import store
 from ckapipe.store.locks import writer_lock
 from ckapipe.errors import CkapipeError
@@ -177,7 +177,7 @@ def test_grams_match_the_kernel_and_grams_only_keeps_no_activations(zoo_cache, t
     grams = run.grams(100)
     assert grams.done().all() and grams.n_minibatches == 17  # full minibatches only
     head = run.layer_names.index("head")
-    np.testing.assert_allclose(grams.read([5])[0, head], ucentered_gram(run.read_chunk("head", 5)), rtol=1e-10)
+    np.testing.assert_allclose(grams.read([5])[0, head], u_centered_triangle_from_features(run.read_chunk("head", 5)), rtol=1e-10)
     only = _extract(cache, grams_only=True, batch_size=100)
     assert only.path != run.path and "layers" not in only.group and only.status == store.COMPLETE
     every = list(range(17))

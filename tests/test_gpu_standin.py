@@ -17,7 +17,7 @@ from torch import nn
 import ckapipe.analyze as analyze
 import ckapipe.kernels as kernels
 from ckapipe import compare
-from ckapipe.analyze.grams import diagonal_positions
+from ckapipe.kernels import diagonal_positions
 from tests.reference import minibatch_cka_matrix_reference
 
 M, N = 16, 100  # two_runs: 6 full minibatches of 16 (a ragged tail of 4 left out)
@@ -113,7 +113,7 @@ def test_gpu_report_prints_one_row_per_cuda_path_through_the_standin():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "max |diff|" not in line]
     assert [r[1].strip() for r in rows] == [
-        "kernels: ucentered_gram + hsic1_matrix", "analysis: analyze --device cuda (HSIC)",
+        "kernels: u_centered_triangle_from_features + hsic1_matrix", "analysis: analyze --device cuda (HSIC)",
         "measures: every measure and RankMe", "bootstrap: CKA intervals (timed in analysis)", "extraction: Grams on the device",
         "compare: fused, Grams on the device"]
     assert [r[-1].strip() for r in rows] == ["ok"] * 6

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from ckapipe.kernels import (
-    center_gram, cka, gram_linear, hsic1_matrix, square_from_triangle, sub_triangles, ucentered_gram, upper_triangle,
+    cka, double_center, gram_linear, hsic1_matrix, square_from_triangle, sub_triangles, u_center, u_centered_triangle,
+    u_centered_triangle_from_features, u_centered_triangle_from_packed, upper_triangle,
 )
-from tests.reference import hsic1_reference, minibatch_cka_reference, u_centered_reference
+from tests.reference import double_centered_reference, hsic1_reference, minibatch_cka_reference, u_centered_reference
 
 M = 32
 
@@ -21,7 +22,7 @@ def minibatch_cka(x, y, m=M):
     total = np.zeros((2, 2))
     for k in range(len(x) // m):
         rows = slice(k * m, (k + 1) * m)
-        total += hsic1_matrix(np.stack([ucentered_gram(x[rows]), ucentered_gram(y[rows])]))
+        total += hsic1_matrix(np.stack([u_centered_triangle_from_features(x[rows]), u_centered_triangle_from_features(y[rows])]))
     return cka(total[:1, 1:], total[:1, 0], total[1:, 1])[0, 0]
 
 
@@ -38,7 +39,7 @@ def test_hsic1_matches_song_et_al_formula():
     for m in (4, 5, 17, 64):
         x = rng.standard_normal((m, 9)).astype(np.float32) + 3
         y = rng.standard_normal((m, 30)).astype(np.float32) - 1
-        ours = hsic1_matrix(np.stack([ucentered_gram(x), ucentered_gram(y)]))
+        ours = hsic1_matrix(np.stack([u_centered_triangle_from_features(x), u_centered_triangle_from_features(y)]))
         K, L = gram_linear(x.astype(np.float64)), gram_linear(y.astype(np.float64))
         expected = [[hsic1_reference(K, K), hsic1_reference(K, L)], [hsic1_reference(L, K), hsic1_reference(L, L)]]
         np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-12)
@@ -78,36 +79,66 @@ def test_cka_is_not_invariant_to_a_general_invertible_linear_map(xy):
 def test_a_large_constant_offset_changes_nothing(xy):
     x, y = xy
     assert abs(minibatch_cka(x + 1e4, y - 1e4) - minibatch_cka(x, y)) < 1e-6
-    np.testing.assert_allclose(ucentered_gram(x[:M] + 1e4), ucentered_gram(x[:M]), atol=1e-6 * np.abs(ucentered_gram(x[:M])).max())
+    np.testing.assert_allclose(u_centered_triangle_from_features(x[:M] + 1e4), u_centered_triangle_from_features(x[:M]), atol=1e-6 * np.abs(u_centered_triangle_from_features(x[:M])).max())
 
 
-def test_ucentered_gram_is_the_triangle_of_a_zero_diagonal_u_centred_matrix(xy):
-    """ucentered_gram(X) = the strict upper triangle, row by row, of U(X Xᵀ) computed element by
+def test_u_centered_triangle_from_features_is_the_triangle_of_a_zero_diagonal_u_centered_matrix(xy):
+    """u_centered_triangle_from_features(X) = the strict upper triangle, row by row, of U(X Xᵀ) computed element by
     element from Székely & Rizzo's formula; U's rows sum to zero and its diagonal is zero."""
     x, _ = xy
     for m in (4, 7, M):
-        rows = x[:m] + 5.0  # an offset: ucentered_gram centres the features, U does not need it
+        rows = x[:m] + 5.0  # an offset: u_centered_triangle_from_features centres the features, U does not need it
         u = u_centered_reference(rows.astype(np.float64) @ rows.astype(np.float64).T)
         assert np.allclose(np.diag(u), 0) and np.allclose(u.sum(axis=0), 0, atol=1e-9)
         i, j = np.triu_indices(m, k=1)
-        np.testing.assert_allclose(ucentered_gram(rows), u[i, j], rtol=1e-9, atol=1e-9 * np.abs(u).max())
-    u = center_gram(gram_linear(x[:M]))
+        np.testing.assert_allclose(u_centered_triangle_from_features(rows), u[i, j], rtol=1e-9, atol=1e-9 * np.abs(u).max())
+    u = u_center(gram_linear(x[:M]))
     np.testing.assert_allclose(square_from_triangle(upper_triangle(u)), u)
+
+
+def test_u_center_and_its_triangles_are_szekely_and_rizzo_element_by_element():
+    """u_center(K), u_centered_triangle(K) and u_centered_triangle_from_packed of a centered Gram's upper
+    triangle with its diagonal: all three are Székely & Rizzo's U-centering of the float64 reference."""
+    rng = np.random.default_rng(7)
+    for m in (4, 9, M):
+        x = rng.standard_normal((m, 6)) + 3.0
+        gram = x @ x.T
+        u = u_centered_reference(gram)
+        i, j = np.triu_indices(m, k=1)
+        scale = np.abs(u).max()
+        assert np.abs(u_center(gram) - u).max() <= 1e-12 * scale
+        assert np.abs(u_centered_triangle(gram) - u[i, j]).max() <= 1e-12 * scale
+        centered = x - x.mean(axis=0)  # U(C) = U(X Xᵀ): U-centering removes every a_i + a_j
+        packed = (centered @ centered.T)[np.triu_indices(m, k=0)]
+        assert np.abs(u_centered_triangle_from_packed(packed) - u[i, j]).max() <= 1e-12 * scale
+
+
+def test_double_center_is_gretton_et_al_h_k_h():
+    """double_center(K) = H K H with H = I - 11ᵀ/m (the biased HSIC_0's centering), for one Gram and a
+    stack of them; it is not the U-centering (whose diagonal is zero)."""
+    rng = np.random.default_rng(8)
+    grams = np.stack([gram_linear(rng.standard_normal((M, 5)) + 2.0) for _ in range(3)])
+    ours = double_center(grams)
+    for gram, mine in zip(grams, ours):
+        reference = double_centered_reference(gram)
+        assert np.abs(mine - reference).max() <= 1e-12 * np.abs(reference).max()
+        assert np.abs(np.diag(reference)).min() > 0  # H K H keeps a diagonal; U(K) has none
+    assert np.abs(double_center(grams[0]) - double_centered_reference(grams[0])).max() <= 1e-12 * np.abs(grams[0]).max()
 
 
 def test_sub_triangles_equal_grams_of_the_sub_minibatches(xy):
     x, _ = xy
-    big = ucentered_gram(x[:M])
+    big = u_centered_triangle_from_features(x[:M])
     subs = sub_triangles(big, M // 4)
     for i in range(4):
-        np.testing.assert_allclose(subs[i], ucentered_gram(x[i * M // 4:(i + 1) * M // 4]), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(subs[i], u_centered_triangle_from_features(x[i * M // 4:(i + 1) * M // 4]), rtol=1e-9, atol=1e-9)
 
 
 def test_constant_layer_gives_nan_with_a_warning_naming_it():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((M, 5))
     const = np.full((M, 3), 0.1)
-    h = hsic1_matrix(np.stack([ucentered_gram(x), ucentered_gram(const)]))
+    h = hsic1_matrix(np.stack([u_centered_triangle_from_features(x), u_centered_triangle_from_features(const)]))
     assert h[1, 1] == 0
     with pytest.warns(UserWarning, match="dead.layer"):
         out = cka(h, np.diag(h), np.diag(h), ["x", "dead.layer"], ["x", "dead.layer"])
@@ -116,7 +147,7 @@ def test_constant_layer_gives_nan_with_a_warning_naming_it():
 
 def test_minibatch_under_four_is_refused():
     with pytest.raises(ValueError, match="at least 4"):
-        ucentered_gram(np.ones((3, 2)))
+        u_centered_triangle_from_features(np.ones((3, 2)))
 
 
 # --------------------------------------------------------------------------- anchors
@@ -141,7 +172,7 @@ def test_torch_cka_hsic_agrees_in_float64(monkeypatch, xy):
         K.fill_diagonal_(0)
         L.fill_diagonal_(0)
         theirs = np.array([CKA._HSIC(Device, K, L), CKA._HSIC(Device, K, K), CKA._HSIC(Device, L, L)])
-        ours = hsic1_matrix(np.stack([ucentered_gram(v[k * M:(k + 1) * M]) for v in (x, y)]))
+        ours = hsic1_matrix(np.stack([u_centered_triangle_from_features(v[k * M:(k + 1) * M]) for v in (x, y)]))
         np.testing.assert_allclose(theirs, [ours[0, 1], ours[0, 0], ours[1, 1]], rtol=1e-6)
         sums += theirs
     assert abs(sums[0] / np.sqrt(sums[1] * sums[2]) - minibatch_cka(x, y)) < 1e-6
@@ -183,7 +214,7 @@ def test_ckatorch_hsic1_and_cka_batch_agree_in_float64(xy):
     assert abs(cka_batch(bx, by).item() - minibatch_cka(x, y)) < 1e-6
     gx, gy = torch.bmm(bx, bx.transpose(1, 2)), torch.bmm(by, by.transpose(1, 2))
     theirs = hsic1(gx, gy).numpy()
-    ours = [hsic1_matrix(np.stack([ucentered_gram(x[k * M:(k + 1) * M]), ucentered_gram(y[k * M:(k + 1) * M])]))[0, 1]
+    ours = [hsic1_matrix(np.stack([u_centered_triangle_from_features(x[k * M:(k + 1) * M]), u_centered_triangle_from_features(y[k * M:(k + 1) * M])]))[0, 1]
             for k in range(len(x) // M)]
     np.testing.assert_allclose(theirs, ours, rtol=1e-6)
 
@@ -193,7 +224,7 @@ def test_cupy_kernels_match_numpy(xy):
     import cupy
 
     x, y = xy
-    host = hsic1_matrix(np.stack([ucentered_gram(x[:M]), ucentered_gram(y[:M])]))
-    device = hsic1_matrix(cupy.stack([ucentered_gram(cupy.asarray(x[:M])), ucentered_gram(cupy.asarray(y[:M]))]))
+    host = hsic1_matrix(np.stack([u_centered_triangle_from_features(x[:M]), u_centered_triangle_from_features(y[:M])]))
+    device = hsic1_matrix(cupy.stack([u_centered_triangle_from_features(cupy.asarray(x[:M])), u_centered_triangle_from_features(cupy.asarray(y[:M]))]))
     np.testing.assert_allclose(device.get(), host, rtol=1e-10)
 

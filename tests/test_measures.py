@@ -335,7 +335,7 @@ def test_bad_measures_are_one_line_errors_before_any_work(cache, pair, tmp_path,
 
 def version_2_cache(run: Run, m: int, layers: dict) -> None:
     """The Gram cache as store version 2 wrote it: U-centred strict triangles and ``done``."""
-    from ckapipe.kernels import ucentered_gram
+    from ckapipe.kernels import u_centered_triangle_from_features
 
     n, width = run.n_samples // m, m * (m - 1) // 2
     group = run.group.create_group(f"grams/m{m}", attributes={"run_key": run.key, "layers": run.layer_names})
@@ -343,7 +343,7 @@ def version_2_cache(run: Run, m: int, layers: dict) -> None:
                               dtype="float64", fill_value=float("nan"))
     done = group.create_array("done", shape=(n,), chunks=(1,), dtype="uint8", fill_value=0)
     for k in range(n):
-        rows[k] = np.stack([ucentered_gram(x[k * m:(k + 1) * m]) for x in layers.values()])
+        rows[k] = np.stack([u_centered_triangle_from_features(x[k * m:(k + 1) * m]) for x in layers.values()])
         done[k] = 1
 
 

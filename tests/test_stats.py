@@ -16,7 +16,7 @@ import pytest
 
 from ckapipe.analyze import stats
 from ckapipe.errors import CkapipeError
-from ckapipe.kernels import hsic1_matrix, ucentered_gram
+from ckapipe.kernels import hsic1_matrix, u_centered_triangle_from_features
 
 
 def song_hsic(k, l):
@@ -176,8 +176,8 @@ def test_permuted_hsic_equals_song_on_explicitly_permuted_features():
     perms = stats.minibatch_permutations(m, 25, seed=3, k=4)
     assert sorted(perms[0]) == list(range(m)) and len({tuple(p) for p in perms}) == 25
     layers_a, layers_b = [xa, xa[:, :3]], [xb, xb[:, 1:] ** 2]
-    ta = np.stack([ucentered_gram(x) for x in layers_a])
-    tb = np.stack([ucentered_gram(x) for x in layers_b])
+    ta = np.stack([u_centered_triangle_from_features(x) for x in layers_a])
+    tb = np.stack([u_centered_triangle_from_features(x) for x in layers_b])
     for fa, fb in ((ta, tb[:1]), (ta[:1], tb)):
         fast = stats.permuted_hsic(fa, fb, perms)
         assert fast.shape == (25, len(fa), len(fb))
@@ -201,7 +201,7 @@ def test_permutation_p_values_count_the_permuted_sums_at_least_as_large():
     m, n, R = 8, 5, 30
     features = related_features(rng, m * n, dims=(3, 4, 2))
     sizes = [2, 1]  # run A: layers 0, 1; run B: layer 2
-    triangles = [np.stack([ucentered_gram(x[k * m:(k + 1) * m]) for x in features]) for k in range(n)]
+    triangles = [np.stack([u_centered_triangle_from_features(x[k * m:(k + 1) * m]) for x in features]) for k in range(n)]
     sums = stats.permuted_sums(enumerate(triangles), sizes, R, seed=9)
     observed = minibatch_hsic(features, m).sum(axis=0)
     p = stats.permutation_p_values(observed, sums)
@@ -230,7 +230,7 @@ def population_cka(a, b, noise_a, noise_b):
 def fast_minibatch_hsic(x, y, m):
     """(n, 2, 2) HSIC_1 per minibatch through the U-centred triangles (the analysis's own path)."""
     n = len(x) // m
-    return np.stack([hsic1_matrix(np.stack([ucentered_gram(x[k * m:(k + 1) * m]), ucentered_gram(y[k * m:(k + 1) * m])]))
+    return np.stack([hsic1_matrix(np.stack([u_centered_triangle_from_features(x[k * m:(k + 1) * m]), u_centered_triangle_from_features(y[k * m:(k + 1) * m])]))
                      for k in range(n)])
 
 
@@ -266,7 +266,7 @@ def test_permutation_p_values_are_uniform_under_independence_and_small_under_dep
     def p_value(related):
         x = rng.standard_normal((m * n, 4))
         y = related * x[:, :3] @ rng.standard_normal((3, 3)) + rng.standard_normal((m * n, 3))
-        triangles = [np.stack([ucentered_gram(x[k * m:(k + 1) * m]), ucentered_gram(y[k * m:(k + 1) * m])])
+        triangles = [np.stack([u_centered_triangle_from_features(x[k * m:(k + 1) * m]), u_centered_triangle_from_features(y[k * m:(k + 1) * m])])
                      for k in range(n)]
         observed = sum(hsic1_matrix(t) for t in triangles)
         return stats.permutation_p_values(observed, stats.permuted_sums(enumerate(triangles), [1, 1], R, seed=0))[0, 1]

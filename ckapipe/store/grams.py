@@ -24,7 +24,7 @@ import zarr.errors
 from zarr.core.buffer import default_buffer_prototype
 
 from ckapipe.errors import StoreError
-from ckapipe.kernels import check_minibatch_size, ucentered_from_centred
+from ckapipe.kernels import check_minibatch_size, u_centered_triangle_from_packed
 from ckapipe.store.integrity import CHECKSUMS, NO_TAG, checksummed, chunk_file, decode_failure, file_tag, tag_problem
 
 GRAM_KEY, GRAM_LAYERS = "run_key", "layers"  # the stamp of a Gram cache: whose Grams, of which layers
@@ -105,7 +105,7 @@ class GramCache:
         what linear CKA reads, from either layout, into ``out`` when given (see ``read_centred``)."""
         if self.layout == 2:
             return self._read(self._rows, ks, out)
-        triangles = ucentered_from_centred(self.read_centred(ks))
+        triangles = u_centered_triangle_from_packed(self.read_centred(ks))
         if out is None:
             return triangles
         out[...] = triangles
