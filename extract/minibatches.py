@@ -34,7 +34,7 @@ import torch
 from ckapipe.errors import CkapipeError, DataError
 from ckapipe.extract.datasets import LABEL_COLUMNS, LoadedDataset, in_memory, in_memory_kind, load_dataset
 from ckapipe.kernels import check_minibatch_size
-from ckapipe.settings import DEFAULT_BATCH, check_integers
+from ckapipe.settings import DEFAULT_BATCH, RunSettings, check_integers
 
 BY_SPEC, BY_NAME, BY_HASH = "spec", "name", "sha256 of every minibatch's inputs (dtype, shape, bytes) in stream order"
 STREAMED = "as streamed"  # the transform of data given as an object: whatever the object applies, inside its identity
@@ -163,6 +163,13 @@ def minibatches(
     given = f"{kind} {type(data).__name__}" if kind == "dataset" else f"{kind} {'x'.join(map(str, data.shape))} {data.dtype}"
     feed = _indexed(given, in_memory(given, data), None, STREAMED, m, order_seed, limit, drop_ragged, workers)
     return named(feed, name)
+
+
+def settings_minibatches(data, settings: RunSettings, name: str | None = None) -> Minibatches:
+    """The data as the minibatches a run's settings ask for (m, order seed, limit, loader workers):
+    what ``extract_run`` and ``compare`` both read."""
+    return minibatches(data, settings.batch_size, order_seed=settings.order_seed, limit=settings.limit, name=name,
+                       workers=settings.workers)
 
 
 def named(feed: Minibatches, name: str | None) -> Minibatches:

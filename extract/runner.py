@@ -28,12 +28,12 @@ from ckapipe.errors import ActivationError, CkapipeError, DataError, SpecError
 from ckapipe.extract.datasets import load_dataset
 from ckapipe.extract.features import HALF, FeatureSource, feature_source, probe_inputs, runs_on
 from ckapipe.extract.layers import observe, selected_rows
-from ckapipe.extract.minibatches import Minibatches, minibatches, sample_order  # noqa: F401 - sample_order: API
+from ckapipe.extract.minibatches import Minibatches, sample_order, settings_minibatches  # noqa: F401 - sample_order: API
 from ckapipe.extract.models import LoadedModel, code_hash, load_model, weights_hash
 from ckapipe.extract.writer import ChunkWriter, compute_grams, device_grams, write_grams
 from ckapipe.store.locks import writer_lock
 from ckapipe.progress import Progress
-from ckapipe.settings import SETTING_FIELDS, RunSettings, check_order_seed  # noqa: F401 - check_order_seed: compare's
+from ckapipe.settings import SETTING_FIELDS, RunSettings
 
 
 
@@ -61,8 +61,7 @@ def extract_run(model: str | nn.Module, dataset, layers: Sequence[str] | str | N
     codecs = check_store_settings(settings)
     store.ensure_cache(cache)  # an unwritable cache fails before any model is loaded
     loaded = resolve_model(model, cache, settings.random_init)
-    feed = minibatches(dataset, settings.batch_size, order_seed=settings.order_seed, limit=settings.limit,
-                       name=settings.data_name, workers=settings.workers)
+    feed = settings_minibatches(dataset, settings, settings.data_name)
     device = torch.device(resolve_device(settings.device, "torch"))
     run, source = create_run_store(cache, loaded, feed, device, settings, codecs)
     warn_unproven_reuse(loaded, run)

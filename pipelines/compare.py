@@ -42,13 +42,14 @@ from ckapipe.errors import ActivationError, CkapipeError, DataError, StoreError
 from ckapipe.extract.features import (
     FeatureSource, device_arrays, feature_arrays, feature_source, probe_inputs, spare_cores, to_device,
 )
-from ckapipe.extract.minibatches import PairedMinibatches, minibatches, paired
+from ckapipe.extract.minibatches import PairedMinibatches, paired, settings_minibatches
 from ckapipe.extract.models import LoadedModel
-from ckapipe.extract.runner import check_order_seed, resolve_model, run_spec, warn_unproven_reuse
+from ckapipe.extract.runner import resolve_model, run_spec, warn_unproven_reuse
 from ckapipe.extract.writer import ChunkWriter
 from ckapipe.kernels import PRODUCTS, to_host
 from ckapipe.store.locks import writer_lock
 from ckapipe.progress import Progress
+from ckapipe.settings import RunSettings
 
 
 ALL = "every model"  # the name of data that every model reads
@@ -98,15 +99,15 @@ def compare(*models_and_data, data=None, layers: str | Sequence[str] | Mapping[s
     docs/compare.md says every option in full.
     """
     named_models, named, data = split_arguments(models_and_data, data)
-    check_order_seed(order_seed)
+    settings = RunSettings(batch_size=batch_size, order_seed=order_seed, limit=limit, reduction=reduction,
+                           device=device, random_init=random_init, workers=workers)
     data = per_model(data, named_models)
     data_names = names_of_data(data_name, data)
     check_options(precision, cache, keep_activations, out, overwrite)
-    feed = paired({who: minibatches(one, batch_size, order_seed=order_seed, limit=limit, name=data_names[who],
-                                    workers=workers) for who, one in data.items()})
+    feed = paired({who: settings_minibatches(one, settings, data_names[who]) for who, one in data.items()})
     selections = layer_selections(layers, list(named_models))
-    torch_device = torch.device(resolve_device(device, "torch"))
-    members = make_members(named_models, named, selections, reduction, feed, data, torch_device, cache, random_init)
+    torch_device = torch.device(resolve_device(settings.device, "torch"))
+    members = make_members(named_models, named, selections, feed, data, torch_device, cache, settings)
     if progress:
         for note in feed.notes:
             print(f"ckapipe: note: {note}", file=sys.stderr)
@@ -253,13 +254,13 @@ def layer_selections(layers, names: list[str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- models and runs
 
 
-def make_members(named_models: Mapping[str, Any], named: bool, selections: dict, reduction: str,
-                 feed: PairedMinibatches, data: dict, device, cache, random_init: bool) -> list[Member]:
+def make_members(named_models: Mapping[str, Any], named: bool, selections: dict, feed: PairedMinibatches,
+                 data: dict, device, cache, settings: RunSettings) -> list[Member]:
     """Every model ready to hand its features to the Gram accumulator, each probed on its data's first inputs."""
     probes = {who: probe_inputs(one, device) for who, one in feed.feeds.items()}
     return [
-        member(label, named, model, selections.get(label), reduction, probes[who], device, cache, random_init,
-               feed.feeds[who].given, who)
+        member(label, named, model, selections.get(label), settings.reduction, probes[who], device, cache,
+               settings.random_init, feed.feeds[who].given, who)
         for (label, model), who in zip(named_models.items(), feed_of(data, named_models))
     ]
 
