@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.breakdown import breakdown_rows
 from bench.common import BATCH, Row, bench_inputs, max_deviation, reference_cka, timed
 from bench.workloads import LAYERS, Study, deviation_rows, load_module, stage_in_subprocess
 
@@ -55,6 +56,7 @@ def front_rows(study: Study, torch_cka_rounds: int | None = None, with_torch_cka
                 target=target, note=f"{len(models)} models, every batch loaded once; {rounds}; "
                                      f"load average {os.getloadavg()[0]:.1f}")]
     rows += peer_rows(W, calls, peer_times, peer, t_compare)
+    rows += breakdown_rows(W, models, loader, study.device, target)
     times = [t for t in theirs_times if t is not None]
     if not with_torch_cka:
         return rows
