@@ -30,8 +30,8 @@ import numpy as np
 from ckapipe.atomic import describe_os_error
 from ckapipe.errors import StoreError
 from ckapipe.kernels import (
-    gram_parts, square_from_triangle, strict_in_diagonal_triangle, sub_gram_parts, sub_triangles, to_host,
-    ucentered_from_centred, upper_triangle,
+    gram_parts, minibatch_size, square_from_triangle, strict_in_diagonal_triangle, sub_gram_parts, sub_triangles,
+    to_host, ucentered_from_centred, upper_triangle,
 )
 from ckapipe.store import GramCache, Run, open_run
 
@@ -169,8 +169,6 @@ def diagonal_positions(xp, m: int):
 
 def _legacy_rows(triangles, xp) -> GramRows:
     """Version-2 rows (U-centred strict triangles) in the layout of version 3 (zero diagonal, zero sums)."""
-    from ckapipe.kernels import minibatch_size
-
     n, n_layers, width = triangles.shape
     m = minibatch_size(width)
     wide = xp.zeros((n, n_layers, m * (m + 1) // 2))
@@ -273,3 +271,13 @@ def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: 
 
 __all__ = ["RunSource", "GramRows", "plan_source", "create_gram_caches", "run_grams", "run_triangles",
            "minibatch_features", "checked_chunk", "diagonal_positions"]
+
+
+def layer_dim(run: Run, layer: str) -> int:
+    """D of a stored layer (0 in a grams-only run, which keeps no activations)."""
+    return 0 if run.grams_only else int(run.layer(layer).shape[1])
+
+
+def feature_sizes(run: Run, m: int) -> np.ndarray:
+    """(layers, 1) max(m, D) of each layer: the rounding tolerance of its minibatch Grams' eigenvalues."""
+    return np.array([[max(m, layer_dim(run, layer))] for layer in run.layer_names])

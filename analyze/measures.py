@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ckapipe.analyze.grams import diagonal_positions
 from ckapipe.errors import CkapipeError, suggest
 from ckapipe.kernels import (
     array_module, biased_triangles, cknna_hsic, cknna_parts, cosine_gram, double_center, hsic0_matrix,
@@ -152,8 +153,6 @@ def layer_features(measure: Measure, rows) -> dict:
     """One run's features for ``measure`` from its ``GramRows`` (n minibatches × L layers)."""
     if measure.kind == "linear":
         m = rows.sums.shape[-1]
-        from ckapipe.analyze.grams import diagonal_positions
-
         xp = array_module(rows.centred)
         return {"rows": rows.centred, "diagonal": rows.centred[..., diagonal_positions(xp, m)], "sums": rows.sums}
     centred = square_from_triangle(rows.centred, diagonal=True)  # (n, L, m, m)

@@ -58,7 +58,7 @@ import pandas as pd  # xarray's own dependency
 import xarray as xr
 import zarr
 
-from ckapipe.analyze import labelled
+from ckapipe.analyze import labelled, plots
 
 from ckapipe.analyze.measures import DEFAULT, SUMS, measure_values, minibatch_values, parse_measure
 from ckapipe.analyze.stats import MIN_INTERVAL, Resampling, bootstrap_bounds, minibatch_count
@@ -491,8 +491,6 @@ class Results:
         self-similarity); with no run named and more than two runs, the grid of every pair. Returns the
         Figure (a notebook shows it); writes nothing unless ``save=PATH``. ``style``: see
         ``ckapipe.analyze.plots.heatmap_figure`` (vmin, vmax, cmap, annotate, widths, ...)."""
-        from ckapipe.analyze import plots  # plots imports this module
-
         if a is None and b is None and len(self.runs) > 2 and measure is None and ax is None:
             return plots.grid_figure(self, save=save, **style)
         a, b = (a, b) if a is not None else plots.default_pair(self)
@@ -550,9 +548,7 @@ def write_results(results: Results, out: str | os.PathLike, overwrite: bool = Fa
 def _write_store(results: Results, tmp: Path) -> None:
     """The arrays through xarray (dimension names, coordinates, consolidated metadata: ``xarray.open_zarr``
     opens the directory), every chunk checksummed and then tagged (ckapipe.integrity.seal); the exports beside them."""
-    from ckapipe.analyze.labelled import stored
-
-    ds = stored(results.to_xarray())
+    ds = labelled.stored(results.to_xarray())
     ds.attrs = {ATTRS: {
         "results_version": RESULTS_VERSION,
         "runs": [r.to_dict() for r in results.runs],
