@@ -1,7 +1,8 @@
 """``ckapipe layers``, ``ckapipe extract`` and ``ckapipe ls``: thin over the extraction API.
 
-torch is imported inside the commands only, so ``ckapipe ls`` and
-``ckapipe --help`` stay quick and work without it.
+torch is imported by the commands that run a model only, on first use of ``extract_run`` or
+``list_layers`` (the lazy boundary in ``ckapipe.extract``), so ``ckapipe ls`` and ``ckapipe --help``
+stay quick and work without it.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import json
 
 import click
 
-from ckapipe import store
+from ckapipe import extract as stage, store
 from ckapipe.codecs import COMPRESSION_CHOICES, DEFAULT_COMPRESSION
+from ckapipe.extract.specs import require
 from ckapipe.options import batch_size_option, cache_option, device_option, quiet_option
 
 RANDOM_OPTION = click.option("--random-init", is_flag=True, help="Random weights (torchvision/timm/hf/zoo), reproducible from init_seed=0.")
@@ -19,8 +21,6 @@ RANDOM_OPTION = click.option("--random-init", is_flag=True, help="Random weights
 
 def require_torch():
     """The extraction stage's torch, or a one-line error naming the extra that brings it."""
-    from ckapipe.extract.specs import require
-
     return require("torch", "torch")
 
 
@@ -35,9 +35,7 @@ def layers(model, patterns, dataset, cache, random_init, quiet):
     """List MODEL's hookable layers (per call) with their per-sample output shapes; with PATTERNS, only
     those that --layers PATTERNS would record ('*': every leaf module; 'block*': part by part)."""
     require_torch()
-    from ckapipe.extract.runner import list_layers
-
-    rows = list_layers(model, dataset, cache=cache, random_init=random_init, with_types=True, layers=list(patterns))
+    rows = stage.list_layers(model, dataset, cache=cache, random_init=random_init, with_types=True, layers=list(patterns))
     width = max((len(name) for name, _, _ in rows), default=4)
     for name, kind, shape in rows:
         click.echo(f"{name:<{width}}  {kind:<20}  {shape}")
@@ -76,9 +74,7 @@ def extract(model, dataset, layer_items, batch_size, cache, order_seed, dtype, d
             grams, grams_only, compression, workers, random_init, quiet):
     """Run MODEL over DATASET once and cache per-layer minibatch activations (resumable; a rerun is a cache hit)."""
     require_torch()
-    from ckapipe.extract.runner import extract_run
-
-    path = extract_run(
+    path = stage.extract_run(
         model, dataset, list(layer_items) or None, cache=cache, batch_size=batch_size, order_seed=order_seed,
         dtype=dtype, device=device, reduction=reduction, name=name, limit=limit, chunks=chunks, grams=grams,
         grams_only=grams_only, progress=not quiet, random_init=random_init, compression=compression, workers=workers,
