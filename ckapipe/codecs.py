@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import os
 
+import google_crc32c  # zarr's own dependency
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
 from ckapipe.errors import StoreError, suggest
 
 DEFAULT_COMPRESSION = "blosc-lz4"
@@ -30,8 +33,6 @@ NO_TAG = -1  # the fill value of a store's tag arrays: nothing recorded
 
 def compressors(name: str) -> tuple:
     """The Zarr v3 codec chain for a compression name (``--compression``)."""
-    from zarr.codecs import BloscCodec, ZstdCodec
-
     chains = {
         "none": (),
         "zstd1": (ZstdCodec(level=1),),
@@ -47,8 +48,6 @@ def compressors(name: str) -> tuple:
 
 def checksummed(chain) -> tuple:
     """The codec chain with Zarr v3's crc32c codec last: every chunk file ends with the crc32c of its bytes."""
-    from zarr.codecs import Crc32cCodec
-
     return (*tuple(chain or ()), Crc32cCodec())
 
 
@@ -58,8 +57,6 @@ def chunk_tag(run_key: str, array: str, k: int, crc: bytes) -> int:
     Recorded beside chunk k when it is written; a chunk file read at (array, k)
     whose crc gives another tag was written somewhere else (or was replaced).
     """
-    import google_crc32c
-
     return google_crc32c.value(f"{run_key}/{array}/{k}".encode() + bytes(crc))
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from ckapipe.atomic import describe_os_error
 from ckapipe.errors import StoreError
 
 HEARTBEAT_S = 30.0  # how often a writer refreshes its lock
@@ -172,8 +173,6 @@ def writer_lock(run_path: str | os.PathLike, chunks: range, *, timeout: float | 
     try:
         claim = _claim(Path(run_path), chunks, timeout)
     except OSError as err:
-        from ckapipe.atomic import describe_os_error
-
         raise StoreError(f"cannot lock chunks {chunks.start}-{chunks.stop} of run {Path(run_path).name} in "
                          f"{lock_dir(run_path)}: {describe_os_error(err)}") from None
     lock = WriterLock(claim, timeout, heartbeat)

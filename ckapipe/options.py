@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from ckapipe.store import CACHE_ENV
+CACHE_ENV = "CKAPIPE_CACHE"  # the cache directory when none is given (else ./cache): store.default_cache
 
 
 def cache_option(default: str | None = "cache", help: str = "The activation cache directory."):

@@ -43,6 +43,7 @@ import dataclasses
 import datetime
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -54,12 +55,14 @@ from urllib.parse import parse_qsl
 import numpy as np
 import zarr
 import zarr.errors
+from zarr.core.buffer import default_buffer_prototype
 
 from ckapipe.atomic import atomic_path
 from ckapipe.codecs import DEFAULT_COMPRESSION, NO_TAG, checksummed, chunk_tag, compressors as compression_chain, file_crc
 from ckapipe.errors import StoreError, suggest
 from ckapipe.globs import RUN_SEPARATORS, glob_match, is_glob
 from ckapipe.kernels import check_minibatch_size, ucentered_from_centred
+from ckapipe.options import CACHE_ENV  # the cache directory when none is given (else ./cache)
 
 STORE_VERSION = 3  # 3: chunks end with their crc32c, tags recorded; Gram caches keep centred Grams with the diagonal
 CHECKSUMS = "checksums"  # the array of chunk tags, in a run and in each Gram cache
@@ -68,7 +71,6 @@ DTYPES = ("float32", "float16", "float64")  # what a layer array may hold
 GRAM_KEY, GRAM_LAYERS = "run_key", "layers"  # the stamp of a Gram cache: whose Grams, of which layers
 
 IN_PROGRESS, COMPLETE, FAILED = "in_progress", "complete", "failed"
-CACHE_ENV = "CKAPIPE_CACHE"  # the cache directory when none is given (else ./cache)
 
 
 def default_cache() -> str:
@@ -621,8 +623,6 @@ class GramCache:
             self._markers[a:b] = 1
 
     def _read(self, array: zarr.Array, ks: Sequence[int], out: np.ndarray | None) -> np.ndarray:
-        from zarr.core.buffer import default_buffer_prototype
-
         if self.tagged:  # rows marked done must be the files written there; others read as NaN
             written = [k for k, done in zip(ks, self.done(ks)) if done]
             for k, why in zip(written, self.tag_problems(written, [array])):
@@ -985,8 +985,7 @@ EXTRACTION_LIBRARIES = ("ckapipe", "numpy", "zarr", "numcodecs", "torch", "torch
 
 def library_versions(dists: Sequence[str] = EXTRACTION_LIBRARIES) -> dict[str, str]:
     """Installed versions of ``dists`` (those installed), recorded as provenance."""
-    import importlib.metadata as md
-
+    md = importlib.metadata
     versions = {}
     for dist in dists:
         try:
