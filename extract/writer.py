@@ -26,7 +26,7 @@ import torch
 
 from ckapipe.devices import cupy_module
 from ckapipe.errors import ActivationError, StoreError
-from ckapipe.kernels import minibatch_grams, to_host
+from ckapipe import kernels
 from ckapipe.progress import Progress
 from ckapipe.store import Run
 
@@ -183,7 +183,7 @@ class _Aborted(Exception):
 def compute_grams(features: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The Gram cache's row of one minibatch, per layer: (upper triangle with the diagonal of the
     centred Gram, mean products), see kernels.minibatch_grams (NumPy or CuPy in, host out)."""
-    return {name: tuple(to_host(part) for part in minibatch_grams(x)) for name, x in features.items()}
+    return {name: tuple(kernels.to_host(part) for part in kernels.minibatch_grams(x)) for name, x in features.items()}
 
 
 def device_grams(features: dict[str, torch.Tensor], dtype: str = "float32") -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
