@@ -17,22 +17,22 @@ import inspect  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
 
+from ckapipe.analyze import plots  # noqa: E402
 from ckapipe.analyze.engine import analyze, is_up_to_date, plan_analysis  # noqa: E402
 from ckapipe.analyze.results import Results, load_results  # noqa: E402
 from ckapipe.analyze.uncertainty import diff, permutation_test  # noqa: E402
+from ckapipe.analyze.views import plot_view, read_view  # noqa: E402
 
 
 def plot_results(results_or_path, out_dir=None, **options):
-    """Heatmaps and per-minibatch CKA views (``ckapipe.analyze.plots.plot_results``); for results
-    that keep a study's view (an ensemble, a teacher and students: ``ckapipe.analyze.views``),
-    that view's figures, unless ``pair`` or ``layers`` ask for one pair's."""
-    from ckapipe.analyze.plots import plot_results as _plot
-    from ckapipe.analyze.views import plot_view, read_view
-
+    """Heatmaps and per-minibatch CKA views (``ckapipe.analyze.plots.plot_results``) of Results or a
+    results directory; for results that keep a study's view (an ensemble, a teacher and students:
+    ``ckapipe.analyze.views``), that view's figures, unless ``pair`` or ``layers`` ask for one pair's."""
     path = results_or_path.path if isinstance(results_or_path, Results) else results_or_path
     if path is not None and not (options.get("pair") or options.get("layers")) and read_view(path) is not None:
         return plot_view(results_or_path, None, out_dir)
-    return _plot(results_or_path, out_dir, **options)
+    results = results_or_path if isinstance(results_or_path, Results) else load_results(results_or_path)
+    return plots.plot_results(results, out_dir, **options)
 
 
 class _CallablePackage(types.ModuleType):

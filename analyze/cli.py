@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import click
 
+from ckapipe.analyze import analyze as run_analysis, diff as paired_difference, plot_results
+from ckapipe.analyze.rank import rank as rank_layers, to_csv, to_text
+from ckapipe.atomic import atomic_path
+from ckapipe.errors import CkapipeError
 from ckapipe.options import batch_size_option, cache_option, deprecated_alias, device_option, out_option, quiet_option
 
 
@@ -48,8 +52,6 @@ def resampling_options(command):
 def analyze(cache, runs, out, pair_by_position, batch_size, device, scheduler, scheduler_file, completed_only,
             overwrite, no_gram_cache, precision, measures, rankme, ci, bootstrap, seed, interval, permutations, quiet):
     """Minibatch CKA (or other measures) of every pair of layers of RUNS (names or globs in the cache)."""
-    from ckapipe.analyze import analyze as run_analysis
-
     results = run_analysis(
         cache, list(runs), out=out, pair_by_position=pair_by_position, batch_size=batch_size, device=device,
         scheduler=scheduler, scheduler_file=scheduler_file, completed_only=completed_only, overwrite=overwrite,
@@ -86,8 +88,6 @@ def scale_end(ctx, param, value):
 def plot(results, pair, layers, out_dir, formats, vmin, vmax, cmap, quiet):
     """Heatmaps of a results directory (one run: its layers against themselves), and per-minibatch
     CKA of one layer pair."""
-    from ckapipe.analyze import plot_results
-
     style = {key: value for key, value in (("vmin", vmin), ("vmax", vmax), ("cmap", cmap)) if value is not None}
     paths = plot_results(results, out_dir, pair=pair, layers=layers, formats=formats, **style)
     if not quiet:
@@ -109,14 +109,10 @@ def plot(results, pair, layers, out_dir, formats, vmin, vmax, cmap, quiet):
 @quiet_option
 def rank(cache, runs, batch_size, full, minibatch, device, csv_path, old_csv, quiet):
     """RankMe (Garrido et al. 2023) of every layer of RUNS: full data and per minibatch."""
-    from ckapipe.analyze.rank import rank as rank_layers, to_csv, to_text
-
     rows = rank_layers(cache, list(runs), full=full, minibatch=minibatch, batch_size=batch_size, device=device,
                        progress=not quiet)
     out = csv_path or old_csv
     if out is not None:
-        from ckapipe.atomic import atomic_path
-
         with atomic_path(out, replace=True) as tmp:
             tmp.write_text(to_csv(rows))
     click.echo(to_text(rows))
@@ -135,9 +131,6 @@ def diff(results, pair_a, pairs_b, ci, bootstrap, seed, interval, quiet):
 
     RESULTS: results directories, or a study's results directory (every comparison in it).
     """
-    from ckapipe.analyze import diff as paired_difference
-    from ckapipe.errors import CkapipeError
-
     if not ci:
         raise CkapipeError("ckapipe diff draws an interval: give --ci between 0 and 1 (0.95 is usual)")
     rows = paired_difference(list(results), pair_a, list(pairs_b), ci=ci, bootstrap=bootstrap, seed=seed,

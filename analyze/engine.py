@@ -17,7 +17,6 @@ is bounded by a few tasks' activations, whatever N is.
 
 from __future__ import annotations
 
-import math
 import socket
 import sys
 import time
@@ -25,13 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import dask
 import numpy as np
+from dask.callbacks import Callback
+from dask.utils import parse_timedelta
 
 from ckapipe.blas import single_threaded_blas
-from ckapipe.analyze.grams import RunSource, create_gram_caches, plan_source, run_grams
+from ckapipe.analyze.grams import RunSource, create_gram_caches, feature_sizes, plan_source, run_grams
 from ckapipe.analyze.measures import DEFAULT, Measure, group_statistics, layer_features, layer_rankme, parse_measures
 from ckapipe.kernels import PRODUCTS, to_host
-from ckapipe.analyze.pairing import Pairing, analysis_batch_size, plan_pairing
+from ckapipe.analyze.pairing import MINIBATCHES_PER_TASK, Pairing, analysis_batch_size, plan_pairing, task_groups
 from ckapipe.analyze.stats import Resampling
 from ckapipe.analyze.uncertainty import add_permutation_test
 from ckapipe.analyze.results import Results, RunEntry, check_out, recorded_inputs, write_results
@@ -40,7 +42,6 @@ from ckapipe.errors import CkapipeError, StoreError
 from ckapipe.progress import Progress
 from ckapipe.store import Run, find_runs, open_run
 
-MINIBATCHES_PER_TASK = 4
 TASK_TRIANGLE_BYTES = 512 * 2**20  # a task's stacked Gram triangles stay under this (fewer minibatches if needed)
 TASK_ACTIVATION_BYTES = 512 * 2**20  # and one run's activations read by one task
 
@@ -130,20 +131,6 @@ def activation_bytes(run: Run, m: int) -> int:
     return sum(m * int(np.prod(run.layer(layer).shape[1:])) * run.layer(layer).dtype.itemsize for layer in run.layer_names)
 
 
-def task_groups(minibatches: Sequence[int], m: int, chunk_sizes: Sequence[int], per_task: int = MINIBATCHES_PER_TASK):
-    """Consecutive minibatches grouped into tasks that never split a stored chunk.
-
-    A unit of lcm(m, every chunk size) rows is read whole by one task; a task
-    takes as many units as make about ``per_task`` minibatches.
-    """
-    unit = math.lcm(m, *chunk_sizes) // m  # minibatches per unit
-    units_per_task = max(1, round(per_task / unit))
-    groups: dict[int, list[int]] = {}
-    for k in minibatches:
-        groups.setdefault(k // (unit * units_per_task), []).append(k)
-    return tuple(tuple(ks) for ks in groups.values())
-
-
 def source_features(source: RunSource, ks: Sequence[int], m: int, device: str = "cpu", precision: str = "float64",
                     measures: Sequence[Measure] = (Measure(DEFAULT),), rankme: bool = False) -> dict:
     """One Dask task: the run's Grams of minibatches ks (``run_grams``) turned into each measure's
@@ -157,9 +144,6 @@ def source_features(source: RunSource, ks: Sequence[int], m: int, device: str = 
     out = {measure.name: {name: to_host(values) for name, values in layer_features(measure, rows).items()}
            for measure in measures}
     if rankme:
-        from ckapipe.analyze.rank import feature_sizes
-        from ckapipe.store import open_run
-
         out["rankme"] = to_host(layer_rankme(rows, feature_sizes(open_run(source.path), m)))
     return out
 
@@ -183,8 +167,6 @@ def compute(plan: Plan, device: str = "cpu", scheduler=None, scheduler_file=None
     need them together). Splitting by run lets the cores share a study with
     few minibatch groups (a small study at 224 px is one group).
     """
-    import dask
-
     m = plan.pairing.m
     sources = create_gram_caches(plan.sources, m)  # execution writes; the plan only read
     tasks = [
@@ -206,9 +188,6 @@ def compute(plan: Plan, device: str = "cpu", scheduler=None, scheduler_file=None
 
 
 def _compute_threaded(tasks, progress):
-    import dask
-    from dask.callbacks import Callback
-
     bar = _bar(len(tasks), progress)
 
     class Tick(Callback):
@@ -251,7 +230,7 @@ def _compute_distributed(tasks, scheduler, scheduler_file, progress, plan: Plan,
 def _client(scheduler, scheduler_file):
     """(client, whether we own it): a Client given by the caller, or one connected here."""
     try:
-        from distributed import Client
+        from distributed import Client  # optional: distributed (the cluster extra)
     except ImportError:
         raise CkapipeError("a Dask cluster needs the distributed package: pip install 'ckapipe[cluster]'") from None
     if hasattr(scheduler, "compute"):
@@ -270,9 +249,6 @@ WATCH_SECONDS = 1.0  # how often a waiting analysis asks the scheduler for its w
 def _no_workers_timeout(value=None) -> float:
     """Seconds an analysis waits without any Dask worker: ``value``, else the Dask config key
     ``ckapipe.no-workers-timeout`` (env ``DASK_CKAPIPE__NO_WORKERS_TIMEOUT``), else 60 s."""
-    import dask
-    from dask.utils import parse_timedelta
-
     value = value if value is not None else dask.config.get("ckapipe.no-workers-timeout", NO_WORKERS_TIMEOUT)
     try:
         return float(parse_timedelta(value, default="s"))
@@ -283,7 +259,7 @@ def _no_workers_timeout(value=None) -> float:
 def _as_completed(client, futures, timeout: float, where):
     """Yield the futures as they finish; stop with one line when the scheduler has had no worker
     for ``timeout`` seconds (its tasks would wait for ever)."""
-    from distributed import wait
+    from distributed import wait  # optional: distributed (the cluster extra)
 
     pending, alone_since = set(futures), None
     while pending:
@@ -305,7 +281,7 @@ def _as_completed(client, futures, timeout: float, where):
 
 def _raise_task_error(client, future, plan: Plan, stores) -> None:
     """A failed task's error as one line where it is the cluster's doing; else the task's own error."""
-    from distributed import KilledWorker
+    from distributed import KilledWorker  # optional: distributed (the cluster extra)
 
     err = future.exception()
     if isinstance(err, KilledWorker):

@@ -261,5 +261,15 @@ def run_triangles(source: RunSource, ks: Sequence[int], m: int, xp=np, product: 
     return u_centered_triangle_from_packed(rows.centered)
 
 
+def layer_dim(run: Run, layer: str) -> int:
+    """D of a stored layer (0 in a grams-only run, which keeps no activations)."""
+    return 0 if run.grams_only else int(run.layer(layer).shape[1])
+
+
+def feature_sizes(run: Run, m: int) -> np.ndarray:
+    """(layers, 1) max(m, D) of each layer: the rounding tolerance of its minibatch Grams' eigenvalues."""
+    return np.array([[max(m, layer_dim(run, layer))] for layer in run.layer_names])
+
+
 __all__ = ["RunSource", "GramRows", "plan_source", "create_gram_caches", "run_grams", "run_triangles",
            "minibatch_features", "checked_chunk"]

@@ -24,6 +24,7 @@ from ckapipe.kernels import MIN_MINIBATCH, check_minibatch_size
 from ckapipe.store import Run
 
 SAMPLE_IDS, POSITION = "sample_ids", "position"
+MINIBATCHES_PER_TASK = 4  # minibatches per Dask task of an analysis (fewer when they are large: engine.per_task)
 
 
 @dataclass(frozen=True)
@@ -145,3 +146,17 @@ def _common_choices(sizes: Sequence[int]) -> str:
     lcm = math.lcm(*sizes)
     choices = [str(v) for v in (gcd, lcm) if v >= MIN_MINIBATCH]
     return " or ".join(choices) if choices else "re-extract with a common --batch-size"
+
+
+def task_groups(minibatches: Sequence[int], m: int, chunk_sizes: Sequence[int], per_task: int = MINIBATCHES_PER_TASK):
+    """Consecutive minibatches grouped into tasks that never split a stored chunk.
+
+    A unit of lcm(m, every chunk size) rows is read whole by one task; a task
+    takes as many units as make about ``per_task`` minibatches.
+    """
+    unit = math.lcm(m, *chunk_sizes) // m  # minibatches per unit
+    units_per_task = max(1, round(per_task / unit))
+    groups: dict[int, list[int]] = {}
+    for k in minibatches:
+        groups.setdefault(k // (unit * units_per_task), []).append(k)
+    return tuple(tuple(ks) for ks in groups.values())

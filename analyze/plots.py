@@ -22,13 +22,21 @@ import math
 import re
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.backend_bases import FigureCanvasBase
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
 
-from ckapipe.analyze.results import Results, load_results
+from ckapipe.analyze.measures import parse_measure
 from ckapipe.analyze.stats import ties_with_best
 from ckapipe.errors import CkapipeError
+
+if TYPE_CHECKING:  # Results draws itself with this module (Results.plot): its name here is for the reader
+    from ckapipe.analyze.results import Results
 
 MAX_TICKS = 40  # tick labels per axis: every k-th layer past this
 MAX_ANNOTATED = 20  # values written in the cells of matrices up to 20 x 20 (annotate=None)
@@ -42,13 +50,13 @@ MARK = "#00e5ff"  # the marks' colour: cyan reads on every part of magma and vir
 # --------------------------------------------------------------------------- files
 
 
-def plot_results(results_or_path, out_dir=None, pair=None, layers=None, formats: Sequence[str] | str = FORMATS,
+def plot_results(results: Results, out_dir=None, pair=None, layers=None, formats: Sequence[str] | str = FORMATS,
                  **style) -> list[Path]:
     """Write every figure of the results into ``out_dir`` (default: RESULTS/plots) in each of ``formats``;
-    return the paths. ``style``: heatmap options (vmin, vmax, cmap, annotate)."""
+    return the paths. ``style``: heatmap options (vmin, vmax, cmap, annotate). From a results directory:
+    ``ckapipe.analyze.plot_results(PATH)``."""
     formats = check_formats(formats)
     check_style(**style)
-    results = results_or_path if isinstance(results_or_path, Results) else load_results(results_or_path)
     out = plots_dir(results, out_dir)
     a, b = pair if pair else default_pair(results)
     la, lb = layers if layers else default_layers(results, a, b)
@@ -78,8 +86,6 @@ def plots_dir(results: Results, out_dir=None) -> Path:
 
 def check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
     """``"png,pdf"`` or ``["png", "svg"]`` -> the formats, or a one-line error naming those matplotlib writes."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
     items = formats.split(",") if isinstance(formats, str) else list(formats)
     chosen = tuple(f.strip().lower().lstrip(".") for f in items if f.strip())
     known = sorted(FigureCanvasBase.get_supported_filetypes())
@@ -91,8 +97,6 @@ def check_formats(formats: Sequence[str] | str) -> tuple[str, ...]:
 
 def check_style(vmin=0.0, vmax=1.0, cmap="magma", annotate=None) -> None:
     """A colour map matplotlib knows and scale ends that are numbers or ``"data"``, else a one-line error."""
-    from matplotlib import colormaps
-
     if cmap not in colormaps:
         raise CkapipeError(f"unknown colour map {cmap!r}: choose a matplotlib colour map (magma, viridis, RdBu_r, ...)")
     for name, end in (("vmin", vmin), ("vmax", vmax)):
@@ -202,8 +206,6 @@ def luminance(rgba) -> float:
 
 def outline_best(ax, best) -> None:
     """An outline on the edge of each row's best cell (the value inside stays readable)."""
-    from matplotlib.patches import Rectangle
-
     for i, j in enumerate(best):
         if j >= 0:
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor=MARK, lw=1.5, gid="best"))
@@ -266,8 +268,6 @@ def best_columns(results: Results, a, b, measure=None) -> np.ndarray:
 
 def mark_intervals(ax, results: Results, a, b, wide: float = WIDE) -> None:
     """Outline each row's best; dot the entries whose interval overlaps the best's; mark wide intervals."""
-    from matplotlib.lines import Line2D
-
     low, high = results.interval(a, b).values
     best, tied = ties_with_best(results.cka(a, b).values, low, high,
                                 exclude_diagonal=results.run_index(a) == results.run_index(b))
@@ -293,8 +293,6 @@ def width_panel(ax, results: Results, a, b, cmap="magma", types=None):
 
 def measure_label(measure=None) -> str:
     """What a colour bar says: "minibatch CKA", or the measure's own label."""
-    from ckapipe.analyze.measures import parse_measure
-
     return "minibatch CKA" if measure is None else parse_measure(measure).label
 
 
@@ -569,8 +567,6 @@ def wrap(text: str, width: int = 22) -> str:
 
 def new_figure(width: float, height: float):
     """A Figure of its own (no pyplot state: nothing shows or leaks), laid out by constrained layout."""
-    from matplotlib.figure import Figure
-
     return Figure(figsize=(width, height), layout="constrained")
 
 

@@ -29,17 +29,19 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import dask
 import numpy as np
 
-from ckapipe.analyze.grams import checked_chunk, create_gram_caches, plan_source, run_grams
+from ckapipe.analyze.engine import per_task
+from ckapipe.analyze.grams import checked_chunk, create_gram_caches, feature_sizes, layer_dim, plan_source, run_grams
 from ckapipe.analyze.measures import layer_rankme
-from ckapipe.analyze.pairing import analysis_batch_size, plan_pairing
+from ckapipe.analyze.pairing import analysis_batch_size, plan_pairing, task_groups
 from ckapipe.blas import single_threaded_blas
-from ckapipe.devices import resolve_device
+from ckapipe.devices import array_namespace, resolve_device
 from ckapipe.errors import CkapipeError, StoreError
 from ckapipe.kernels import rankme, singular_values_from_gram, to_host
 from ckapipe.progress import Progress
-from ckapipe.store import Run, find_runs
+from ckapipe.store import Run, find_runs, open_run
 
 COVARIANCE_MAX_DIM = 8192  # the QR route up to this D (one 512 MiB float64 R factor per task in flight)
 GRAM_MAX_SAMPLES = 50_000  # the N × N Gram route holds N² float64 (20 GB at 50,000)
@@ -84,10 +86,6 @@ def rank(cache, runs, *, full: bool = True, minibatch: bool = True, batch_size: 
     return out
 
 
-def layer_dim(run: Run, layer: str) -> int:
-    return 0 if run.grams_only else int(run.layer(layer).shape[1])
-
-
 # --------------------------------------------------------------------------- full data
 
 
@@ -114,8 +112,6 @@ def full_rankme(run: Run, layer: str, max_dim: int = COVARIANCE_MAX_DIM, progres
 def r_factor(run: Run, layer: str) -> np.ndarray:
     """R of X = Q R (at most D × D, float64) over every stored chunk, with Dask: a QR per group of chunks,
     then QRs of stacked pairs of R in a tree (tall-skinny QR: [R_1; R_2] = Q' R has the same Rᵀ R)."""
-    import dask
-
     per_chunk = run.batch_size * layer_dim(run, layer) * 8
     size = max(1, TASK_BYTES // max(per_chunk, 1))
     groups = [range(j, min(j + size, run.n_chunks)) for j in range(0, run.n_chunks, size)]
@@ -128,8 +124,6 @@ def r_factor(run: Run, layer: str) -> np.ndarray:
 
 
 def _chunks_r(path: str, layer: str, chunks: Sequence[int]) -> np.ndarray:
-    from ckapipe.store import open_run
-
     run = open_run(path)
     x = np.concatenate([checked_chunk(run, layer, j) for j in chunks]).astype(np.float64)
     return np.linalg.qr(x, mode="r")
@@ -171,10 +165,6 @@ def minibatch_rankme(run: Run, m: int, device: str = "cpu", use_gram_cache: bool
                      progress: bool = False) -> np.ndarray:
     """(n_minibatches, layers) RankMe of each full minibatch of m rows, from the Gram cache
     (filled from the activations on the way, as an analysis fills it)."""
-    import dask
-
-    from ckapipe.analyze.engine import array_namespace, per_task, task_groups
-
     pairing = plan_pairing([run], m)
     source = plan_source(run, m, use_gram_cache, centered=True, minibatches=pairing.minibatches)
     (source,) = create_gram_caches([source], m)
@@ -187,11 +177,6 @@ def minibatch_rankme(run: Run, m: int, device: str = "cpu", use_gram_cache: bool
     with single_threaded_blas(device == "cpu"):
         parts = dask.compute(*[dask.delayed(task)(ks) for ks in groups], scheduler="threads")
     return np.concatenate(parts, axis=0)
-
-
-def feature_sizes(run: Run, m: int) -> np.ndarray:
-    """(layers, 1) max(m, D) of each layer: the rounding tolerance of its minibatch Grams' eigenvalues."""
-    return np.array([[max(m, layer_dim(run, layer))] for layer in run.layer_names])
 
 
 # --------------------------------------------------------------------------- tables

@@ -57,7 +57,7 @@ import numpy as np
 import pandas as pd  # xarray's own dependency
 import xarray as xr
 
-from ckapipe.analyze import labelled
+from ckapipe.analyze import labelled, plots
 
 from ckapipe.analyze.measures import DEFAULT, SUMS, measure_values, minibatch_values, parse_measure
 from ckapipe.analyze.stats import MIN_INTERVAL, Resampling, bootstrap_bounds, minibatch_count
@@ -489,8 +489,6 @@ class Results:
         self-similarity); with no run named and more than two runs, the grid of every pair. Returns the
         Figure (a notebook shows it); writes nothing unless ``save=PATH``. ``style``: see
         ``ckapipe.analyze.plots.heatmap_figure`` (vmin, vmax, cmap, annotate, widths, ...)."""
-        from ckapipe.analyze import plots  # plots imports this module
-
         if a is None and b is None and len(self.runs) > 2 and measure is None and ax is None:
             return plots.grid_figure(self, save=save, **style)
         a, b = (a, b) if a is not None else plots.default_pair(self)

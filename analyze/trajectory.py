@@ -29,8 +29,10 @@ import numpy as np
 
 from ckapipe.analyze.measures import MEAN, parse_measure
 from ckapipe.analyze.plots import measure_label, safe, save, trend_figure
+from ckapipe.analyze.rank import full_rankme
 from ckapipe.analyze.results import Results
 from ckapipe.errors import CkapipeError
+from ckapipe.store import open_run
 
 Z = 1.96  # two-sided 95 % normal quantile
 RANKME_KINDS = ("minibatch", "full", "none")
@@ -137,9 +139,6 @@ def _mean_interval(per_run: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _full_rankme(results: Results, run: str, progress: bool) -> np.ndarray:
-    from ckapipe.analyze.rank import full_rankme
-    from ckapipe.store import open_run
-
     entry = results.runs[results.run_index(run)]
     stored = open_run(entry.path)
     return np.array([full_rankme(stored, layer, progress=progress)[0] for layer in entry.layers])

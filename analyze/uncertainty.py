@@ -21,6 +21,7 @@ import numpy as np
 from ckapipe.analyze import stats
 from ckapipe.analyze.accumulate import stacked_run_triangles
 from ckapipe.analyze.grams import RunSource, plan_source
+from ckapipe.analyze.pairing import task_groups
 from ckapipe.analyze.results import Results, check_combinable, load_results
 from ckapipe.blas import single_threaded_blas
 from ckapipe.store.integrity import is_results_store
@@ -40,8 +41,6 @@ def permutation_test(results: Results, permutations: int = 1000, seed: int = 0, 
     Groups of minibatches that share stored chunks run on ``threads`` threads (default: one per
     core), one BLAS thread each, and their permuted sums are added.
     """
-    from ckapipe.analyze.engine import task_groups  # the engine calls this module: imported on use
-
     if permutations < 1:
         raise CkapipeError(f"--permutations {permutations}: the permutation test needs at least 1 permutation")
     sources = [_source(entry, results.m) for entry in results.runs]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 
+from ckapipe.errors import MissingExtra
+
 __version__ = "0.1.0"
 
 API = {
@@ -52,8 +54,6 @@ def api_module(name: str):
         package = (err.name or "").partition(".")[0]
         if package not in EXTRAS:
             raise
-        from ckapipe.errors import MissingExtra
-
         raise MissingExtra(f"{name} needs {package}: pip install 'ckapipe[{EXTRAS[package]}]'") from None
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from threadpoolctl import threadpool_limits
+
 
 @contextmanager
 def single_threaded_blas(active: bool):
@@ -18,12 +20,8 @@ def single_threaded_blas(active: bool):
     Each task's Gram products would otherwise start a BLAS thread per core, and
     the oversubscribed, spinning BLAS threads cost more CPU than the products.
     Distributed workers already get one BLAS thread (Dask sets
-    OPENBLAS_NUM_THREADS=1 for them). Needs threadpoolctl; without it, nothing changes.
+    OPENBLAS_NUM_THREADS=1 for them).
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        active = False
     if not active:
         yield
         return

@@ -37,7 +37,7 @@ def gpu_available(library: str = "torch") -> bool:
     """True when ``library`` (torch or cupy) sees a CUDA GPU; never raises."""
     try:
         if library == "torch":
-            import torch  # optional here: the analysis alone needs no torch
+            import torch  # optional: torch (the analysis alone needs none)
 
             return bool(torch.cuda.is_available())
         cupy = cupy_module()
@@ -54,7 +54,7 @@ def cupy_module():
     tests/fake_cupy.py there runs every CuPy path on the CPU (docs/testing.md).
     """
     try:
-        import cupy  # optional: pip install 'ckapipe[gpu]'
+        import cupy  # optional: cupy (pip install 'ckapipe[gpu]')
     except ImportError:
         return None
     return cupy

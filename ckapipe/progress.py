@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 
+from tqdm import tqdm
+
 PLAIN_EVERY = 10.0  # seconds between plain lines
 
 
@@ -27,8 +29,6 @@ class Progress:
         self.lock = threading.Lock()
         self.bar = None
         if enabled and _is_terminal(self.stream):
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True, file=self.stream)
 
     def update(self, n: int = 1, postfix: str = "") -> None:

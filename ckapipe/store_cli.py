@@ -7,8 +7,10 @@ from pathlib import Path
 import click
 
 from ckapipe.errors import StoreError
-from ckapipe.store.integrity import RESULTS_ATTRS, is_results_store
 from ckapipe.options import cache_option, quiet_option
+from ckapipe.store import find_runs
+from ckapipe.store.integrity import RESULTS_ATTRS, is_results_store
+from ckapipe.store.locks import unlock as unlock_run
 from ckapipe.store.verify import verify as verify_runs, verify_results
 
 
@@ -85,9 +87,6 @@ def describe(report) -> list[str]:
 @quiet_option
 def unlock(cache, runs, quiet):
     """Remove the writer locks of RUNS (their writers are known dead), refused while one runs on this host."""
-    from ckapipe.store.locks import unlock as unlock_run
-    from ckapipe.store import find_runs
-
     for run in find_runs(cache, list(runs), check=False):
         removed = unlock_run(run.path)
         if not removed and not quiet:

@@ -1,7 +1,8 @@
 """``ckapipe layers``, ``ckapipe extract`` and ``ckapipe ls``: thin over the extraction API.
 
-torch is imported inside the commands only, so ``ckapipe ls`` and
-``ckapipe --help`` stay quick and work without it.
+torch is imported by the commands that run a model only, on first use of ``extract_run`` or
+``list_layers`` (the lazy boundary in ``ckapipe.extract``), so ``ckapipe ls`` and ``ckapipe --help``
+stay quick and work without it.
 """
 
 from __future__ import annotations
@@ -10,15 +11,14 @@ import json
 
 import click
 
-from ckapipe import store
+from ckapipe import extract as stage, store
+from ckapipe.extract.specs import require
 from ckapipe.options import cache_option, quiet_option, setting_options
 from ckapipe.settings import RunSettings
 
 
 def require_torch():
     """The extraction stage's torch, or a one-line error naming the extra that brings it."""
-    from ckapipe.extract.specs import require
-
     return require("torch", "torch")
 
 
@@ -33,9 +33,7 @@ def layers(model, patterns, dataset, cache, random_init, quiet):
     """List MODEL's hookable layers (per call) with their per-sample output shapes; with PATTERNS, only
     those that --layers PATTERNS would record ('*': every leaf module; 'block*': part by part)."""
     require_torch()
-    from ckapipe.extract.runner import list_layers
-
-    rows = list_layers(model, dataset, cache=cache, random_init=random_init, with_types=True, layers=list(patterns))
+    rows = stage.list_layers(model, dataset, cache=cache, random_init=random_init, with_types=True, layers=list(patterns))
     width = max((len(name) for name, _, _ in rows), default=4)
     for name, kind, shape in rows:
         click.echo(f"{name:<{width}}  {kind:<20}  {shape}")
@@ -52,9 +50,7 @@ def layers(model, patterns, dataset, cache, random_init, quiet):
 def extract(model, dataset, cache, quiet, **settings):
     """Run MODEL over DATASET once and cache per-layer minibatch activations (resumable; a rerun is a cache hit)."""
     require_torch()
-    from ckapipe.extract.runner import extract_run
-
-    path = extract_run(model, dataset, cache=cache, progress=not quiet, settings=RunSettings(**settings))
+    path = stage.extract_run(model, dataset, cache=cache, progress=not quiet, settings=RunSettings(**settings))
     run = store.open_run(path)
     click.echo(f"{run.name}: {run.status}, {int(run.done().sum())}/{run.n_chunks} minibatches, {len(run.layer_names)} layers")
 

@@ -19,16 +19,19 @@ Face) give their tensor columns (``columns=a,b`` to choose), padded per batch.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+import zarr
 
 from ckapipe.errors import MissingExtra, SpecError
 from ckapipe.extract.specs import call_factory, import_object, int_param, looks_importable, module_exists, require, split_spec
 from ckapipe.errors import suggest
+from ckapipe.extract.zoo import digits_tensors
 
 SOURCES = ("digits", "imagefolder", "hf", "npy", "zarr")
 LABEL_COLUMNS = ("label", "labels", "target", "targets", "idx", "id")
@@ -89,8 +92,6 @@ def load_dataset(spec: str) -> LoadedDataset:
 
 
 def _digits(spec: str, params: dict) -> LoadedDataset:
-    from ckapipe.extract.zoo import digits_tensors
-
     x, _ = digits_tensors()
     transform = "scale(1/16)"
     if "size" in params:
@@ -116,8 +117,6 @@ def _npy(spec: str, path: str, params: dict) -> LoadedDataset:
 
 
 def _zarr(spec: str, path: str, params: dict) -> LoadedDataset:
-    import zarr
-
     try:
         node = zarr.open(Path(path).expanduser(), mode="r")
     except Exception as err:  # noqa: BLE001 - zarr raises several types here
@@ -186,8 +185,6 @@ def _torchvision(spec: str, name: str, root: str, params: dict) -> LoadedDataset
     transform, described = image_transform(params)
     kwargs = {"root": root, "transform": transform, "download": bool(params.pop("download", False))}
     split = params.pop("split", None)
-    import inspect
-
     accepted = inspect.signature(cls).parameters
     if split is not None:
         if "split" in accepted:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ckapipe.errors import SpecError, suggest
+from ckapipe.extract import zoo
 from ckapipe.extract.specs import (
     call_factory, check_params, import_object, int_param, looks_importable, module_exists, require, split_spec,
     takes_keyword,
@@ -101,8 +102,6 @@ def _build(head: str, params: dict, cache, random_init: bool = False) -> nn.Modu
 
 
 def _zoo(name: str, params: dict, cache) -> nn.Module:
-    from ckapipe.extract import zoo
-
     zoo.build(name)  # unknown names fail before any training
     check_params(lambda seed=0, weights="trained", steps=None, teacher=None: None, params, f"model zoo:{name}")
     if params.get("weights", "trained") in RANDOM:

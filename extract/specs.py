@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
+import inspect
+import os
+import sys
 from urllib.parse import parse_qsl
 
 from ckapipe.errors import MissingExtra, SpecError, suggest
@@ -67,8 +71,6 @@ def takes_keyword(factory, name: str) -> bool:
 
 def keywords(factory) -> list[str] | None:
     """The keyword parameters of a callable; None when it takes any (``**kwargs``) or cannot be inspected."""
-    import inspect
-
     try:
         accepted = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # builtins and C callables: let the call decide
@@ -111,8 +113,6 @@ def import_object(path: str, what: str):
 
 def module_exists(name: str) -> bool:
     """True when ``name`` is an importable module (without importing it)."""
-    import importlib.util
-
     search_cwd()
     try:
         return importlib.util.find_spec(name) is not None
@@ -126,9 +126,6 @@ def search_cwd() -> None:
     The ``ckapipe`` console script does not put the current directory on
     ``sys.path``; a user's own factory next to their study file should still import.
     """
-    import os
-    import sys
-
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.append(os.getcwd())
 

@@ -20,7 +20,9 @@ lie on one trajectory. ``save_checkpoints`` writes such a series as files.
 
 from __future__ import annotations
 
+import copy
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +66,6 @@ def mlp(depth: int, width: int = 2 * WIDTH) -> nn.Module:
 
 
 def _ordered(blocks: dict):
-    from collections import OrderedDict
-
     return OrderedDict(blocks)
 
 
@@ -185,8 +185,6 @@ def trajectory(name: str, seed: int, steps, teacher: str | nn.Module | None = No
                cache: str | os.PathLike = "cache") -> list[nn.Module]:
     """Copies of the network after each of ``steps`` optimizer steps of one training (by distillation
     from ``teacher``, a network or the name of a zoo network, seed 0, when given), one thread as ``train``."""
-    import copy
-
     if not steps or min(int(s) for s in steps) < 1:
         raise SpecError(f"training steps {list(steps)} of zoo:{name}: give whole numbers of optimizer steps, at least 1")
     teacher_model = load(teacher, 0, cache) if isinstance(teacher, str) else teacher

@@ -1,4 +1,5 @@
-"""``run_study``: a pipeline file's stages, in this process or as SLURM jobs."""
+"""``run_study``: a pipeline file's stages, in this process or as SLURM jobs; and ``compare``, which
+needs torch, imported on first use (``__getattr__`` below: the lazy boundary of docs/design.md)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,20 @@ from typing import Callable
 
 from ckapipe.analyze.results import check_out
 from ckapipe.errors import PipelineError
+from ckapipe.pipelines import local, slurm
 from ckapipe.pipelines.study import Study, load_study
 
 STAGES = ("extract", "analyze", "all")
+
+
+def __getattr__(name: str):
+    """``compare`` on first use: its module runs models, so it imports torch, which the rest of the
+    API (run_study, analyze, load_results) does without."""
+    if name == "compare":
+        from ckapipe.pipelines.compare import compare  # optional: torch
+
+        return compare
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run_study(
@@ -55,8 +67,6 @@ def run_study(
 
 def run_here(study: Study, stage: str, *, tasks, scheduler, scheduler_file, dask_cluster, dask_workers,
              progress, say) -> dict:
-    from ckapipe.pipelines import local
-
     if stage in ("analyze", "all"):
         for comparison in study.comparisons.values():  # an unwritable results directory: said before any work
             check_out(study.comparison_dir(comparison), overwrite=True)
@@ -70,8 +80,6 @@ def run_here(study: Study, stage: str, *, tasks, scheduler, scheduler_file, dask
 
 def submit_study(study: Study, stage: str, *, tasks, slurm_options, scheduler, scheduler_file, dask_cluster,
                  dask_workers, dry_run, wait, force=False, say) -> list:
-    from ckapipe.pipelines import slurm
-
     dask_args = slurm.analysis_dask_args(study, scheduler, scheduler_file, dask_cluster, dask_workers)
     jobs = slurm.plan_jobs(study, stage, tasks=tasks, overrides=slurm_options, dask_args=dask_args)
     if dry_run:

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import click
 
+from ckapipe.analyze.plots import check_formats, plot_results
+from ckapipe.extract.cli import require_torch
 from ckapipe.options import batch_size_option, cache_option, deprecated_alias, device_option, out_option, quiet_option
 from ckapipe.errors import CkapipeError
+from ckapipe.pipelines import api
 from ckapipe.pipelines.api import STAGES, run_study
 from ckapipe.pipelines.study import packaged_studies, packaged_study, study_summary
 
@@ -154,16 +157,11 @@ def compare(models, datasets, layer_items, batch_size, out, cache, keep_activati
       ckapipe compare r18=torchvision:resnet18 r34=torchvision:resnet34 --random-init \\
           --dataset 'cifar10:/data/cifar?split=test' --layers 'layer*.?' --out results/depth
     """
-    from ckapipe.analyze.plots import check_formats, plot_results
-    from ckapipe.extract.cli import require_torch
-
     require_torch()
-    from ckapipe.pipelines.compare import compare as run_compare
-
     formats = check_formats(formats)
     chosen = named_specs(models)
     arguments = (chosen,) if isinstance(chosen, dict) else tuple(chosen)
-    results = run_compare(
+    results = api.compare(
         *arguments, data=datasets[0] if len(datasets) == 1 else list(datasets), layers=list(layer_items) or None, batch_size=batch_size, cache=cache,
         keep_activations=keep_activations, order_seed=order_seed, limit=limit, reduction=reduction, device=device,
         precision=precision, out=out, overwrite=overwrite, random_init=random_init, workers=workers, progress=not quiet,

@@ -24,6 +24,7 @@ shared node, port 8787 is often taken.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -103,7 +104,7 @@ def dashboard_note(cluster, http: dict) -> str:
 def local_cuda_cluster():
     """dask-cuda's LocalCUDACluster when it is installed and a GPU is visible, else None."""
     try:
-        from dask_cuda import LocalCUDACluster  # optional: the cluster extra
+        from dask_cuda import LocalCUDACluster  # optional: dask_cuda (the cluster extra)
     except Exception:  # noqa: BLE001 - no dask-cuda (or a broken one): CPU workers
         return None
     return LocalCUDACluster if gpu_available("cupy") else None
@@ -113,7 +114,7 @@ def local_cuda_cluster():
 def start_slurm_cluster(n: int, threads: int, job: dict, say, http: dict, log_directory: str | None = None):
     require_distributed()
     try:
-        from dask_jobqueue import SLURMCluster
+        from dask_jobqueue import SLURMCluster  # optional: dask_jobqueue (the cluster extra)
     except ImportError:
         raise PipelineError("dask.cluster: slurm needs dask-jobqueue: pip install 'ckapipe[cluster]'") from None
     extra = list(job.get("extra", []))
@@ -136,8 +137,6 @@ def start_slurm_cluster(n: int, threads: int, job: dict, say, http: dict, log_di
 def wait_for_a_worker_job(cluster, log_directory, poll: float = 2.0) -> None:
     """Block until a worker job has connected: as long as the SLURM queue holds one, however long,
     but not once every worker job has left the queue without a worker connecting."""
-    from ckapipe.pipelines.slurm import queued
-
     while not cluster.scheduler_info.get("workers"):
         ids = [job.job_id for job in cluster.workers.values() if getattr(job, "job_id", None)]
         if ids and not queued(ids):
@@ -146,9 +145,15 @@ def wait_for_a_worker_job(cluster, log_directory, poll: float = 2.0) -> None:
         time.sleep(poll)
 
 
+def queued(job_ids: list[str]) -> bool:
+    """Whether any of the SLURM jobs is still in the queue (``squeue``): a worker job here, a study's jobs in slurm."""
+    proc = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True)
+    return bool(proc.stdout.strip())
+
+
 def require_distributed():
     try:
-        import distributed
+        import distributed  # optional: distributed (the cluster extra)
     except ImportError:
         raise PipelineError("a Dask cluster needs distributed: pip install 'ckapipe[cluster]'") from None
     return distributed

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ckapipe import analyze, extract
+from ckapipe.analyze.trajectory import plot_trajectory, trajectory_view
 from ckapipe.analyze.views import VIEW_FILE, EnsembleView, TeacherView, check_view, plot_view, read_view, write_view
 from ckapipe.errors import CkapipeError, PipelineError
 from ckapipe.pipelines.dask_cluster import dask_scheduler
@@ -43,12 +45,10 @@ def extract_tasks(study: Study) -> list[ExtractTask]:
 
 def extract_one(study: Study, task: ExtractTask, *, progress: bool = True) -> Path:
     """Extract one task's chunks (a no-op when cached) and record the run's store."""
-    from ckapipe.extract import extract_run
-
     run = study.runs[task.run]
     share = (task.part, task.parts) if task.parts > 1 else None
-    store = extract_run(run.model, run.dataset, cache=study.cache, progress=progress, settings=run.settings,
-                        share=share)
+    store = extract.extract_run(run.model, run.dataset, cache=study.cache, progress=progress, settings=run.settings,
+                                share=share)
     record_store(study, run, store)
     return Path(store)
 
@@ -90,20 +90,18 @@ def analyze_comparison(study: Study, comparison: Comparison, stores: dict[str, s
     """Analyze one comparison unless its results are up to date; draw it. Returns the results.
 
     ``stores``: the store of each of its runs (``manifest.store_names``)."""
-    import ckapipe.analyze as stage
-
     out = study.comparison_dir(comparison)
     runs = [stores[name] for name in comparison.runs]
     options = analysis_options(study, comparison)
     view = comparison_view(comparison, stores)
-    if stage.is_up_to_date(out, study.cache, runs, **options):
+    if analyze.is_up_to_date(out, study.cache, runs, **options):
         say(f"analyze {comparison.name}: up to date ({out})")
-        results = stage.load_results(out)
+        results = analyze.load_results(out)
         if view is not None and read_view(out) != view:
             draw(results, view, out)
         return results
     say(f"analyze {comparison.name}: {', '.join(comparison.runs)}")
-    results = stage.analyze(study.cache, runs, out=out, overwrite=True, scheduler=scheduler,
+    results = analyze.analyze(study.cache, runs, out=out, overwrite=True, scheduler=scheduler,
                             scheduler_file=scheduler_file, no_workers_timeout=no_workers_timeout,
                             progress=progress, **options)
     if comparison.trajectory is not None:
@@ -116,8 +114,6 @@ def analyze_comparison(study: Study, comparison: Comparison, stores: dict[str, s
 def trajectory_figures(study: Study, comparison: Comparison, results, stores: dict[str, str],
                        progress: bool = True) -> list[Path]:
     """trajectory.csv and the step plots of a trajectory comparison (analyze.trajectory), beside its results."""
-    from ckapipe.analyze.trajectory import plot_trajectory, trajectory_view
-
     trajectory = comparison.trajectory
     series = {label: [(step, stores[run]) for step, run in points] for label, points in trajectory.series}
     reference = stores[trajectory.reference] if trajectory.reference else None
@@ -140,11 +136,9 @@ def comparison_view(comparison: Comparison, stores: dict[str, str]):
 
 def draw(results, view, out: Path) -> None:
     """The figures the comparison asks for: its view's, or every pair's heatmap for runs and pairs."""
-    import ckapipe.analyze as stage
-
     if view is None:
         (out / VIEW_FILE).unlink(missing_ok=True)
-        stage.plot_results(results, out_dir=out)
+        analyze.plot_results(results, out_dir=out)
         return
     write_view(view, out)
     plot_view(results, view, out)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import csv
 import io
+
+from ckapipe.analyze.results import format_interval
 from ckapipe.pipelines.study import Study
 
 
@@ -60,8 +62,6 @@ def rows_to_csv(rows: list[dict]) -> str:
 
 
 def rows_to_text(rows: list[dict]) -> str:
-    from ckapipe.analyze.results import format_interval
-
     lines, block = [], None
     for row in rows:
         if (row["comparison"], row["run_a"], row["run_b"]) != block:

@@ -34,10 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ckapipe.pipelines.dask_cluster import queued
 from ckapipe.pipelines.local import ExtractTask, extract_tasks, study_stores
 from ckapipe.pipelines.manifest import recorded_store
 from ckapipe.errors import PipelineError, StoreError
 from ckapipe.pipelines.study import SLURM_JOB_KEYS, RunConfig, Study
+from ckapipe.store import open_run, share_range
 
 JOB_KEYS = tuple(key for key in SLURM_JOB_KEYS if key not in ("extra", "setup"))  # one #SBATCH line each
 
@@ -189,8 +191,6 @@ def pending_tasks(study: Study) -> list[int]:
 
 
 def task_done(study: Study, task: ExtractTask) -> bool:
-    from ckapipe.store import open_run, share_range
-
     run = study.runs[task.run]
     store = recorded_store(study, run)
     if store is None or not (study.cache / store).is_dir():
@@ -304,11 +304,6 @@ def wait_for_jobs(job_ids: list[str], poll: float = 2.0, timeout: float | None =
             raise PipelineError(f"SLURM jobs {', '.join(job_ids)} still queued after {timeout:.0f} s")
         time.sleep(poll)
     return {job_id: job_state(job_id) for job_id in job_ids}
-
-
-def queued(job_ids: list[str]) -> bool:
-    proc = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True)
-    return bool(proc.stdout.strip())
 
 
 def job_state(job_id: str) -> str:

@@ -51,7 +51,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from dask.utils import parse_timedelta
 
+from ckapipe.analyze.measures import parse_measures
 from ckapipe.errors import CkapipeError, PipelineError, StoreError, suggest
 from ckapipe.kernels import MIN_MINIBATCH
 from ckapipe.settings import DEFAULT_BATCH, SETTING_FIELDS, RunSettings, choices_of, yaml_keys
@@ -503,8 +505,6 @@ def non_empty(source, node, where) -> list[str]:
 
 def load_measures(source: Source, node: yaml.Node, where: str) -> tuple[str, ...]:
     """Measure spellings (analyze.measures), checked here so that a typo names its line."""
-    from ckapipe.analyze.measures import parse_measures
-
     names = source.strings(node, where)
     try:
         return tuple(measure.name for measure in parse_measures(names))
@@ -652,8 +652,6 @@ def load_dask(source: Source, entry) -> dict:
         node = source.mapping(entry[1], "dask", DASK_KEYS)["cluster"][1]
         raise source.error(node, "dask.cluster", f"{dask['cluster']!r} is not one of {', '.join(DASK_CLUSTERS)}")
     if "no_workers_timeout" in dask:
-        from dask.utils import parse_timedelta
-
         try:
             parse_timedelta(dask["no_workers_timeout"], default="s")
         except (TypeError, ValueError, KeyError):
