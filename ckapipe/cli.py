@@ -1,59 +1,61 @@
 """The ``ckapipe`` command line: one subcommand per verb, each a thin layer over
 the Python API of its stage.
 
-Subcommands are imported on first use, so ``ckapipe analyze`` never imports
-torch and ``ckapipe --help`` is instant. Every user error ends in one line on
+The commands import with this module; none imports torch (the ones that run a model
+import it when they run, through ``ckapipe.extract``'s lazy boundary), so ``ckapipe
+analyze`` and ``ckapipe --help`` work without it. Every user error ends in one line on
 stderr, ``ckapipe: error: ...``, and exit status 2.
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib
 import inspect
 import sys
 import warnings
 
 import click
 
-from ckapipe import __version__
+from ckapipe import __version__, store_cli
+from ckapipe.analyze import cli as analyze_cli
 from ckapipe.errors import CkapipeError
+from ckapipe.extract import cli as extract_cli
+from ckapipe.pipelines import commands as study_cli
 
-COMMANDS = {
-    "layers": "ckapipe.extract.cli:layers",
-    "extract": "ckapipe.extract.cli:extract",
-    "compare": "ckapipe.pipelines.commands:compare",
-    "ls": "ckapipe.extract.cli:ls",
-    "analyze": "ckapipe.analyze.cli:analyze",
-    "plot": "ckapipe.analyze.cli:plot",
-    "rank": "ckapipe.analyze.cli:rank",
-    "diff": "ckapipe.analyze.cli:diff",
-    "run": "ckapipe.pipelines.commands:run",
-    "examples": "ckapipe.pipelines.commands:examples",
-    "init": "ckapipe.pipelines.commands:init",
-    "verify": "ckapipe.store_cli:verify",
-    "unlock": "ckapipe.store_cli:unlock",
+COMMANDS = {  # in the order --help lists them
+    "layers": extract_cli.layers,
+    "extract": extract_cli.extract,
+    "compare": study_cli.compare,
+    "ls": extract_cli.ls,
+    "analyze": analyze_cli.analyze,
+    "plot": analyze_cli.plot,
+    "rank": analyze_cli.rank,
+    "diff": analyze_cli.diff,
+    "run": study_cli.run,
+    "examples": study_cli.examples,
+    "init": study_cli.init,
+    "verify": store_cli.verify,
+    "unlock": store_cli.unlock,
 }
 
 
-class LazyGroup(click.Group):
+class VerbGroup(click.Group):
+    """The verbs of COMMANDS, listed in its order with their whole summaries."""
+
     def list_commands(self, ctx):
         return list(COMMANDS)
 
     def get_command(self, ctx, name):
-        if name not in COMMANDS:
-            return None
-        module, attr = COMMANDS[name].split(":")
-        return getattr(importlib.import_module(module), attr)
+        return COMMANDS.get(name)
 
     def format_commands(self, ctx, formatter):
         """Every subcommand with its whole one-line summary (click would cut it to the terminal's width)."""
-        rows = [(name, summary(self.get_command(ctx, name))) for name in self.list_commands(ctx)]
+        rows = [(name, summary(command)) for name, command in COMMANDS.items()]
         with formatter.section("Commands"):
             formatter.write_dl(rows, col_max=max(map(len, COMMANDS)) + 2)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=VerbGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="ckapipe", message="%(prog)s %(version)s")
 def cli():
     """Minibatch CKA at scale: extract activations once, compare any pairing offline."""
