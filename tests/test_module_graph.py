@@ -23,9 +23,9 @@ PACKAGES = {"ckapipe": "ckapipe", "extract": "ckapipe.extract", "analyze": "ckap
 
 FLOORS = {  # bottom (0) to top (4): a module is on the floor of the longest name here that it starts with
     **dict.fromkeys(["ckapipe.errors", "ckapipe.progress", "ckapipe.atomic", "ckapipe.blas", "ckapipe.devices",
-                     "ckapipe.globs", "ckapipe.kernels", "ckapipe.settings", "ckapipe.options"], 0),
-    # the stores: ckapipe.store, a module or a package; codecs, integrity, locks, verify beside it or in it
-    **dict.fromkeys(["ckapipe.store", "ckapipe.codecs", "ckapipe.integrity", "ckapipe.locks", "ckapipe.verify"], 1),
+                     "ckapipe.globs", "ckapipe.kernels", "ckapipe.settings"], 0),
+    # the stores (the package ckapipe.store), and the flags every command shares (--cache names the store's variable)
+    **dict.fromkeys(["ckapipe.store", "ckapipe.options"], 1),
     "ckapipe.extract": 2, "ckapipe.analyze": 2,
     "ckapipe.pipelines": 3,
     **dict.fromkeys(["ckapipe", "ckapipe.cli", "ckapipe.__main__", "ckapipe.store_cli"], 4),

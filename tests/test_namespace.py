@@ -39,10 +39,13 @@ def test_the_stages_never_import_each_other(stage, other):
     assert not {f: n for f, n in offenders.items() if n}, f"{stage} imports {other}"
 
 
+ROOF = {"__init__.py", "cli.py", "__main__.py", "store_cli.py"}  # the API and the command line: floor 4, above the stages
+
+
 def test_the_floor_imports_neither_stage():
     offenders = {f: sorted(n for n in names if any(reaches({n}, pkg) or n.split(".")[0] == top
                                                    for top, pkg in STAGES.items()))
-                 for f, names in imports_of("ckapipe").items()}
+                 for f, names in imports_of("ckapipe").items() if Path(f).name not in ROOF}
     assert not {f: n for f, n in offenders.items() if n}
 
 
