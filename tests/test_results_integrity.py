@@ -331,13 +331,14 @@ def test_a_damaged_results_directory_is_out_of_date_so_a_study_analyses_it_again
     assert not analyze.is_up_to_date(copy, built["cache"], runs)
 
 
-def test_the_results_store_reads_back_as_numpy_without_the_analysis(built):
-    """ckapipe.store.results opens a results directory on its own: the record and every array as NumPy,
-    ckapipe.analyze never imported (the analysis builds its Results from what it returns)."""
-    code = ("import sys, numpy, zarr; from ckapipe.store.results import open_results_store; "
-            f"s = open_results_store({str(built['results'])!r}); g = zarr.open_group({str(built['results'])!r}, mode='r'); "
-            "assert all(numpy.array_equal(s.read(n), g[n][:]) for n in ('hsic', 'minibatch', 'cka_low', 'layer_a')); "
-            "assert s.record['inputs']['m'] == 16 and [r['slug'] for r in s.record['runs']] == ['small', 'big']; "
-            "print(sorted(m for m in sys.modules if m.startswith('ckapipe.analyze')))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "[]\n", "")
+def test_the_results_store_reads_back_as_numpy(built):
+    """ckapipe.store.results opens a results directory on its own: the record and every array as NumPy, equal to
+    what plain zarr reads (the analysis builds its Results from what it returns; that the store floor never
+    imports the analysis is tests/test_module_graph.py's to check)."""
+    from ckapipe.store.results import open_results_store
+
+    s = open_results_store(built["results"])
+    g = zarr.open_group(built["results"], mode="r")
+    for name in ("hsic", "minibatch", "cka_low", "layer_a"):
+        assert isinstance(s.read(name), np.ndarray) and np.array_equal(s.read(name), g[name][:]), name
+    assert s.record["inputs"]["m"] == 16 and [r["slug"] for r in s.record["runs"]] == ["small", "big"]
