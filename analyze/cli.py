@@ -37,9 +37,9 @@ def resampling_options(command):
 @click.option("--scheduler-file", type=click.Path(dir_okay=False), default=None, help="Dask scheduler file.")
 @click.option("--completed-only", is_flag=True, help="Use the chunks completed so far in incomplete runs.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing results directory.")
-@click.option("--no-gram-cache", is_flag=True, help="Neither read nor write the U-centred Gram cache.")
+@click.option("--no-gram-cache", is_flag=True, help="Neither read nor write the U-centered Gram cache.")
 @click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
-              help="Gram products of the float64-centred features: float32 products are up to ~2x faster on CPU, ~1e-9 off in CKA.")
+              help="Gram products of the float64-centered features: float32 products are up to ~2x faster on CPU, ~1e-9 off in CKA.")
 @click.option("--measure", "measures", default="linear", show_default=True, metavar="LIST",
               help="Comma-separated measures, each a matrix in the results: linear, linear_biased, rbf:T, "
                    "rbf_biased:T, mutual_knn:K, cknna:K (docs/measures.md); the first is the summary's.")

@@ -218,7 +218,7 @@ def _read_cached(cache: GramCache, ks: Sequence[int], out: np.ndarray | None = N
     if means:
         tri = cache.read_means(ks)
     else:
-        tri = cache.read_centred(ks, out) if cache.layout == 3 else cache.read(ks, out)
+        tri = cache.read_centered(ks, out) if cache.layout == 3 else cache.read(ks, out)
     if not np.isfinite(tri).all():
         raise StoreError(
             f"the Gram cache of run {cache.run_name} (m={cache.m}) holds NaN for a minibatch marked done: "

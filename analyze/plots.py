@@ -213,7 +213,7 @@ def outline_best(ax, best) -> None:
 
 def corner_marks(ax, cells: np.ndarray, corner: tuple[float, float], marker: str, label: str):
     """A small marker in one corner of each (row, column) cell, ``corner`` its offset from the cell's
-    centre in cells (e.g. (-0.35, -0.35): lower left), clear of the value written at the centre."""
+    center in cells (e.g. (-0.35, -0.35): lower left), clear of the value written at the center."""
     dx, dy = corner
     return ax.scatter(cells[:, 1] + dx, cells[:, 0] + dy, marker=marker, s=14, color=MARK, edgecolors="black",
                       linewidths=0.3, label=label)

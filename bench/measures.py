@@ -86,7 +86,7 @@ def _conversion_rows(workload: str, runs, m: int) -> list[Row]:
 
     def as_read():
         for cache in caches:
-            for c in cache.read_centred(ks):
+            for c in cache.read_centered(ks):
                 diagonal = c[:, diagonal_positions(np, m)]
                 linear_hsic1({"rows": c, "diagonal": diagonal, "sums": -diagonal}, {"rows": c, "diagonal": diagonal,
                                                                                   "sums": -diagonal})

@@ -10,7 +10,7 @@ Spellings (``?key=value`` adds options)::
     inputs.zarr |  zarr:store?array=x    a Zarr array of inputs
     package.module:callable?kw=v         a map-style dataset, tensor or array returned by a callable
 
-Image options: ``size=S`` (resize the short side and centre-crop to S),
+Image options: ``size=S`` (resize the short side and center-crop to S),
 ``normalize=imagenet``, ``transform=package.module:callable``. The transform
 is recorded as a string in the run spec, so a changed preprocessing is a new
 run. Items that are ``(input, label)`` pairs give their input; dict items (Hugging

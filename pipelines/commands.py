@@ -140,7 +140,7 @@ def named_specs(specs) -> dict[str, str] | list[str]:
 @click.option("--reduction", default="flatten", show_default=True, type=click.Choice(["flatten", "mean", "cls"]))
 @device_option()
 @click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
-              help="Gram products of the float64-centred features: float32 is faster on CPUs, ~1e-9 off in CKA (not cached).")
+              help="Gram products of the float64-centered features: float32 is faster on CPUs, ~1e-9 off in CKA (not cached).")
 @click.option("--random-init", is_flag=True, help="Random weights (torchvision/timm/hf/zoo), reproducible from init_seed=0.")
 @click.option("--workers", default=0, show_default=True, type=int, help="DataLoader worker processes for map-style datasets.")
 @click.option("--format", "formats", default="png,pdf", show_default=True, help="Figure formats, comma-separated.")

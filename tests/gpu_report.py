@@ -3,7 +3,7 @@
     python -m tests.gpu_report            # on a GPU machine (scripts/gpu_check.sh runs it)
     CKAPIPE_GPU_STANDIN=1 python -m tests.gpu_report   # every row through tests/fake_cupy.py, on the CPU
 
-Rows: the kernels (U-centred Grams and HSIC_1), the analysis (``--device cuda``), the extraction's
+Rows: the kernels (U-centered Grams and HSIC_1), the analysis (``--device cuda``), the extraction's
 Grams computed on the device (through DLPack), the fused ``compare``, every measure with RankMe, and
 the bootstrap intervals. Exit status 1 when a row differs from its twin by more than its tolerance
 or fails. With the stand-in, torch stays on the CPU and the features enter the stand-in through its

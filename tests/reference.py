@@ -31,7 +31,7 @@ def hsic1_reference(k, l):
 
 
 def u_centered_reference(k):
-    """Székely & Rizzo (2014), U-centring, element by element in float64 (m >= 4):
+    """Székely & Rizzo (2014), U-centering, element by element in float64 (m >= 4):
 
     U_ij = K~_ij - Σ_l K~_il/(m-2) - Σ_l K~_lj/(m-2) + Σ_kl K~_kl/((m-1)(m-2)) for i != j, U_ii = 0,
     K~ = K with the diagonal set to zero.

@@ -104,7 +104,7 @@ def test_grams_only_runs_are_analysed_from_the_gram_cache(cache, reads):
     results = analyze.analyze(cache, ["acts", "grams"], progress=False)
     assert {name for name, _, _ in reads} == {"acts"}
     assert_matches_reference(results, {"acts": a, "grams": b}, 16)
-    # a divisor of the cached size: sub-blocks of the cached Grams, re-U-centred
+    # a divisor of the cached size: sub-blocks of the cached Grams, re-U-centered
     finer = analyze.analyze(cache, ["acts", "grams"], batch_size=8, progress=False)
     assert_matches_reference(finer, {"acts": a, "grams": b}, 8)
 

@@ -90,7 +90,7 @@ def image_folder(tmp_path):
 
 
 def expected_pixels(pixels: np.ndarray, size: int, normalize: bool) -> np.ndarray:
-    """Centre crop of size × size (the short side is already ``size``), to [0, 1], ImageNet statistics."""
+    """Center crop of size × size (the short side is already ``size``), to [0, 1], ImageNet statistics."""
     h, w, _ = pixels.shape
     top, left = round((h - size) / 2), round((w - size) / 2)
     x = pixels[top:top + size, left:left + size] / 255

@@ -39,7 +39,7 @@ def test_analysis_on_the_standin_is_the_reference_cka_with_one_copy_each_way(fak
     assert 1 not in sizes(fake_cupy.transfers, "to_host")  # no float(), bool() or item() of a device array
     a, b = ([np.asarray(v, np.float32).astype(np.float64) for v in x.values()] for x in two_runs)  # as stored
     np.testing.assert_allclose(gpu.cka("net-a", "net-b"), minibatch_cka_matrix_reference(a, b, M), rtol=0, atol=1e-7)
-    # (the reference's un-centred Grams of net-b's 1e3 offset lose about 1e-8: ckapipe centres first)
+    # (the reference's un-centered Grams of net-b's 1e3 offset lose about 1e-8: ckapipe centers first)
 
 
 def test_analysis_measures_and_bootstrap_on_the_standin_equal_the_cpu_twin(fake_cupy, cache, two_runs):

@@ -87,7 +87,7 @@ def test_u_centered_triangle_from_features_is_the_triangle_of_a_zero_diagonal_u_
     element from Székely & Rizzo's formula; U's rows sum to zero and its diagonal is zero."""
     x, _ = xy
     for m in (4, 7, M):
-        rows = x[:m] + 5.0  # an offset: u_centered_triangle_from_features centres the features, U does not need it
+        rows = x[:m] + 5.0  # an offset: u_centered_triangle_from_features centers the features, U does not need it
         u = u_centered_reference(rows.astype(np.float64) @ rows.astype(np.float64).T)
         assert np.allclose(np.diag(u), 0) and np.allclose(u.sum(axis=0), 0, atol=1e-9)
         i, j = np.triu_indices(m, k=1)

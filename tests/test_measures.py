@@ -69,7 +69,7 @@ def center_gram(gram, unbiased=False):
 
 
 def scaled_hsic(gram_x, gram_y, debiased):
-    """<centred K, centred L>: the numerator of Kornblith et al.'s ``cka``."""
+    """<centered K, centered L>: the numerator of Kornblith et al.'s ``cka``."""
     return center_gram(gram_x, debiased).ravel().dot(center_gram(gram_y, debiased).ravel())
 
 
@@ -263,7 +263,7 @@ def test_every_measure_is_one_on_identical_inputs_and_invariant_to_rotation_and_
         shifted = np.diag(results.cka("x", "shifted", measure).values)
         if measure.startswith(("mutual_knn", "cknna")):  # neighbours of the L2-normalised raw features
             assert (shifted < 0.99).all(), measure
-        else:  # kernel CKA of centred features
+        else:  # kernel CKA of centered features
             np.testing.assert_allclose(shifted, 1, atol=1e-9, err_msg=measure)
 
 
@@ -334,7 +334,7 @@ def test_bad_measures_are_one_line_errors_before_any_work(cache, pair, tmp_path,
 
 
 def version_2_cache(run: Run, m: int, layers: dict) -> None:
-    """The Gram cache as store version 2 wrote it: U-centred strict triangles and ``done``."""
+    """The Gram cache as store version 2 wrote it: U-centered strict triangles and ``done``."""
     from ckapipe.kernels import u_centered_triangle_from_features
 
     n, width = run.n_samples // m, m * (m - 1) // 2
@@ -395,12 +395,12 @@ def test_the_raw_gram_is_recovered_exactly_from_the_cache(cache):
     analyze.analyze(cache, ["offset"], measures="rbf:0.5", progress=False)
     (run,) = find_runs(cache, ["offset"])
     grams = run.grams(32)
-    raw = raw_gram(square_from_triangle(grams.read_centred([1]), diagonal=True), grams.read_means([1]))[0, 0]
+    raw = raw_gram(square_from_triangle(grams.read_centered([1]), diagonal=True), grams.read_means([1]))[0, 0]
     exact = x[32:] @ x[32:].T
     assert np.abs(raw - exact).max() <= 1e-12 * np.abs(exact).max()
-    centred = x[32:] - x[32:].mean(axis=0)
-    u = center_gram(centred @ centred.T, unbiased=True)[np.triu_indices(32, 1)]
-    assert np.abs(grams.read([1])[0, 0] - u).max() <= 1e-12 * np.abs(u).max()  # the U-centred rows, derived on read
+    centered = x[32:] - x[32:].mean(axis=0)
+    u = center_gram(centered @ centered.T, unbiased=True)[np.triu_indices(32, 1)]
+    assert np.abs(grams.read([1])[0, 0] - u).max() <= 1e-12 * np.abs(u).max()  # the U-centered rows, derived on read
 
 
 @pytest.mark.gpu

@@ -103,7 +103,7 @@ def test_rankme_is_invariant_to_rotation_and_scale_but_not_to_translation(tmp_pa
     values = {name: rank(cache, [name], progress=False)[0] for name in ("x", "turned", "shifted")}
     assert abs(values["turned"].rankme - values["x"].rankme) < 1e-9 * values["x"].rankme
     assert abs(values["turned"].rankme_minibatch - values["x"].rankme_minibatch) < 1e-9 * values["x"].rankme
-    assert abs(values["shifted"].rankme - values["x"].rankme) > 0.1  # RankMe is of the un-centred features
+    assert abs(values["shifted"].rankme - values["x"].rankme) > 0.1  # RankMe is of the un-centered features
 
 
 def test_rank_command_prints_the_table_and_writes_csv(cache, tmp_path, capsys):

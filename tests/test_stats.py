@@ -228,7 +228,7 @@ def population_cka(a, b, noise_a, noise_b):
 
 
 def fast_minibatch_hsic(x, y, m):
-    """(n, 2, 2) HSIC_1 per minibatch through the U-centred triangles (the analysis's own path)."""
+    """(n, 2, 2) HSIC_1 per minibatch through the U-centered triangles (the analysis's own path)."""
     n = len(x) // m
     return np.stack([hsic1_matrix(np.stack([u_centered_triangle_from_features(x[k * m:(k + 1) * m]), u_centered_triangle_from_features(y[k * m:(k + 1) * m])]))
                      for k in range(n)])

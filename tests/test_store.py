@@ -187,12 +187,12 @@ def test_gram_cache_rows_round_trip_by_minibatch(tmp_path):
     again = run.grams(8)
     assert list(again.done()) == [True, True, False, True] + [False] * 6
     assert list(again.done([1, 2, 3])) == [True, False, True]
-    np.testing.assert_array_equal(again.read_centred([0, 1, 3]), rows)
+    np.testing.assert_array_equal(again.read_centered([0, 1, 3]), rows)
     np.testing.assert_array_equal(again.read_means([0, 1, 3]), means)
     into = np.zeros((2, 3, 36))
-    assert again.read_centred([1, 3], into) is into
+    assert again.read_centered([1, 3], into) is into
     np.testing.assert_array_equal(into, rows[1:])
-    assert np.isnan(again.read_centred([2])).all()
+    assert np.isnan(again.read_centered([2])).all()
 
 
 def test_a_gram_cache_is_stamped_and_a_wrong_stamp_is_refused(cache, layers):

@@ -7,7 +7,7 @@ imports neither stage. One file per job, each importing only those above it in t
                    the one-line words for a damaged chunk (run stores, Gram caches, results stores)
     specs.py       what determines a run: LayerSpec, RunSpec (its key and slug), run names; provenance
     cache.py       the cache directory: where it is, the store a key names, aliases
-    grams.py       GramCache: a run's centred Grams at one minibatch size m, one row per minibatch
+    grams.py       GramCache: a run's centered Grams at one minibatch size m, one row per minibatch
     run.py         Run, create_run, open_run: one extraction run's store
     lookup.py      list_runs, find_runs: runs by name, key, slug, alias or glob; disk_size
     results.py     the results store: written once and sealed, read back as NumPy and a record

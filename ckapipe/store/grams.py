@@ -1,14 +1,14 @@
-"""A run's Gram cache at one minibatch size m: the centred Gram of every layer of a minibatch in one row.
+"""A run's Gram cache at one minibatch size m: the centered Gram of every layer of a minibatch in one row.
 
     RUN/grams/m<m>/centred          float64 (N // m, layers, m(m+1)/2), chunks (1, layers, ·): upper triangle
-                                    with the diagonal of the Gram of the mean-centred features
+                                    with the diagonal of the Gram of the mean-centered features
     RUN/grams/m<m>/mean_products    float64 (N // m, layers, m + 1): c_i·μ and μ·μ (the raw Gram follows)
     RUN/grams/m<m>/checksums        int64 (N // m, 2), chunks (1, 2): the tags of row k's two files
     RUN/grams/m<m>/centred_done     uint8 (N // m,), chunks (1,): row k's marker, set last
 
 The group is stamped with its run's key and layer list when created (``gram_group``), and a cache
 whose stamp disagrees is refused (``foreign``): rows are positional. Store version 2 kept
-``triangles`` (U-centred strict triangles) and ``done`` without checksums: still read for linear CKA.
+``triangles`` (U-centered strict triangles) and ``done`` without checksums: still read for linear CKA.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class GramCache:
     """The Grams of one run at one minibatch size m, every layer of a minibatch in one chunk.
 
     Row k holds, for every layer in the run's order, the upper triangle with the
-    diagonal of C = X̃ X̃ᵀ, X̃ the mean-centred features of minibatch k (m(m+1)/2
+    diagonal of C = X̃ X̃ᵀ, X̃ the mean-centered features of minibatch k (m(m+1)/2
     float64 numbers), and the mean products [c_i·μ for each row i, μ·μ] (m + 1),
     so that every kernel measure has what it needs: U(C) = U(X Xᵀ) for the unbiased
     HSIC (derived on read), C itself, distances, and X Xᵀ = C + a1ᵀ + 1aᵀ + s. The
@@ -44,11 +44,11 @@ class GramCache:
     one file and one read for all layers. In a checksummed store each of the row's
     two files ends with its crc32c and their tags are recorded before the marker.
 
-    A cache of store version 2 (``layout == 2``) holds the U-centred strict triangles
+    A cache of store version 2 (``layout == 2``) holds the U-centered strict triangles
     only, without checksums: it serves ``read`` (linear CKA) and nothing else.
     """
 
-    CENTRED, MEANS, MARKERS = "centred", "mean_products", "centred_done"
+    CENTERED, MEANS, MARKERS = "centred", "mean_products", "centred_done"  # on-disk names: spelled as store version 3 wrote them
     LEGACY, LEGACY_MARKERS = "triangles", "done"  # store version 2
 
     group: zarr.Group = field(repr=False)
@@ -69,12 +69,12 @@ class GramCache:
 
     @functools.cached_property
     def layout(self) -> int:
-        """3: centred Grams with their diagonal and mean products; 2: U-centred strict triangles only."""
-        return 3 if self.CENTRED in self.group else 2
+        """3: centered Grams with their diagonal and mean products; 2: U-centered strict triangles only."""
+        return 3 if self.CENTERED in self.group else 2
 
     @functools.cached_property
     def _rows(self) -> zarr.Array:
-        return self.group[self.CENTRED if self.layout == 3 else self.LEGACY]
+        return self.group[self.CENTERED if self.layout == 3 else self.LEGACY]
 
     @functools.cached_property
     def _means(self) -> zarr.Array:
@@ -102,17 +102,17 @@ class GramCache:
 
     def read(self, ks: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """(len(ks), layers, m(m-1)/2) strict upper triangles of U(X Xᵀ) of minibatches ks (sorted):
-        what linear CKA reads, from either layout, into ``out`` when given (see ``read_centred``)."""
+        what linear CKA reads, from either layout, into ``out`` when given (see ``read_centered``)."""
         if self.layout == 2:
             return self._read(self._rows, ks, out)
-        triangles = u_centered_triangle_from_packed(self.read_centred(ks))
+        triangles = u_centered_triangle_from_packed(self.read_centered(ks))
         if out is None:
             return triangles
         out[...] = triangles
         return out
 
-    def read_centred(self, ks: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
-        """(len(ks), layers, m(m+1)/2) upper triangles with the diagonal of the centred Grams; an error
+    def read_centered(self, ks: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        """(len(ks), layers, m(m+1)/2) upper triangles with the diagonal of the centered Grams; an error
         naming the run and the minibatch when a row is unreadable, or (checksummed) not the one written there.
 
         Zarr decodes straight into ``out`` (C-contiguous float64 of that shape) when given:
@@ -126,11 +126,11 @@ class GramCache:
         self._require_layout_3()
         return self._read(self._means, ks, None)
 
-    def write(self, ks: Sequence[int], centred: np.ndarray, means: np.ndarray) -> None:
+    def write(self, ks: Sequence[int], centered: np.ndarray, means: np.ndarray) -> None:
         """Rows ks (sorted; (len(ks), layers, m(m+1)/2) and (len(ks), layers, m + 1) on the host), then
         their tags, then their markers."""
         self._require_layout_3()
-        for array, values in ((self._rows, centred), (self._means, means)):
+        for array, values in ((self._rows, centered), (self._means, means)):
             i = 0
             for a, b in spans(ks):
                 array[a:b] = values[i:i + b - a]
@@ -223,7 +223,7 @@ class GramCache:
         if self.layout != 3:
             raise StoreError(
                 f"the Gram cache of run {self.run_name} (m={self.m}) has the layout of store version 2 "
-                f"(U-centred Grams only): it serves linear CKA; other measures rebuild it from the activations"
+                f"(U-centered Grams only): it serves linear CKA; other measures rebuild it from the activations"
             )
 
     def _label(self, array: zarr.Array) -> str:
@@ -251,7 +251,7 @@ def gram_group(run_group: zarr.Group, m: int, create: bool, run_key: str, layers
 def foreign(group: zarr.Group, run_key: str, layers: list[str]) -> str | None:
     """Why a Gram cache group is not this run's to read (a layout of store version 1, another run's
     stamp, no stamp), or None."""
-    if "done" in group and GramCache.LEGACY not in group and GramCache.CENTRED not in group:
+    if "done" in group and GramCache.LEGACY not in group and GramCache.CENTERED not in group:
         return "has the per-layer layout of ckapipe store version 1"
     stamp = group.attrs.get(GRAM_KEY), group.attrs.get(GRAM_LAYERS)
     if stamp != (run_key, layers):
@@ -262,14 +262,14 @@ def foreign(group: zarr.Group, run_key: str, layers: list[str]) -> str | None:
 
 def holds_grams(group: zarr.Group) -> bool:
     """Whether a Gram cache group has rows of either layout."""
-    return GramCache.CENTRED in group or GramCache.LEGACY in group
+    return GramCache.CENTERED in group or GramCache.LEGACY in group
 
 
 def create_gram_arrays(group: zarr.Group, m: int, n_minibatches: int, n_layers: int, tagged: bool) -> None:
     """Whatever arrays of the layout 3 cache are missing; the markers last: a cache with markers has all its arrays."""
     if tagged:
         _create_missing(group, CHECKSUMS, shape=(n_minibatches, 2), chunks=(1, 2), dtype="int64", fill_value=NO_TAG)
-    for name, width in ((GramCache.CENTRED, m * (m + 1) // 2), (GramCache.MEANS, m + 1)):
+    for name, width in ((GramCache.CENTERED, m * (m + 1) // 2), (GramCache.MEANS, m + 1)):
         _create_missing(group, name, shape=(n_minibatches, n_layers, width), chunks=(1, n_layers, width),
                         dtype="float64", fill_value=float("nan"),
                         compressors=checksummed(()) if tagged else GRAM_COMPRESSORS,

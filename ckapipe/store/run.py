@@ -37,7 +37,7 @@ from ckapipe.store.integrity import (
 )
 from ckapipe.store.specs import LayerInfo, RunSpec, library_versions, now
 
-STORE_VERSION = 3  # 3: chunks end with their crc32c, tags recorded; Gram caches keep centred Grams with the diagonal
+STORE_VERSION = 3  # 3: chunks end with their crc32c, tags recorded; Gram caches keep centered Grams with the diagonal
 ATTRS = "ckapipe"
 IN_PROGRESS, COMPLETE, FAILED = "in_progress", "complete", "failed"
 
@@ -287,7 +287,7 @@ class Run:
         is refused: its rows are positional, so another run's Grams would give
         numbers under the wrong labels. ``create`` makes whatever is missing, so
         processes filling one run's Grams side by side may all ask for it; in a
-        cache of store version 2 it adds the centred Grams beside the old rows
+        cache of store version 2 it adds the centered Grams beside the old rows
         (which a reader may still be reading; they are never deleted here).
         """
         group = gram_group(self.group, m, create, self.key, self.layer_names)
