@@ -9,7 +9,7 @@ import click
 
 from ckapipe.analyze.plots import check_formats, plot_results
 from ckapipe.extract.cli import require_torch
-from ckapipe.options import batch_size_option, cache_option, deprecated_alias, device_option, out_option, quiet_option
+from ckapipe.options import cache_option, deprecated_alias, out_option, quiet_option, setting_options
 from ckapipe.errors import CkapipeError
 from ckapipe.pipelines import api
 from ckapipe.pipelines.api import STAGES, run_study
@@ -128,26 +128,19 @@ def named_specs(specs) -> dict[str, str] | list[str]:
 @click.option("--dataset", "-d", "datasets", multiple=True, default=["digits"], show_default=True,
               help="digits, NAME:ROOT, imagefolder:DIR, hf:DIR, FILE.npy, STORE.zarr, package.module:callable; "
                    "once for every model, or once per model in order (the same samples, paired by position).")
-@click.option("--layers", "-l", "layer_items", multiple=True,
-              help="PATTERN[@SELECT][:REDUCTION] for every model, repeatable or comma-separated; default: every leaf module (*).")
-@batch_size_option(256, help="Minibatch size m (>= 4).")
+@setting_options("layers", "batch_size")
 @out_option("Results directory to write (must not exist).", required=True)
 @cache_option(default=None, help="Also leave a grams-only run per model in this cache (reused by a later compare or "
                                  "analyze), and reuse the complete runs found there; default: nothing cached.")
 @click.option("--keep-activations", is_flag=True, help="With --cache: full runs (activations too), not grams-only.")
-@click.option("--order-seed", default=0, show_default=True, type=int, help="Seed of the sample permutation.")
-@click.option("--limit", default=None, type=int, help="Keep the first N samples of the permutation.")
-@click.option("--reduction", default="flatten", show_default=True, type=click.Choice(["flatten", "mean", "cls"]))
-@device_option()
+@setting_options("order_seed", "limit", "reduction", "device")
 @click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
               help="Gram products of the float64-centered features: float32 is faster on CPUs, ~1e-9 off in CKA (not cached).")
-@click.option("--random-init", is_flag=True, help="Random weights (torchvision/timm/hf/zoo), reproducible from init_seed=0.")
-@click.option("--workers", default=0, show_default=True, type=int, help="DataLoader worker processes for map-style datasets.")
+@setting_options("random_init", "workers")
 @click.option("--format", "formats", default="png,pdf", show_default=True, help="Figure formats, comma-separated.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing results directory.")
 @quiet_option
-def compare(models, datasets, layer_items, batch_size, out, cache, keep_activations, order_seed, limit, reduction, device,
-            precision, random_init, workers, formats, overwrite, quiet):
+def compare(models, datasets, out, cache, keep_activations, precision, formats, overwrite, quiet, **settings):
     """Minibatch CKA of every pair of MODELS on one dataset, in one pass: the summary, and the results
     and heatmaps in --out. Each model is a spec, or NAME=SPEC.
 
@@ -162,9 +155,9 @@ def compare(models, datasets, layer_items, batch_size, out, cache, keep_activati
     chosen = named_specs(models)
     arguments = (chosen,) if isinstance(chosen, dict) else tuple(chosen)
     results = api.compare(
-        *arguments, data=datasets[0] if len(datasets) == 1 else list(datasets), layers=list(layer_items) or None, batch_size=batch_size, cache=cache,
-        keep_activations=keep_activations, order_seed=order_seed, limit=limit, reduction=reduction, device=device,
-        precision=precision, out=out, overwrite=overwrite, random_init=random_init, workers=workers, progress=not quiet,
+        *arguments, data=datasets[0] if len(datasets) == 1 else list(datasets), cache=cache,
+        keep_activations=keep_activations, precision=precision, out=out, overwrite=overwrite, progress=not quiet,
+        **(settings | {"layers": list(settings["layers"]) or None}),
     )
     paths = plot_results(results, None, formats=formats)
     if not quiet:
