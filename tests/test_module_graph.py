@@ -291,3 +291,15 @@ def test_a_late_internal_import_and_an_unmarked_late_import_are_named(tmp_path):
         "ckapipe.kernels:10 imports dask_cuda (in gram()): an outside package in a function needs '# optional: dask_cuda'",
     ]
     assert late(graph, boundary={"ckapipe.devices"}) == late(graph, boundary=set())[1:]
+
+
+MODULES = sorted(str(p.relative_to(REPO)) for folder in PACKAGES for p in (REPO / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES)
+def test_no_function_is_over_50_lines(path):
+    """Issue 22: a function a reader takes in at once (the settings object is what keeps argument lists short)."""
+    tree = ast.parse((REPO / path).read_text())
+    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50]
+    assert long == []

@@ -3,7 +3,6 @@ Python API, a study's YAML keys, ``ckapipe extract``'s flags and a SLURM job's n
 
 from __future__ import annotations
 
-import ast
 import shlex
 from dataclasses import fields, replace
 
@@ -163,18 +162,6 @@ def test_the_extraction_job_shows_each_run_as_its_extract_command(tmp_path):
     args = shlex.split(line.removeprefix("#   ckapipe extract "))
     assert args[:6] == ["-m", "zoo:cnn2?seed=1", "-d", "digits", "--cache", str(tmp_path / "cache")]
     assert from_flags(args[6:]) == study.runs["b"].settings
-
-
-OWNED = ["ckapipe/settings.py", "ckapipe/options.py", "extract/runner.py", "extract/cli.py", "pipelines/study.py",
-         "pipelines/slurm.py", "pipelines/local.py"]
-
-
-@pytest.mark.parametrize("path", OWNED)
-def test_no_function_is_over_50_lines(path):
-    tree = ast.parse((REPO / path).read_text())
-    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50]
-    assert long == []
 
 
 def test_a_study_refuses_a_reduction_no_flag_takes_on_its_line(tmp_path):
