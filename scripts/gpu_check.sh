@@ -20,10 +20,10 @@ mkdir -p "$out"
 site=${CKAPIPE_SITE:-/tmp/ckapipe-site}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
 # Without an install, extract/, analyze/ and pipelines/ import as ckapipe.* the way the editable
-# install maps them: ckapipe's package path gets the repository root (sitecustomize runs first in
-# every Python process started here, Dask workers included).
-printf 'import ckapipe\nckapipe.__path__.append(%s)\n' "'$PWD'" > "$site/sitecustomize.py"
-export PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1
+# install maps them (scripts/sitecustomize.py: runs first in every Python process started here,
+# Dask workers included).
+cp scripts/sitecustomize.py "$site/sitecustomize.py"
+export CKAPIPE_REPO="$PWD" PYTHONPATH="$site:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, cupy; print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "| cupy", cupy.__version__)' | tee -a "$out/gpu.txt"
 status=0

@@ -96,3 +96,23 @@ def test_a_wheel_runs_the_packaged_studies_by_name_from_an_empty_folder(tmp_path
     ran = ckapipe_in_empty("run", "default", "--stage", "extract", "--task", "0", "-q")
     assert ran.returncode == 0 and ran.stderr == "", ran.stderr
     assert [p.name.rsplit("-", 1)[0] for p in (empty / "cache").iterdir() if p.name not in ("models", ".locks")] == ["cnn3-s0"]
+
+
+def test_the_gpu_checks_import_ckapipe_from_a_checkout_without_an_install(tmp_path):
+    """scripts/gpu_check.sh runs the tests on a GPU node where ckapipe is not installed: its
+    sitecustomize maps the checkout's folders to the ckapipe packages before the root imports its API."""
+    checkout = tmp_path / "checkout"
+    for name in ("ckapipe", "extract", "analyze", "pipelines"):
+        shutil.copytree(REPO / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(REPO / "scripts" / "sitecustomize.py", site / "sitecustomize.py")
+    code = ("import ckapipe.analyze, ckapipe.pipelines.study, ckapipe.store, ckapipe.extract.cli; "
+            "from ckapipe import analyze, run_study; "
+            "print(*(m.__file__ for m in (ckapipe, ckapipe.analyze, ckapipe.pipelines.study, ckapipe.store, "
+            "ckapipe.extract.cli)), sep='\\n')")
+    env = dict(os.environ, PYTHONPATH=str(site), CKAPIPE_REPO=str(checkout))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(checkout / path) for path in (
+        "ckapipe/__init__.py", "analyze/__init__.py", "pipelines/study.py", "ckapipe/store/__init__.py", "extract/cli.py")]
