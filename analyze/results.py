@@ -62,13 +62,10 @@ from ckapipe.analyze import labelled, plots
 from ckapipe.analyze.measures import DEFAULT, SUMS, measure_values, minibatch_values, parse_measure
 from ckapipe.analyze.stats import MIN_INTERVAL, Resampling, bootstrap_bounds, minibatch_count
 from ckapipe.errors import CkapipeError, suggest
-from ckapipe.store.integrity import checksummed, compressors, seal
 from ckapipe.store.results import check_out, open_results_store, recorded_inputs, write_results_store  # noqa: F401 - check_out
 # and recorded_inputs belong to the results store; the analysis and studies take them from here
 from ckapipe.store.specs import library_versions, now
 
-RESULTS_VERSION = 3  # 2: written by xarray, (run, layer) coordinates, "minibatch" instead of "minibatches"; 3: sealed
-RESULTS_CODECS = checksummed(compressors("zstd1"))  # every chunk ends with its crc32c (ckapipe.store.integrity)
 ANALYSIS_LIBRARIES = ("ckapipe", "numpy", "zarr", "dask", "xarray", "cupy-cuda12x")
 COLUMNS = ["run_a", "layer_a", "run_b", "layer_b", "cka", "hsic_ab", "hsic_aa", "hsic_bb"]
 
@@ -544,15 +541,13 @@ def write_results(results: Results, out: str | os.PathLike, overwrite: bool = Fa
         warnings.simplefilter("ignore")  # constant layers: said once, when the CKA was computed
         dataset = labelled.stored(results.to_xarray())
         exports = {"cka.json": results.to_json(), "cka.csv": results.to_csv(), "summary.txt": results.summary() + "\n"}
-    results.path = write_results_store(out, dataset, _record(results), exports, codecs=RESULTS_CODECS, chunks=chunks,
-                                       overwrite=overwrite, sealer=seal)
+    results.path = write_results_store(out, dataset, _record(results), exports, chunks=chunks, overwrite=overwrite)
     return results.path
 
 
 def _record(results: Results) -> dict:
     """What the results store records beside the arrays: the runs, the inputs, notes, resampling, provenance."""
     return {
-        "results_version": RESULTS_VERSION,
         "runs": [r.to_dict() for r in results.runs],
         "inputs": results.inputs,
         "notes": results.notes,

@@ -14,6 +14,7 @@ import zarr
 
 import ckapipe.analyze as analyze
 import ckapipe.analyze.results as results_module
+import ckapipe.store.results as results_store
 from ckapipe.errors import CkapipeError, StoreError
 from tests.cli_calls import ckapipe_cli
 from tests.numpy_runs import make_run, random_layers
@@ -167,9 +168,9 @@ def write_unsealed(results, out, monkeypatch):
     """A results directory as written before checksums (results version 2: zstd chunks, no tags, no key)."""
     from zarr.codecs import ZstdCodec
 
-    monkeypatch.setattr(results_module, "RESULTS_CODECS", (ZstdCodec(level=0),))
-    monkeypatch.setattr(results_module, "RESULTS_VERSION", 2)
-    monkeypatch.setattr(results_module, "seal", lambda root, attr: None)
+    monkeypatch.setattr(results_store, "RESULTS_CODECS", (ZstdCodec(level=0),))
+    monkeypatch.setattr(results_store, "RESULTS_VERSION", 2)
+    monkeypatch.setattr(results_store, "seal", lambda root, attr: None)
     results_module.write_results(results, out)
     monkeypatch.undo()
 

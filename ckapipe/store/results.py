@@ -22,7 +22,6 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import xarray as xr
@@ -30,7 +29,12 @@ import zarr
 
 from ckapipe.atomic import atomic_path
 from ckapipe.errors import CkapipeError, StoreError
-from ckapipe.store.integrity import RESULTS_ATTRS, BadArrayChunk, first_undecodable, seal, seal_problems, sealed
+from ckapipe.store.integrity import (
+    RESULTS_ATTRS, BadArrayChunk, checksummed, compressors, first_undecodable, seal, seal_problems, sealed,
+)
+
+RESULTS_VERSION = 3  # 2: written by xarray, (run, layer) coordinates, "minibatch" instead of "minibatches"; 3: sealed
+RESULTS_CODECS = checksummed(compressors("zstd1"))  # every chunk ends with its crc32c (ckapipe.store.integrity)
 
 
 def check_out(out: str | os.PathLike, overwrite: bool) -> None:
@@ -50,22 +54,20 @@ def check_out(out: str | os.PathLike, overwrite: bool) -> None:
 
 
 def write_results_store(out: str | os.PathLike, dataset: xr.Dataset, record: dict, exports: dict[str, str], *,
-                        codecs: tuple, chunks: dict[str, tuple], overwrite: bool = False,
-                        sealer: Callable[[Path, str], None] = seal) -> Path:
-    """Write ``dataset`` (its arrays; ``record`` becomes attrs["ckapipe_results"]) and the ``exports``
-    (file name -> text) into a staging directory, seal it, then swap it into place: a half-written
-    store is never visible. Every array gets ``codecs``; those named in ``chunks`` those chunks.
-    ``sealer`` is ckapipe.store.integrity.seal (a no-op writes an unsealed store of results version 2)."""
+                        chunks: dict[str, tuple], overwrite: bool = False) -> Path:
+    """Write ``dataset`` (its arrays; ``record``, stamped with RESULTS_VERSION, becomes attrs["ckapipe_results"])
+    and the ``exports`` (file name -> text) into a staging directory, seal it, then swap it into place: a
+    half-written store is never visible. Every array gets RESULTS_CODECS; those named in ``chunks`` those chunks."""
     out = Path(out)
     check_out(out, overwrite)
     dataset = dataset.copy()
-    dataset.attrs = {RESULTS_ATTRS: record}
-    encoding = {name: {"compressors": codecs, **({"chunks": chunks[name]} if name in chunks else {})}
+    dataset.attrs = {RESULTS_ATTRS: {"results_version": RESULTS_VERSION, **record}}
+    encoding = {name: {"compressors": RESULTS_CODECS, **({"chunks": chunks[name]} if name in chunks else {})}
                 for name in dataset.variables}
     with atomic_path(out, replace=True) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr: consolidated metadata is not (yet) in the Zarr v3 specification
         dataset.to_zarr(tmp, mode="w", zarr_format=3, consolidated=True, encoding=encoding)
-        sealer(tmp, RESULTS_ATTRS)
+        seal(tmp, RESULTS_ATTRS)
         for name, text in exports.items():
             (tmp / name).write_text(text)
     return out
