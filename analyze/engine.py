@@ -36,11 +36,12 @@ from ckapipe.kernels import PRODUCTS, to_host
 from ckapipe.analyze.pairing import MINIBATCHES_PER_TASK, Pairing, analysis_batch_size, plan_pairing, task_groups
 from ckapipe.analyze.stats import Resampling
 from ckapipe.analyze.uncertainty import add_permutation_test
-from ckapipe.analyze.results import Results, RunEntry, check_out, recorded_inputs, write_results
+from ckapipe.analyze.results import Results, RunEntry, write_results
 from ckapipe.devices import array_namespace, resolve_device
 from ckapipe.errors import CkapipeError, StoreError
 from ckapipe.progress import Progress
 from ckapipe.store import Run, find_runs, open_run
+from ckapipe.store.results import check_out, recorded_inputs
 
 TASK_TRIANGLE_BYTES = 512 * 2**20  # a task's stacked Gram triangles stay under this (fewer minibatches if needed)
 TASK_ACTIVATION_BYTES = 512 * 2**20  # and one run's activations read by one task

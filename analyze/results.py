@@ -62,8 +62,7 @@ from ckapipe.analyze import labelled, plots
 from ckapipe.analyze.measures import DEFAULT, SUMS, measure_values, minibatch_values, parse_measure
 from ckapipe.analyze.stats import MIN_INTERVAL, Resampling, bootstrap_bounds, minibatch_count
 from ckapipe.errors import CkapipeError, suggest
-from ckapipe.store.results import check_out, open_results_store, recorded_inputs, write_results_store  # noqa: F401 - check_out
-# and recorded_inputs belong to the results store; the analysis and studies take them from here
+from ckapipe.store.results import check_out, open_results_store, write_results_store
 from ckapipe.store.specs import library_versions, now
 
 ANALYSIS_LIBRARIES = ("ckapipe", "numpy", "zarr", "dask", "xarray", "cupy-cuda12x")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from ckapipe.analyze.results import check_out
 from ckapipe.errors import PipelineError
 from ckapipe.pipelines import local, slurm
 from ckapipe.pipelines.study import Study, load_study
+from ckapipe.store.results import check_out
 
 STAGES = ("extract", "analyze", "all")
 

@@ -36,7 +36,7 @@ from torch import nn
 from ckapipe import store
 from ckapipe.analyze.accumulate import cache_rows_and_triangles, gram_pool, minibatch_hsic1, stacked_run_triangles
 from ckapipe.analyze.grams import RunSource, create_gram_caches, plan_source
-from ckapipe.analyze.results import Results, RunEntry, check_out, write_results
+from ckapipe.analyze.results import Results, RunEntry, write_results
 from ckapipe.devices import resolve_device
 from ckapipe.errors import ActivationError, CkapipeError, DataError, StoreError
 from ckapipe.extract.features import (
@@ -48,6 +48,7 @@ from ckapipe.extract.runner import resolve_model, run_spec, warn_unproven_reuse
 from ckapipe.extract.writer import ChunkWriter
 from ckapipe.kernels import PRODUCTS, to_host
 from ckapipe.store.locks import writer_lock
+from ckapipe.store.results import check_out
 from ckapipe.progress import Progress
 from ckapipe.settings import RunSettings
 
