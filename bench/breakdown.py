@@ -53,7 +53,7 @@ def feature_sources(models: dict, loader) -> list:
 
     cpu = torch.device("cpu")
     probe = probe_inputs(minibatches(loader), cpu)
-    return [feature_source(resolve_model(net, "cache", hash_weights=False, label=name), LAYERS, "flatten", probe, cpu,
+    return [feature_source(resolve_model(net, None, hash_weights=False, label=name), LAYERS, "flatten", probe, cpu,
                            name, "the bench inputs", "") for name, net in models.items()]
 
 

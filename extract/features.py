@@ -7,7 +7,7 @@ a stage records (hooks, ``Recorder``), moves (device) or checks (dtype) its feat
     probe_inputs(feed, device)          the feed's first inputs, dtype-checked, on the device
     feature_source(loaded, ...)         the model on the device, its layers checked and probed once
     FeatureSource.features(inputs)      one forward: layer name -> (m, D) features on the device
-    FeatureSource.arrays(features, xp)  the same as arrays of the kernels' array module, without a copy
+    feature_arrays(features, xp)        the same as arrays of the kernels' array module, without a copy
 
 torch is imported here: this module is the extraction floor's, never imported by ``ckapipe.analyze``.
 """
